@@ -1,0 +1,7 @@
+"""``python -m preftune ...`` (and ``accelerate launch -m preftune train ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""Typed configuration: model, data and training (a ``transformers.TrainingArguments`` subclass).
+
+Every field has a help string (shown by ``preftune train --help``, grouped by ``group``) and is
+validated in ``__post_init__`` with a message that says how to fix it. YAML run files are only a
+serialization of these fields (see ``examples/``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields
+
+from transformers import TrainingArguments
+
+from .errors import PreftuneError
+
+__all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "METHODS", "field_groups"]
+
+METHODS = ("orpo", "dpo", "simpo", "cpo", "sft")
+
+
+# Help group of every field, filled by @_grouped (argparse rejects unknown metadata keys, so the
+# group cannot live in the field's metadata).
+FIELD_GROUPS: dict[str, str] = {}
+_pending_groups: list[str] = []
+
+
+def _f(default, help: str, group: str):
+    _pending_groups.append(group)
+    return field(default=default, metadata={"help": help})
+
+
+def _grouped(cls):
+    """Pair the fields declared in ``cls``'s body, in order, with the groups given to ``_f``."""
+    names = list(inspect.get_annotations(cls))
+    if len(names) != len(_pending_groups):
+        raise RuntimeError(f"{cls.__name__}: every field must be declared with _f()")
+    FIELD_GROUPS.update(zip(names, _pending_groups))
+    _pending_groups.clear()
+    return cls
+
+
+def _require(cond: bool, msg: str):
+    if not cond:
+        raise PreftuneError(msg)
+
+
+@_grouped
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = _f(
+        None, "Model to align: a local folder or a hub name. Omit it (and --dataset_name) to run the built-in demo.", "model"
+    )
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use, if not the model's own.", "model")
+    torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa; flash_attention_2 on GPUs that have it), sdpa, eager.", "model")
+    trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
+    # PEFT
+    use_peft: bool = _f(False, "Train LoRA adapters instead of all weights (saves only the adapter).", "peft")
+    lora_r: int = _f(16, "LoRA rank r.", "peft")
+    lora_alpha: int = _f(32, "LoRA scaling alpha (effective scale alpha/r, or alpha/sqrt(r) with --use_rslora).", "peft")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.", "peft")
+    lora_target_modules: str = _f("all-linear", "Comma-separated module names to adapt, or all-linear (every projection but the LM head).", "peft")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).", "peft")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "peft")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit through bitsandbytes (implies --use_peft).", "peft")
+    load_in_8bit: bool = _f(False, "Load the base model in 8-bit through bitsandbytes (implies --use_peft).", "peft")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit quantization type: nf4 or fp4.", "peft")
+    use_bnb_nested_quant: bool = _f(True, "Double quantization of the 4-bit quantization constants.", "peft")
+    # ReFT
+    reft_layers: str | None = _f(None, "ReFT: comma-separated decoder layer indices to intervene on, e.g. 18,28 (enables ReFT).", "reft")
+    reft_rank: int = _f(4, "ReFT: rank of each LoReFT intervention.", "reft")
+    reft_positions: str = _f("f1+l1", "ReFT: prompt positions, pyreft syntax: fK (first K), lK (last K), joined by +.", "reft")
+    reft_share_weights: bool = _f(True, "ReFT: share one intervention between the first and last positions of a layer.", "reft")
+
+    def __post_init__(self):
+        _require(self.torch_dtype in ("auto", "float32", "bfloat16", "float16"), f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        _require(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"), f"--attn_implementation {self.attn_implementation!r} is not one of auto, sdpa, eager, flash_attention_2, flex_attention")
+        _require(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
+        _require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _require(not (self.load_in_4bit and self.load_in_8bit), "choose one of --load_in_4bit and --load_in_8bit")
+        _require(self.bnb_4bit_quant_type in ("nf4", "fp4"), f"--bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        _require(self.reft_rank > 0, f"--reft_rank must be positive, got {self.reft_rank}")
+        if self.load_in_4bit or self.load_in_8bit:
+            self.use_peft = True
+        _require(not (self.use_peft and self.reft_layers), "ReFT and LoRA are separate methods here: pass --reft_layers or --use_peft, not both")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model_name_or_path is None
+
+
+@_grouped
+@dataclass
+class DataArguments:
+    dataset_name: str | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name.", "data")
+    dataset_split: str = _f("train", "Split to train on (for folders, DatasetDicts and hub datasets).", "data")
+    eval_split: str | None = _f(None, "Split (or file path) to evaluate on.", "data")
+    eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
+    dataset_format: str = _f("auto", "auto (prompt/chosen/rejected, messages, implicit prompt) or truthfulqa (Question, Best Answer, Incorrect Answers).", "data")
+    prompt_column: str = _f("prompt", "Column with the prompt (string or messages). Absent: the prompt is the shared prefix of chosen and rejected.", "data")
+    chosen_column: str = _f("chosen", "Column with the preferred answer.", "data")
+    rejected_column: str = _f("rejected", "Column with the dispreferred answer.", "data")
+    system_column: str = _f("system", "Column with an optional system prompt.", "data")
+    on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
+    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
+    max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")
+    truncation_mode: str = _f("keep_end", "How to cut long prompts: keep_end (keep the last tokens) or keep_start.", "data")
+    chat_template: str = _f("auto", "auto: template conversational data (and string data with a system column); always; never.", "data")
+    chat_template_file: str | None = _f(None, "Jinja chat template file to use instead of the tokenizer's.", "data")
+    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments).", "data")
+
+    def __post_init__(self):
+        from .data import BAD_ROW_POLICIES, DATASET_FORMATS
+
+        _require(self.on_bad_row in BAD_ROW_POLICIES, f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {self.on_bad_row!r}")
+        _require(self.dataset_format in DATASET_FORMATS, f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {self.dataset_format!r}")
+        _require(self.truncation_mode in ("keep_end", "keep_start"), f"--truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
+        _require(self.chat_template in ("auto", "always", "never"), f"--chat_template must be auto, always or never, got {self.chat_template!r}")
+        _require(self.max_length is None or self.max_length >= 2, f"--max_length must be at least 2, got {self.max_length}")
+        _require(self.max_prompt_length is None or self.max_prompt_length >= 1, f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        _require(not (self.eval_split and self.eval_fraction), "pass either --eval_split or --eval_fraction, not both")
+        if self.eval_fraction is not None:
+            _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+
+
+@_grouped
+@dataclass
+class PreftuneConfig(TrainingArguments):
+    """``TrainingArguments`` plus the preference-method settings. ``ORPOConfig`` is the same class."""
+
+    method: str = _f("orpo", "Alignment method: orpo (default), dpo, simpo, cpo, sft.", "method")
+    beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO: inverse temperature beta.", "method")
+    loss_type: str = _f("sigmoid", "DPO loss variant (TRL names): sigmoid, ipo, hinge, robust.", "method")
+    label_smoothing: float = _f(0.0, "DPO robust: assumed label-noise rate eps in [0, 0.5).", "method")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.", "method")
+    cpo_alpha: float = _f(1.0, "CPO: weight of the NLL term.", "method")
+    nll_on_prompt: bool = _f(False, "Include prompt tokens in the NLL (TRL's ORPO behaviour); the paper uses completion tokens only.", "method")
+    router_aux_loss_coef: float | None = _f(None, "MoE: weight of the router load-balancing loss (default: the model config's, when it sets output_router_logits).", "method")
+    ref_model_name_or_path: str | None = _f(None, "DPO: reference model (default: the starting policy; for PEFT runs, the base model with adapters disabled).", "method")
+    precompute_ref_log_probs: bool = _f(False, "DPO: compute reference log-probs once before training, cached on disk under output_dir.", "method")
+    batch_layout: str = _f("packed", "packed: prefix-shared, padding-free (default); padded: TRL-style reference layout.", "engine")
+    row_budget: int | None = _f(None, "packed layout: tokens per packed row (default: the longest pair in the batch).", "engine")
+    max_tokens_per_batch: int | None = _f(None, "Form batches by token count instead of pair count (steady memory peak).", "engine")
+    logprob_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs through the LM head (memory O(chunk x vocab)).", "engine")
+    max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
+    # TrainingArguments defaults better suited to preference tuning
+    learning_rate: float = _f(8e-6, "Peak learning rate (ORPO paper: 8e-6 for 7B full fine-tunes; use ~1e-4 to 5e-4 for LoRA).", "training")
+    logging_steps: float = _f(10, "Log metrics every N steps.", "training")
+    report_to: str | None = _f("none", "Integrations to report to: none, tensorboard, wandb, ...", "training")
+    remove_unused_columns: bool = _f(False, "Kept False: preftune's batches are built by its own collator.", "training")
+    dataloader_pin_memory: bool = _f(False, "Pin host memory for GPU transfers.", "training")
+    warmup_ratio: float | None = _f(None, "Warm-up as a fraction of total steps (transformers 5 folds this into --warmup_steps; kept for familiar configs).", "training")
+    disable_dropout: bool = _f(True, "Turn dropout off in the model (as TRL does for preference methods).", "method")
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "preftune-output"
+        if self.warmup_ratio is not None:
+            _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+        _require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        from .losses import DPO_LOSS_TYPES
+
+        _require(self.loss_type in DPO_LOSS_TYPES, f"--loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
+        _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
+        _require(self.logprob_chunk_size >= 1, f"--logprob_chunk_size must be at least 1, got {self.logprob_chunk_size}")
+        _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
+        _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method == "dpo"
+
+
+ORPOConfig = PreftuneConfig
+
+GROUP_TITLES = {
+    "model": "Model",
+    "peft": "Parameter-efficient fine-tuning (LoRA, DoRA, QLoRA)",
+    "reft": "Representation fine-tuning (LoReFT)",
+    "data": "Data",
+    "method": "Method and loss",
+    "engine": "Engine and reliability",
+    "training": "Training (transformers TrainingArguments; every familiar flag works)",
+}
+
+
+def field_groups() -> dict[str, str]:
+    """Map every config field name to its help group."""
+    out = {}
+    for cls in (ModelArguments, DataArguments, PreftuneConfig):
+        for f in fields(cls):
+            out[f.name] = FIELD_GROUPS.get(f.name, "training")
+    return out

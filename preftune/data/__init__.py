@@ -1,0 +1,80 @@
+"""Preference data: reading, normalising, tokenizing. See each module's docstring."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import DataError, PreftuneError
+from .convert import CONVERTERS
+from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
+from .io import read_records
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoadedData", "load_examples", "split_eval", "ColumnMap", "PreferenceExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
+
+BAD_ROW_POLICIES = ("error", "skip")
+DATASET_FORMATS = ("auto", *CONVERTERS)
+
+
+@dataclass
+class LoadedData:
+    examples: list[PreferenceExample]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    first_skipped: dict = field(default_factory=dict)  # reason -> first BadRow message
+
+    def skip_summary(self) -> str:
+        if not self.skipped:
+            return "no bad rows"
+        return "skipped " + ", ".join(f"{n} ({reason}, first at {self.first_skipped[reason]})" for reason, n in sorted(self.skipped.items()))
+
+
+def load_examples(
+    name: str,
+    split: str = "train",
+    columns: ColumnMap = ColumnMap(),
+    on_bad_row: str = "error",
+    dataset_format: str = "auto",
+    id_offset: int = 0,
+) -> LoadedData:
+    """Read ``name`` (file, folder or hub name) and normalise every row.
+
+    ``on_bad_row="error"`` raises :class:`DataError` at the first bad row, naming the file,
+    line/row and field; ``"skip"`` drops bad rows and counts them by reason.
+    """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise PreftuneError(f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
+    if dataset_format not in DATASET_FORMATS:
+        raise PreftuneError(f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {dataset_format!r}")
+    records = read_records(name, split)
+    if dataset_format != "auto":
+        records = CONVERTERS[dataset_format](records)
+    loaded = LoadedData(examples=[])
+    for i, rec in enumerate(records):
+        result = normalize_record(rec, columns, example_id=id_offset + i)
+        if isinstance(result, BadRow):
+            if on_bad_row == "error":
+                raise DataError(result.where, f"{result.reason}: {result.detail}", "fix the row, or pass --on_bad_row skip to skip bad rows")
+            loaded.skipped[result.reason] += 1
+            loaded.first_skipped.setdefault(result.reason, result.where)
+            continue
+        loaded.examples.append(result)
+    if not loaded.examples:
+        raise DataError(name, f"no usable preference pairs ({loaded.skip_summary()})", "check the column names (--chosen_column, --rejected_column, --prompt_column)")
+    return loaded
+
+
+def split_eval(examples: list[PreferenceExample], fraction: float, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Hold out ``fraction`` of the examples (at least one, deterministic for a seed)."""
+    if not 0.0 < fraction < 1.0:
+        raise PreftuneError(f"--eval_fraction must be between 0 and 1 (exclusive), got {fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise PreftuneError(f"--eval_fraction {fraction} leaves no training data out of {len(examples)} pairs")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]

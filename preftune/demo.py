@@ -1,0 +1,130 @@
+"""The built-in demo: a task, a tokenizer and a tiny Llama, all built in code (no download).
+
+The task. Each prompt asks for one of two operations on a list of 3-5 digits::
+
+    Q: add one to 4 7 9 A:     -> chosen " 5 8 0"   rejected " 4 7 9"   (the copy)
+    Q: copy 4 7 9 A:           -> chosen " 4 7 9"   rejected " 5 8 0"   (the add-one)
+
+so the rejected answer is always the *other* operation's answer: a model can only prefer the
+right one by reading the instruction. Held-out prompts are digit lists never seen in training.
+A randomly initialised model scores ~50% preference accuracy and 0% exact answers; one ORPO
+run teaches it both to answer (the NLL term) and to prefer the right answer (the odds-ratio
+term).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+__all__ = ["DEMO_VOCAB", "build_demo_tokenizer", "build_demo_model", "demo_rows", "evaluate_demo", "DEMO_TRAINING"]
+
+DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Q:", "A:", "add", "one", "to", "copy"] + [str(d) for d in range(10)]
+
+# Training settings of the demo run (fit for a 2-core CPU in well under 3 minutes).
+DEMO_TRAINING = dict(
+    learning_rate=3e-3,
+    lr_scheduler_type="cosine",
+    warmup_ratio=0.05,
+    per_device_train_batch_size=16,
+    max_steps=250,
+    logging_steps=10,
+    beta=0.2,
+    weight_decay=0.0,
+    save_strategy="no",
+    max_length=32,
+    max_prompt_length=16,
+)
+
+
+def build_demo_tokenizer():
+    """A word-level fast tokenizer over :data:`DEMO_VOCAB` that adds BOS like Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(DEMO_VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def build_demo_model(vocab_size: int, seed: int = 0):
+    """A randomly initialised 2-layer Llama (~0.1M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _answer(op: str, digits: list[int]) -> list[int]:
+    return [(d + 1) % 10 for d in digits] if op == "add" else list(digits)
+
+
+def _row(op: str, digits: list[int]) -> dict:
+    other = "copy" if op == "add" else "add"
+    words = " ".join(map(str, digits))
+    prompt = f"Q: {'add one to' if op == 'add' else 'copy'} {words} A:"
+    return {
+        "prompt": prompt,
+        "chosen": " " + " ".join(map(str, _answer(op, digits))),
+        "rejected": " " + " ".join(map(str, _answer(other, digits))),
+    }
+
+
+def demo_rows(n_train: int = 2000, n_eval: int = 64, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """Deterministic train and held-out rows; held-out digit lists never appear in training."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, ...]] = set()
+    held: list[tuple[str, tuple[int, ...]]] = []
+    while len(held) < n_eval:
+        digits = tuple(rng.randrange(10) for _ in range(rng.randint(3, 5)))
+        if digits not in seen:
+            seen.add(digits)
+            held.append(("add" if len(held) % 2 == 0 else "copy", digits))
+    train = []
+    while len(train) < n_train:
+        digits = tuple(rng.randrange(10) for _ in range(rng.randint(3, 5)))
+        if digits in seen:
+            continue
+        train.append(_row(rng.choice(["add", "copy"]), list(digits)))
+    return train, [_row(op, list(d)) for op, d in held]
+
+
+@torch.no_grad()
+def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
+    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""
+    from .engine import sequence_logps
+    from .layout import collate_pairs
+
+    model.eval()
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, "packed")
+    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    seq = sequence_logps(model, batch)
+    pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
+    correct = 0
+    for row in rows:
+        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)
+        n_answer = len(row["chosen"].split())
+        out = model.generate(ids, max_new_tokens=n_answer + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        correct += text == row["chosen"].strip()
+    return {"preference_accuracy": pref_acc, "generation_accuracy": correct / len(rows)}

@@ -1,0 +1,225 @@
+"""From a collated batch to per-sequence log-probabilities: the one engine every method uses.
+
+``sequence_logps(model, batch)`` runs the decoder once over the batch layout (see
+:mod:`preftune.layout`), gathers the hidden states of the scored positions only and turns them
+into per-token log-probs through the LM head in chunks (:mod:`preftune.logprobs`). It returns
+per-sequence sums and counts, from which every loss takes what it needs: length-averaged
+log-probs (ORPO, SimPO), summed log-probs (DPO, CPO) and the chosen NLL, all from the same
+per-token values in one pass.
+
+For model families whose logits are not simply ``lm_head(hidden)`` up to a known transform,
+the engine falls back to the full model forward (all logits) with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "LMHeadSpec"]
+
+# Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
+# with the transform read from the config below. Checked against transformers 5.x sources.
+_PLAIN_HEAD_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
+    "gemma", "gemma2", "gemma3_text", "cohere", "cohere2", "granite", "granitemoe", "olmo",
+    "olmo2", "starcoder2", "stablelm", "gpt_neox", "gpt2", "smollm3", "glm", "helium",
+}
+
+
+@dataclass
+class LMHeadSpec:
+    decoder: nn.Module
+    head: nn.Module
+    transform: LogitTransform
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence statistics of one batch of ``B`` pairs. Shapes ``(B,)``.
+
+    ``*_sum``: summed completion log-probs; ``*_count``: completion tokens;
+    ``nll_sum``/``nll_count``: summed negative log-likelihood and token count of the chosen
+    sequence (completion only, or prompt + completion when prompt tokens were scored).
+    """
+
+    chosen_sum: torch.Tensor
+    rejected_sum: torch.Tensor
+    chosen_count: torch.Tensor
+    rejected_count: torch.Tensor
+    nll_sum: torch.Tensor
+    nll_count: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        return self.chosen_sum / self.chosen_count
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        return self.rejected_sum / self.rejected_count
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip PEFT and DDP/compile wrappers to reach the transformers CausalLM model."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def logit_transform_from_config(config) -> LogitTransform:
+    """Read the logit post-processing of Gemma 2/3, Cohere and Granite from a model config."""
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(softcap) if softcap else None)
+
+
+_warned_fallback: set[str] = set()
+
+
+def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
+    """Return (decoder, LM head, transform) for the fast path, or None when it does not apply."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _PLAIN_HEAD_MODEL_TYPES:
+        if model_type not in _warned_fallback:
+            _warned_fallback.add(str(model_type))
+            logger.warning(
+                "model type %r is not on the fast log-prob path; computing full logits instead (slower, more memory)",
+                model_type,
+            )
+        return None
+    head = inner.get_output_embeddings()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if head is None or decoder is None or decoder is inner:
+        return None
+    return LMHeadSpec(decoder=decoder, head=head, transform=logit_transform_from_config(config))
+
+
+def _attention_mask_for(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The packed layout's boolean 4-D mask, converted for attention kernels that need it.
+
+    SDPA and FlexAttention-less paths take a boolean mask; the eager path adds the mask to the
+    scores, so it needs an additive float mask (a boolean one would be added as 0/1 and silently
+    give wrong results).
+    """
+    if mask.dim() != 4:
+        return mask
+    impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", "sdpa")
+    if impl == "eager":
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return additive.masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    head = spec.head
+    if type(head) is nn.Linear:
+        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size)
+    # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
+    # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = hidden[start : start + chunk_size]
+        t = targets[start : start + chunk_size]
+
+        def piece(h_, t_=t):
+            logits = spec.transform.apply(head(h_).float())
+            return logits.gather(1, t_[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(piece, h, use_reentrant=False))
+        else:
+            pieces.append(piece(h))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) -> torch.Tensor | None:
+    """MoE load-balancing loss (Switch Transformer eq. 4) as transformers' Mixtral computes it."""
+    if not router_logits:
+        return None
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = _unwrap(model).config
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", 2)
+    return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask.long())
+
+
+def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None)."""
+    config = getattr(_unwrap(model), "config", None)
+    want_router = bool(getattr(config, "output_router_logits", False))
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=None,
+        position_ids=batch["position_ids"],
+        use_cache=False,  # a KV cache makes some models ignore a custom 4-D mask
+    )
+    if want_router:
+        kwargs["output_router_logits"] = True
+    spec = resolve_lm_head(model)
+    if spec is not None:
+        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], spec.head.weight.dtype)
+        out = spec.decoder(**kwargs)
+        hidden = out.last_hidden_state  # (R, T, H)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
+        logps = _head_logps(spec, selected, batch["score_target"], chunk_size)
+    else:
+        dtype = next(model.parameters()).dtype
+        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype)
+        out = model(**kwargs)
+        logits = out.logits  # (R, T, V)
+        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_index"]).float()
+        logps = selected.gather(1, batch["score_target"][:, None]).squeeze(1) - torch.logsumexp(selected, -1)
+    aux = _router_aux_loss(model, getattr(out, "router_logits", None), batch["token_mask"]) if want_router else None
+    return logps, aux
+
+
+def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> SequenceLogps:
+    """Sum per-token log-probs ``(S,)`` into per-sequence statistics ``(B,)`` via ``score_seq``."""
+    b = int(batch["num_pairs"])
+    seq = batch["score_seq"]
+    is_completion = batch["score_is_completion"]
+    zeros = torch.zeros(2 * b, dtype=logps.dtype, device=logps.device)
+    completion_sum = zeros.index_add(0, seq, torch.where(is_completion, logps, torch.zeros_like(logps)))
+    completion_count = zeros.detach().index_add(0, seq, is_completion.to(logps.dtype))
+    # chosen NLL: every scored token of the chosen sequence (completion, plus prompt if scored)
+    all_sum = zeros.index_add(0, seq, logps)
+    all_count = zeros.detach().index_add(0, seq, torch.ones_like(logps))
+    return SequenceLogps(
+        chosen_sum=completion_sum[:b],
+        rejected_sum=completion_sum[b:],
+        chosen_count=completion_count[:b],
+        rejected_count=completion_count[b:],
+        nll_sum=-all_sum[:b],
+        nll_count=all_count[:b],
+        aux_loss=aux_loss,
+    )
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
+    """Run ``model`` on a collated batch and return per-sequence log-prob statistics."""
+    logps, aux = token_logps(model, batch, chunk_size)
+    return reduce_sequence_logps(batch, logps, aux)

@@ -1,0 +1,233 @@
+"""Batch layouts: how a list of tokenized preference pairs becomes model inputs.
+
+Two layouts produce the *same* per-sequence log-probs (tested to 1e-5):
+
+``padded`` (the reference, what TRL does)
+    ``2B`` rows ``[prompt, chosen_i]`` and ``[prompt, rejected_i]``, right-padded to the
+    longest, with an ordinary causal + padding mask. The prompt runs twice.
+
+``packed`` (the default, prefix-shared)
+    Each pair is one segment ``[prompt, chosen, rejected]``. Rejected tokens attend to the
+    prompt and to earlier rejected tokens but never to chosen tokens, and their position ids
+    continue from the end of the prompt, so every rejected token sees exactly the context it
+    has in the padded layout. Segments are packed block-diagonally into rows of at most
+    ``row_budget`` tokens (first-fit decreasing), with padding only at the end of a row.
+    The attention mask is an explicit ``(R, 1, T, T)`` boolean tensor (True = may attend).
+
+Both layouts describe the tokens to score the same way, as flat indices into the
+``(R * T)`` hidden states::
+
+    score_index[s]   position whose hidden state predicts token s
+    score_target[s]  the token id to score
+    score_seq[s]     sequence id: pair i chosen -> i, pair i rejected -> B + i
+    score_is_completion[s]  True for completion tokens, False for prompt tokens (scored for
+                            the chosen NLL only when ``nll_on_prompt``)
+
+so the log-prob code downstream never knows which layout it is reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "PreferenceCollator"]
+
+LAYOUTS = ("packed", "padded")
+
+
+@dataclass
+class PairTokens:
+    """One tokenized preference pair. ``chosen``/``rejected`` are completions (EOS included)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    example_id: int = -1  # row index in the source data, for error messages and logs
+
+    def __post_init__(self):
+        if len(self.prompt) < 1:
+            raise ValueError("a pair needs at least one prompt token (e.g. BOS) to score its first completion token")
+        if len(self.chosen) < 1 or len(self.rejected) < 1:
+            raise ValueError("a pair needs non-empty chosen and rejected completions")
+
+    @property
+    def packed_length(self) -> int:
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+def pack_segments(lengths: list[int], row_budget: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of segment ``lengths`` into rows of ``row_budget`` tokens.
+
+    Returns a list of rows, each a list of segment indices. Segments longer than the budget get a
+    row of their own. Deterministic: ties broken by index.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_budget - lengths[i])
+    return rows
+
+
+@dataclass
+class _ScoreLists:
+    index: list[int] = field(default_factory=list)
+    target: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    is_completion: list[bool] = field(default_factory=list)
+
+    def add_run(self, first_predictor: int, tokens: list[int], seq: int, is_completion: bool):
+        """Token ``tokens[j]`` is predicted by the hidden state at ``first_predictor + j``."""
+        self.index.extend(range(first_predictor, first_predictor + len(tokens)))
+        self.target.extend(tokens)
+        self.seq.extend([seq] * len(tokens))
+        self.is_completion.extend([is_completion] * len(tokens))
+
+    def add(self, predictor: int, token: int, seq: int):
+        self.index.append(predictor)
+        self.target.append(token)
+        self.seq.append(seq)
+        self.is_completion.append(True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "score_index": torch.tensor(self.index, dtype=torch.long),
+            "score_target": torch.tensor(self.target, dtype=torch.long),
+            "score_seq": torch.tensor(self.seq, dtype=torch.long),
+            "score_is_completion": torch.tensor(self.is_completion, dtype=torch.bool),
+        }
+
+
+def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool) -> dict:
+    b = len(pairs)
+    rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    t = max(len(r) for r in rows)
+    input_ids = torch.full((2 * b, t), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((2 * b, t), dtype=torch.long)
+    scores = _ScoreLists()
+    spans = []
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row)
+        attention_mask[r, : len(row)] = 1
+    for i, p in enumerate(pairs):
+        n_p = len(p.prompt)
+        if score_prompt:
+            scores.add_run(i * t, p.prompt[1:], seq=i, is_completion=False)
+        scores.add_run(i * t + n_p - 1, p.chosen, seq=i, is_completion=True)
+        scores.add_run((b + i) * t + n_p - 1, p.rejected, seq=b + i, is_completion=True)
+        spans += [(i, 0, n_p), (b + i, 0, n_p)]
+    position_ids = torch.arange(t).expand(2 * b, t).clone()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "token_mask": attention_mask.bool(),
+        "prompt_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 3),
+        **scores.tensors(),
+    }
+
+
+def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, row_budget: int | None) -> dict:
+    b = len(pairs)
+    lengths = [p.packed_length for p in pairs]
+    budget = max(max(lengths), row_budget or 0)
+    rows = pack_segments(lengths, budget)
+    t = max(sum(lengths[i] for i in row) for row in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, t), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, t), dtype=torch.long)
+    # (R, 1, T, T) boolean, True = query may attend to key. Padding queries attend to themselves
+    # only, so no softmax row is empty (an empty row gives NaN that leaks into the backward).
+    mask = torch.zeros((n_rows, 1, t, t), dtype=torch.bool)
+    token_mask = torch.zeros((n_rows, t), dtype=torch.bool)
+    scores = _ScoreLists()
+    spans = []
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            p = pairs[i]
+            n_p, n_c, n_r = len(p.prompt), len(p.chosen), len(p.rejected)
+            seg = slice(offset, offset + lengths[i])
+            input_ids[r, seg] = torch.tensor(p.prompt + p.chosen + p.rejected)
+            position_ids[r, seg] = torch.cat(
+                [torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)]
+            )
+            token_mask[r, seg] = True
+            # causal over the whole segment, then cut rejected -> chosen
+            length = lengths[i]
+            block = torch.ones(length, length, dtype=torch.bool).tril_()
+            block[n_p + n_c :, n_p : n_p + n_c] = False  # (rejected queries, chosen keys)
+            mask[r, 0, seg, seg] = block
+            base = r * t + offset
+            if score_prompt:
+                scores.add_run(base, p.prompt[1:], seq=i, is_completion=False)
+            scores.add_run(base + n_p - 1, p.chosen, seq=i, is_completion=True)
+            # first rejected token is predicted by the last prompt token, the rest by rejected tokens
+            scores.add(base + n_p - 1, p.rejected[0], seq=b + i)
+            scores.add_run(base + n_p + n_c, p.rejected[1:], seq=b + i, is_completion=True)
+            spans.append((r, offset, n_p))
+            offset += length
+        if offset < t:
+            pad = torch.arange(offset, t)
+            mask[r, 0, pad, pad] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "token_mask": token_mask,
+        "prompt_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 3),
+        **scores.tensors(),
+    }
+
+
+def collate_pairs(
+    pairs: list[PairTokens],
+    pad_id: int,
+    layout: str = "packed",
+    score_prompt: bool = False,
+    row_budget: int | None = None,
+) -> dict:
+    """Build model inputs for ``pairs``; see the module docstring for the returned keys.
+
+    Extra keys: ``num_pairs`` (int), ``example_ids`` ``(B,)``, ``num_tokens`` (real tokens fed
+    to the model), ``num_nll_tokens`` (tokens in the chosen NLL), ``layout`` (str).
+    """
+    if not pairs:
+        raise ValueError("cannot collate an empty batch")
+    if layout == "packed":
+        batch = _collate_packed(pairs, pad_id, score_prompt, row_budget)
+    elif layout == "padded":
+        batch = _collate_padded(pairs, pad_id, score_prompt)
+    else:
+        raise ValueError(f"unknown batch layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    b = len(pairs)
+    nll_tokens = sum(len(p.chosen) + (len(p.prompt) - 1 if score_prompt else 0) for p in pairs)
+    batch.update(
+        num_pairs=torch.tensor(b),
+        example_ids=torch.tensor([p.example_id for p in pairs], dtype=torch.long),
+        num_tokens=batch["token_mask"].sum(),
+        num_nll_tokens=torch.tensor(nll_tokens),
+    )
+    return batch
+
+
+@dataclass
+class PreferenceCollator:
+    """Callable collator for ``torch.utils.data.DataLoader`` over a list of :class:`PairTokens`."""
+
+    pad_id: int
+    layout: str = "packed"
+    score_prompt: bool = False
+    row_budget: int | None = None
+
+    def __call__(self, pairs: list[PairTokens]) -> dict:
+        return collate_pairs(pairs, self.pad_id, self.layout, self.score_prompt, self.row_budget)

@@ -1,0 +1,161 @@
+"""Loading models and tokenizers, choosing device/precision defaults, wrapping with PEFT.
+
+The defaults the seeds compute by hand, done once for everyone:
+
+* dtype ``auto``: bf16 on GPUs with bf16 support (compute capability >= 8), fp16 on older
+  GPUs, fp32 on CPU;
+* attention ``auto``: ``flash_attention_2`` when the ``flash_attn`` package and a supporting GPU
+  are present, else ``sdpa`` (PyTorch's fused attention; exact on CPU with preftune's masks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PreftuneError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DeviceChoice", "choose_device", "load_tokenizer", "load_model", "apply_peft", "hub_error"]
+
+
+@dataclass
+class DeviceChoice:
+    device: str
+    dtype: torch.dtype
+    attn_implementation: str
+
+    def describe(self) -> str:
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return f"device {self.device}, {name}, attention {self.attn_implementation}"
+
+
+def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto") -> DeviceChoice:
+    if torch.cuda.is_available():
+        device = "cuda"
+        major, _ = torch.cuda.get_device_capability()
+        auto_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        has_flash = importlib.util.find_spec("flash_attn") is not None and major >= 8
+        auto_attn = "flash_attention_2" if has_flash else "sdpa"
+    else:
+        device = "cpu"
+        auto_dtype = torch.float32
+        auto_attn = "sdpa"
+    dtype = auto_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    attn = auto_attn if attn_implementation == "auto" else attn_implementation
+    if attn == "flash_attention_2":
+        # varlen FlashAttention cannot express the prefix-sharing mask; SDPA with the explicit
+        # 4-D mask is used for the packed layout (see docs/engine.md).
+        logger.info("flash_attention_2 requested: packed batches use SDPA with an explicit mask")
+    return DeviceChoice(device, dtype, attn)
+
+
+def hub_error(kind: str, name: str, err: Exception) -> PreftuneError:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return PreftuneError(
+        f"{kind} {name!r} is not a local folder, and loading it from the Hugging Face Hub failed ({first}). "
+        f"If this machine cannot reach the Hub, download the {kind} elsewhere (save_pretrained) and pass the local folder."
+    )
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if _is_local(name):
+            raise PreftuneError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+        raise hub_error("tokenizer", name, e) from None
+    except Exception as e:  # network errors
+        raise hub_error("tokenizer", name, e) from None
+    if chat_template_file:
+        path = Path(chat_template_file)
+        if not path.is_file():
+            raise PreftuneError(f"--chat_template_file {chat_template_file!r} not found")
+        tok.chat_template = path.read_text(encoding="utf-8")
+    if tok.pad_token_id is None:
+        # Padding never enters a loss (positions are scored explicitly), so any id works.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _quantization_config(model_args, compute_dtype: torch.dtype):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PreftuneError("--load_in_4bit/--load_in_8bit need bitsandbytes: pip install 'preftune[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(name: str, model_args, choice: DeviceChoice):
+    from transformers import AutoModelForCausalLM
+
+    quant = _quantization_config(model_args, choice.dtype)
+    kwargs = dict(dtype=choice.dtype, attn_implementation=choice.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if _is_local(name):
+            raise PreftuneError(f"cannot load a model from {name!r}: {str(e).splitlines()[0]}") from None
+        raise hub_error("model", name, e) from None
+    except ValueError as e:
+        raise PreftuneError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if _is_local(name):
+            raise
+        raise hub_error("model", name, e) from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def apply_peft(model, model_args, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with LoRA/DoRA adapters as ``model_args`` asks; returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    target = model_args.lora_target_modules
+    targets = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        use_dora=model_args.use_dora,
+        use_rslora=model_args.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise PreftuneError(f"cannot apply LoRA: {str(e).splitlines()[0]} (check --lora_target_modules)") from None
+
+
+def offline_hint() -> str:
+    return "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") else ""

@@ -1,0 +1,139 @@
+"""What a run leaves behind: metrics.jsonl, training_curves.png, the README.md model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+__all__ = ["MetricsFileCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+
+# (title, [metric keys]) per panel; eval_ versions are drawn on the same panel when present.
+CURVE_PANELS = [
+    ("loss", ["loss"]),
+    ("NLL (chosen)", ["nll_loss"]),
+    ("reward margin", ["rewards/margins"]),
+    ("reward accuracy", ["rewards/accuracies"]),
+    ("log odds (chosen vs rejected)", ["log_odds_chosen"]),
+    ("log-probs", ["logps/chosen", "logps/rejected"]),
+]
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON object per log event to ``output_dir/metrics.jsonl`` (main process only)."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / METRICS_FILE
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not state.global_step and self.path.exists():
+            self.path.unlink()  # a fresh run (not a resume) starts a fresh file
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch}
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                record[k] = v
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+    return out
+
+
+def plot_training_curves(run_dir: str | Path, out_path: str | Path | None = None) -> Path | None:
+    """Draw the curve panels from metrics.jsonl; returns the PNG path (None if nothing logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    panels = [(t, ks) for t, ks in CURVE_PANELS if any(k in r or f"eval_{k}" in r for r in records for k in ks)]
+    if not panels:
+        return None
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            for prefix, style in (("", "-"), ("eval_", "o--")):
+                pts = [(r["step"], r[prefix + key]) for r in records if prefix + key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, style, label=(prefix + key), markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out_path) if out_path else Path(run_dir) / CURVES_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_model_card(run_dir: str | Path, info: dict) -> Path:
+    """README.md describing base model, data, method, hyper-parameters and final metrics."""
+    run_dir = Path(run_dir)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [preftune, " + info.get("method", "orpo") + "]",
+        "---",
+        "",
+        f"# {run_dir.name}",
+        "",
+        f"Aligned with [preftune](https://pypi.org/project/preftune/) using **{info.get('method', 'orpo').upper()}**.",
+        "",
+        f"- Base model: `{info.get('base_model')}`",
+        f"- Data: `{info.get('dataset')}` ({info.get('train_pairs')} training pairs, {info.get('eval_pairs', 0)} eval pairs)",
+        f"- Saved: {info.get('saved', 'full model')}",
+        "",
+        "## Hyper-parameters",
+        "",
+        "| name | value |",
+        "| --- | --- |",
+    ]
+    for k, v in info.get("hyperparameters", {}).items():
+        lines.append(f"| {k} | {_fmt(v)} |")
+    final = info.get("final_metrics", {})
+    if final:
+        lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in final.items()]
+    if (run_dir / CURVES_FILE).exists():
+        lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f"model = AutoModelForCausalLM.from_pretrained('{run_dir}')", f"tokenizer = AutoTokenizer.from_pretrained('{run_dir}')", "```", ""]
+    path = run_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
