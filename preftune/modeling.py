@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +56,16 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto") 
 
 
 def hub_error(kind: str, name: str, err: Exception) -> PreftuneError:
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    from .hub import offline_mode
+
+    if offline_mode():
+        why = "the Hugging Face Hub is unreachable from this machine (or offline mode is on) and it is not in the local cache"
+    else:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        why = f"loading it from the Hugging Face Hub failed ({first})"
     return PreftuneError(
-        f"{kind} {name!r} is not a local folder, and loading it from the Hugging Face Hub failed ({first}). "
-        f"If this machine cannot reach the Hub, download the {kind} elsewhere (save_pretrained) and pass the local folder."
+        f"{kind} {name!r} is not a local folder, and {why}. "
+        f"Download the {kind} on a machine with access (save_pretrained) and pass the local folder."
     )
 
 
@@ -68,11 +73,18 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
+def _local_only(name: str) -> bool:
+    """Hub names load from the local cache only when the Hub is unreachable (fails fast)."""
+    from .hub import offline_mode
+
+    return not _is_local(name) and offline_mode()
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template_file: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=_local_only(name))
     except OSError as e:
         if _is_local(name):
             raise PreftuneError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
@@ -111,7 +123,8 @@ def load_model(name: str, model_args, choice: DeviceChoice):
     from transformers import AutoModelForCausalLM
 
     quant = _quantization_config(model_args, choice.dtype)
-    kwargs = dict(dtype=choice.dtype, attn_implementation=choice.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+    kwargs = dict(dtype=choice.dtype, attn_implementation=choice.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+                  local_files_only=_local_only(name))
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
@@ -155,7 +168,3 @@ def apply_peft(model, model_args, gradient_checkpointing: bool = False):
         return get_peft_model(model, config)
     except ValueError as e:
         raise PreftuneError(f"cannot apply LoRA: {str(e).splitlines()[0]} (check --lora_target_modules)") from None
-
-
-def offline_hint() -> str:
-    return "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") else ""

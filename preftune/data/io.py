@@ -188,13 +188,25 @@ def _split_file_in_folder(path: Path, split: str) -> Path | None:
 def _read_hub(name: str, split: str) -> list[Record]:
     import datasets
 
+    from ..hub import offline_mode
+
+    if offline_mode():
+        # datasets and huggingface_hub read their offline switches at import time: set the
+        # module constants so only the local cache is consulted (no 30 s of retries).
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if offline_mode():
+            why = "the Hugging Face Hub is unreachable from this machine (or offline mode is on) and it is not in the local cache"
+        else:
+            why = "loading it from the Hugging Face Hub failed: " + (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         raise PreftuneError(
-            f"dataset {name!r} is not a local file or folder, and loading it from the Hugging Face Hub failed "
-            f"({msg}). If this machine cannot reach the Hub, download the dataset elsewhere and pass a local path: "
+            f"dataset {name!r} is not a local file or folder, and {why}. "
+            f"Download it on a machine with access (e.g. datasets' save_to_disk, or export JSON lines) and pass the local path: "
             f"{SUPPORTED_FILE_TYPES}."
         ) from None
     return _dataset_to_records(ds, f"{name}[{split}]")

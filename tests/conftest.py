@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models built from configs, and the ../shared data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer"
+HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+
+def tiny_llama(vocab_size: int = 97, seed: int = 0, attn: str = "sdpa", **overrides):
+    """A 2-layer random Llama small enough for per-test training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.fixture
+def llama2_tokenizer():
+    if not LLAMA2_TOKENIZER.is_dir():
+        pytest.skip("../shared/data/llama2-tokenizer is absent (needs the shared folder beside the repo)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(LLAMA2_TOKENIZER))
+
+
+@pytest.fixture
+def hh_rlhf_path():
+    if not HH_RLHF.is_file():
+        pytest.skip("../shared/data/hh-rlhf-harmless-base is absent (needs the shared folder beside the repo)")
+    return HH_RLHF
+
+
+@pytest.fixture
+def demo_tokenizer():
+    from preftune.demo import build_demo_tokenizer
+
+    return build_demo_tokenizer()
