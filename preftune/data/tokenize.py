@@ -123,12 +123,13 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str, report: Tokenize
 
 
 def _bos_policy(tokenizer) -> int | None:
-    """The BOS id if this tokenizer adds one by itself to plain text, else None."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == bos else None
+    """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
+
+    Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
+    do not add BOS by themselves although the model was trained with it, so we do not rely on
+    the tokenizer; a template that already emits BOS is not doubled.
+    """
+    return tokenizer.bos_token_id
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
