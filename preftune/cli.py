@@ -36,6 +36,7 @@ def build_train_parser():
             "Options accept --snake_case and --dash-case."
         ),
     )
+    parser.allow_abbrev = False  # "--learning_rat" must be an error, not silently --learning_rate
     parser.add_argument("--config", default=None, metavar="RUN.yaml", help="YAML file of options (flags on the command line override it).")
     groups = field_groups()
     new_groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
@@ -80,7 +81,7 @@ def parse_train_args(argv: list[str]):
     data = _load_yaml(known.config) if known.config else {}
     given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     given |= {str(k).replace("-", "_") for k in data}
-    if not given & {"model_name_or_path", "dataset_name"}:
+    if not given & {"model_name_or_path", "dataset_name", "help"} and "-h" not in argv:
         # the built-in demo: its own settings, under the YAML file and the flags
         from .demo import DEMO_TRAINING
 

@@ -1,0 +1,165 @@
+"""The command line: parsing, YAML configs, one-line errors, a real run on a JSONL file, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main, parse_train_args
+from preftune.errors import PreftuneError
+
+from conftest import REPO, tiny_llama
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "preftune", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with the demo tokenizer, loadable by from_pretrained."""
+    from preftune.demo import build_demo_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = build_demo_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), seed=0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def prefs_jsonl(tmp_path):
+    rows = [{"prompt": f"Q: copy {i % 10} {(i * 3) % 10} A:", "chosen": f" {i % 10} {(i * 3) % 10}", "rejected": f" {(i + 1) % 10} {(i * 3 + 1) % 10}"} for i in range(24)]
+    p = tmp_path / "prefs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_config_parses(path):
+    model_args, data_args, args = parse_train_args(["--config", str(path)])
+    assert args.output_dir
+    assert args.method in ("orpo", "dpo", "simpo", "cpo", "sft")
+    if "model_name_or_path" in path.read_text():
+        assert model_args.model_name_or_path
+
+
+def test_flags_override_yaml_and_dash_case(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\ndataset_name: d.jsonl\nbeta: 0.5\nlearning_rate: 1.0e-4\n")
+    model_args, data_args, args = parse_train_args(["--config", str(cfg), "--beta", "0.25", "--max-prompt-length", "77", "--nll-on-prompt", "true"])
+    assert args.beta == 0.25 and args.learning_rate == 1e-4
+    assert data_args.max_prompt_length == 77 and args.nll_on_prompt is True
+    assert model_args.model_name_or_path == "m"
+
+
+def test_unknown_yaml_key_and_flag_suggest_fix(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\nbetaa: 0.5\n")
+    with pytest.raises(PreftuneError, match=r"unknown option\(s\) 'betaa' \(did you mean 'beta'\?\)"):
+        parse_train_args(["--config", str(cfg)])
+    with pytest.raises(PreftuneError, match=r"unknown option '--learning_rat'.*did you mean --learning_rate"):
+        parse_train_args(["--learning_rat", "1"])
+    cfg.write_text("beta: [unclosed\n")
+    with pytest.raises(PreftuneError, match="invalid YAML"):
+        parse_train_args(["--config", str(cfg)])
+
+
+def test_invalid_values_give_fix_hints():
+    with pytest.raises(PreftuneError, match="--method must be one of orpo, dpo, simpo, cpo, sft"):
+        parse_train_args(["--method", "ppo"])
+    with pytest.raises(PreftuneError, match="--on_bad_row must be one of error, skip"):
+        parse_train_args(["--on_bad_row", "ignore"])
+    with pytest.raises(PreftuneError, match="--beta must be positive"):
+        parse_train_args(["--beta", "-1"])
+
+
+def test_help_groups_and_documents_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for title in ("Model", "Data", "Method and loss", "Engine and reliability", "Parameter-efficient fine-tuning", "Training (transformers"):
+        assert title in out, title
+    for flag in ("--on_bad_row", "--nll_on_prompt", "--batch_layout", "--per_device_train_batch_size", "--lora_r", "--config"):
+        assert flag in out, flag
+    # options appear under their group, not in argparse's catch-all section
+    assert out.index("\n  --beta") > out.index("Method and loss:") > out.index("Data:")
+    assert "(default: 800)" not in out  # help shows the real defaults, not the demo's max_steps
+
+
+def test_demo_defaults_only_without_model_and_data():
+    _, data_args, args = parse_train_args([])
+    assert args.output_dir == "preftune-demo" and args.max_steps == 800 and data_args.max_length == 32
+    _, data_args, args = parse_train_args(["--max_steps", "5"])
+    assert args.max_steps == 5 and args.learning_rate == 3e-3
+    _, data_args, args = parse_train_args(["--model_name_or_path", "m", "--dataset_name", "d.jsonl"])
+    assert args.output_dir == "preftune-output" and data_args.max_length == 1024 and args.learning_rate == 8e-6
+
+
+def test_cli_trains_on_jsonl_and_writes_outputs(tiny_model_dir, prefs_jsonl, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out),
+                "--max_steps", "6", "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                "--eval_fraction", "0.25", "--eval_strategy", "steps", "--eval_steps", "3", "--disable_tqdm", "true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "summary" in r.stdout and "rewards/accuracies" in r.stdout
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "training_curves.png", "README.md", "run_config.json", "run_complete.json"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_rewards/margins" in r for r in records) and any("rewards/margins" in r for r in records)
+    card = (out / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "prefs.jsonl" in card and "| beta | 0.1 |" in card
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    # a finished run is not overwritten by accident
+    again = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out), "--max_steps", "1")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr and "Traceback" not in again.stderr
+    assert (out / "model.safetensors").exists()
+
+
+def test_cli_bad_row_is_one_line_error(tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "", "rejected": "r"}\n')
+    r = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "bad.jsonl line 2: empty field: 'chosen' is empty" in r.stderr and "--on_bad_row skip" in r.stderr
+
+
+def test_cli_missing_model_and_hub_name_errors(prefs_jsonl, tmp_path):
+    r = run_cli("train", "--model_name_or_path", "some-org/not-a-local-model", "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unreachable" in r.stderr and "local folder" in r.stderr
+    r = run_cli("train", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(prefs_jsonl))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_unknown_command():
+    assert main(["trian"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_shortened_run_learns(tmp_path, capsys):
+    """The built-in demo (shortened): preference and generation accuracy both clearly improve."""
+    from preftune.run import run_training
+
+    model_args, data_args, args = parse_train_args(["--output_dir", str(tmp_path / "demo"), "--max_steps", "400", "--disable_tqdm", "true"])
+    result = run_training(model_args, data_args, args)
+    table = {name: (before, after) for name, before, after in result.demo_table}
+    pref_before, pref_after = table["preference_accuracy"]
+    gen_before, gen_after = table["generation_accuracy"]
+    assert pref_after >= 0.9 and pref_after > pref_before + 0.2
+    assert gen_after >= 0.5 and gen_before <= 0.05
+    assert (Path(result.output_dir) / "training_curves.png").exists()
