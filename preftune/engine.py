@@ -13,6 +13,7 @@ the engine falls back to the full model forward (all logits) with a one-line war
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -117,20 +118,53 @@ def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     return LMHeadSpec(decoder=decoder, head=head, transform=logit_transform_from_config(config))
 
 
-def _attention_mask_for(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _sliding_window_mask(config, mask: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` cut to the model's sliding window, or None when no layer slides or nothing is cut.
+
+    transformers returns a custom 4-D mask as-is, so the window its own masks add (``key >
+    query - window``, Mistral, Phi-3, Gemma 2/3, ...) must be added here. Distances are taken
+    in position ids, which in the packed layout are each token's index in its padded sequence.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or position_ids is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    if int(position_ids.max()) < window:
+        return None  # every query-key distance is below the window
+    band = mask.clone()
+    for r in range(mask.shape[0]):  # key position > query position - window, one row at a time
+        pos = position_ids[r]
+        band[r, 0] &= pos[None, :] > (pos[:, None] - window)
+    return band
+
+
+def _attention_mask_for(
+    model: nn.Module, mask: torch.Tensor, dtype: torch.dtype, position_ids: torch.Tensor | None = None
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """The packed layout's boolean 4-D mask, converted for attention kernels that need it.
 
     SDPA and FlexAttention-less paths take a boolean mask; the eager path adds the mask to the
     scores, so it needs an additive float mask (a boolean one would be added as 0/1 and silently
-    give wrong results).
+    give wrong results). Models with sliding-window layers get the window applied; those that
+    mix full and sliding layers (``config.layer_types``) get a dict keyed by layer type.
     """
     if mask.dim() != 4:
         return mask
-    impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", "sdpa")
-    if impl == "eager":
-        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        return additive.masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask
+    config = getattr(_unwrap(model), "config", None)
+    impl = getattr(config, "_attn_implementation", "sdpa")
+
+    def convert(m: torch.Tensor) -> torch.Tensor:
+        if impl == "eager":
+            additive = torch.zeros(m.shape, dtype=dtype, device=m.device)
+            return additive.masked_fill_(~m, torch.finfo(dtype).min)
+        return m
+
+    sliding = _sliding_window_mask(config, mask, position_ids)
+    if sliding is None:
+        return convert(mask)
+    if getattr(config, "layer_types", None) is None:  # every layer slides (Mistral, Phi-3, Mixtral)
+        return convert(sliding)
+    return {"full_attention": convert(mask), "sliding_attention": convert(sliding)}
 
 
 def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -167,8 +201,32 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
     return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask.long())
 
 
+_WRAPPER_CLASS_NAMES = {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "DataParallel"}
+
+
 def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None)."""
+    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
+
+    When ``model`` is a distributed wrapper (DDP, FSDP, DeepSpeed), the computation runs *inside*
+    the wrapper's ``forward``: the engine is installed as the wrapped module's forward for one
+    call. Calling the inner decoder directly would skip the wrapper's pre-forward work (DDP
+    arms its gradient all-reduce there, FSDP/ZeRO-3 gather parameters), and replicas would
+    silently diverge.
+    """
+    inner = getattr(model, "module", None)
+    if type(model).__name__ in _WRAPPER_CLASS_NAMES and isinstance(inner, nn.Module):
+        def engine_forward(*_args, **_kwargs):
+            return _token_logps_local(inner, batch, chunk_size)
+
+        inner.forward = engine_forward  # instance attribute shadows the class's forward
+        try:
+            return model()
+        finally:
+            del inner.forward
+    return _token_logps_local(model, batch, chunk_size)
+
+
+def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int):
     config = getattr(_unwrap(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
@@ -180,16 +238,23 @@ def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_S
     if want_router:
         kwargs["output_router_logits"] = True
     spec = resolve_lm_head(model)
+    # A model may carry a per-batch context (ReFT: the prompt positions its interventions act on).
+    enter_batch = getattr(_unwrap(model), "preftune_batch_context", None)
+    batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
     if spec is not None:
-        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], spec.head.weight.dtype)
-        out = spec.decoder(**kwargs)
+        kwargs["attention_mask"] = _attention_mask_for(
+            model, batch["attention_mask"], spec.head.weight.dtype, batch["position_ids"]
+        )
+        with batch_context:
+            out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
         logps = _head_logps(spec, selected, batch["score_target"], chunk_size)
     else:
         dtype = next(model.parameters()).dtype
-        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype)
-        out = model(**kwargs)
+        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
+        with batch_context:
+            out = model(**kwargs)
         logits = out.logits  # (R, T, V)
         selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_index"]).float()
         logps = selected.gather(1, batch["score_target"][:, None]).squeeze(1) - torch.logsumexp(selected, -1)

@@ -126,12 +126,17 @@ def dpo_loss(
 
         h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
 
-    * ``sigmoid`` (Rafailov et al. 2023, eq. 7):  ``-log sigma(beta h)``
+    * ``sigmoid`` (Rafailov et al. 2023, eq. 7):  ``-log sigma(beta h)``; with label smoothing
+      ``eps > 0`` it is conservative DPO (cDPO, Mitchell 2023), TRL's behaviour::
+
+          -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+
     * ``robust``  (Chowdhury et al. 2024, "Provably Robust DPO"), label-smoothing ``eps``::
 
           (-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps)
 
-    * ``ipo``     (Azar et al. 2023, eq. 17):  ``(h - 1 / (2 beta))^2``  (beta is IPO's tau)
+    * ``ipo``     (Azar et al. 2023, eq. 17):  ``(h - 1 / (2 beta))^2``  (beta is IPO's tau). As in
+      TRL, IPO is meant for **length-averaged** log-probs: the objective passes averages here.
     * ``hinge``   (SLiC, Zhao et al. 2023):  ``relu(1 - beta h)``
 
     Rewards: ``beta * (log pi - log ref)`` for chosen and rejected (detached).
@@ -141,17 +146,17 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: ``(B,)`` reference summed log-probs.
         beta: inverse temperature (DPO's beta).
         loss_type: one of :data:`DPO_LOSS_TYPES`.
-        label_smoothing: ``eps`` in ``[0, 0.5)``, used by ``robust`` only.
+        label_smoothing: ``eps`` in ``[0, 0.5)``, used by ``sigmoid`` (cDPO) and ``robust``.
     """
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
     h = chosen_ratio - rejected_ratio
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "robust":
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {label_smoothing}")
-        eps = label_smoothing
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2

@@ -15,7 +15,7 @@ Per method (``lc``/``lr`` length-averaged, ``sc``/``sr`` summed completion log-p
 
 =========  ==============================================================
 orpo       ``NLL + beta * -log sigma(log_odds(lc, lr))``   (losses.orpo_loss)
-dpo        ``dpo_loss(sc, sr, ref_sc, ref_sr)``              (losses.dpo_loss)
+dpo        ``dpo_loss(sc, sr, ref_sc, ref_sr)`` (IPO: averages)  (losses.dpo_loss)
 simpo      ``-log sigma(beta (lc - lr) - gamma)``            (losses.simpo_loss)
 cpo        ``-log sigma(beta (sc - sr)) + cpo_alpha * NLL``  (losses.cpo_loss)
 sft        ``NLL``
@@ -70,8 +70,9 @@ class ObjectiveResult:
     pref_sum: float  # sum over pairs of the preference part of the loss (0 for sft)
 
 
-def _uses_average(method: str) -> bool:
-    return method in ("orpo", "simpo")
+def _uses_average(args) -> bool:
+    """Length-averaged log-probs for ORPO, SimPO and DPO's IPO variant (as TRL); summed otherwise."""
+    return args.method in ("orpo", "simpo") or (args.method == "dpo" and args.loss_type == "ipo")
 
 
 def compute_objective(
@@ -83,8 +84,9 @@ def compute_objective(
 ) -> ObjectiveResult:
     """Assemble the loss of ``args.method`` for one micro-batch; see the module docstring."""
     method = args.method
-    chosen = seq.chosen_avg if _uses_average(method) else seq.chosen_sum
-    rejected = seq.rejected_avg if _uses_average(method) else seq.rejected_sum
+    average = _uses_average(args)
+    chosen = seq.chosen_avg if average else seq.chosen_sum
+    rejected = seq.rejected_avg if average else seq.rejected_sum
     nll_share = seq.nll_sum.sum() / window.nll_tokens
     pref: PreferenceLoss | None
     if method == "orpo":
@@ -93,7 +95,10 @@ def compute_objective(
     elif method == "dpo":
         if ref is None:
             raise ValueError("DPO needs reference log-probs")
-        pref = dpo_loss(chosen, rejected, ref[0], ref[1], args.beta, args.loss_type, args.label_smoothing)
+        ref_chosen, ref_rejected = ref
+        if average:  # the reference returns sums; IPO compares length-averaged log-ratios
+            ref_chosen, ref_rejected = ref_chosen / seq.chosen_count, ref_rejected / seq.rejected_count
+        pref = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
         loss = pref.losses.sum() / window.pairs
     elif method == "simpo":
         pref = simpo_loss(chosen, rejected, args.beta, args.simpo_gamma)
@@ -139,4 +144,6 @@ def compute_objective(
 
 def nll_weight(args) -> float:
     """Weight of the token-mean chosen NLL in ``args.method``'s loss."""
-    return {"orpo": 1.0, "sft": 1.0, "cpo": float(args.cpo_alpha)}.get(args.method, 0.0)
+    if args.method == "cpo":
+        return float(args.cpo_alpha)
+    return 1.0 if args.method in ("orpo", "sft") else 0.0

@@ -1,0 +1,176 @@
+"""Staying up: graceful interrupts, checkpoints that are never half-used, memory preflight.
+
+* :class:`InterruptCallback`: SIGINT/SIGTERM during training finish the current optimizer step,
+  write a checkpoint and stop; the run then exits non-zero with a message saying how to resume.
+  A second signal falls back to the default handler (immediate exit).
+* :class:`CheckpointMarkerCallback`: after the Trainer has written *all* of ``checkpoint-N``
+  (model, optimizer, scheduler, RNG, trainer state), it writes ``checkpoint-N/.complete``
+  (fsynced). :func:`find_latest_checkpoint` considers only marked checkpoints, so a process
+  killed in the middle of a save never leaves a checkpoint that ``--resume_from_checkpoint
+  latest`` would pick up.
+* :func:`memory_preflight`: one forward + backward pass on the largest batch the run can see,
+  before the first step, so that an out-of-memory error happens in the first minute with a
+  message that suggests the fix, not hours later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import PreftuneError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InterruptCallback", "CheckpointMarkerCallback", "find_latest_checkpoint", "memory_preflight", "COMPLETE_MARKER"]
+
+COMPLETE_MARKER = ".complete"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class InterruptCallback(TrainerCallback):
+    """Turn SIGINT/SIGTERM into "save a checkpoint at the end of this step, then stop"."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        self.received = signum
+        logger.warning("received %s: finishing this step, saving a checkpoint, then stopping (send again to abort now)", signal.Signals(signum).name)
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread (e.g. a notebook worker): keep default behaviour
+            self._previous.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Mark ``checkpoint-N`` complete once everything in it has been written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and (ckpt / "trainer_state.json").exists():
+            _sync_dir_files(ckpt)
+            marker = ckpt / COMPLETE_MARKER
+            with open(marker, "w") as f:
+                f.write(str(state.global_step))
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def _sync_dir_files(folder: Path):
+    """fsync every file in ``folder`` so the marker never precedes the data on disk."""
+    for p in folder.iterdir():
+        if p.is_file():
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was completely written, or None."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    for step, p in sorted(found, reverse=True):
+        if (p / COMPLETE_MARKER).exists() and (p / "trainer_state.json").exists():
+            return p
+        logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", p)
+    return None
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def largest_batch(pairs, batch_size: int, max_tokens_per_batch: int | None = None):
+    """The ``batch_size`` longest pairs (or, by token budget, the longest pairs that fit it)."""
+    ordered = sorted(pairs, key=lambda p: p.packed_length, reverse=True)
+    if max_tokens_per_batch is None:
+        return ordered[:batch_size]
+    batch, total = [], 0
+    for p in ordered:
+        if batch and total + p.packed_length > max_tokens_per_batch:
+            break
+        batch.append(p)
+        total += p.packed_length
+    return batch
+
+
+def memory_preflight(trainer, pairs) -> None:
+    """Run forward + backward on the worst-case batch; raise a PreftuneError on out-of-memory.
+
+    Leaves parameters, gradients, optimizer state and RNG streams as they were.
+    """
+    args = trainer.args
+    batch_pairs = largest_batch(pairs, args.per_device_train_batch_size, args.max_tokens_per_batch)
+    if not batch_pairs:
+        return
+    batch = trainer._prepare_inputs(trainer.data_collator(batch_pairs))
+    model = trainer.model
+    was_training = model.training
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        model.train()
+        from .engine import sequence_logps
+
+        seq = sequence_logps(model, batch, chunk_size=args.logprob_chunk_size)
+        (seq.chosen_sum.sum() + seq.rejected_sum.sum()).backward()
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        tokens = sum(p.packed_length for p in batch_pairs)
+        raise PreftuneError(
+            f"out of memory on the largest batch of this run ({len(batch_pairs)} pairs, {tokens} tokens, "
+            f"longest pair {batch_pairs[0].packed_length} tokens) before training started. Fixes: set --max_tokens_per_batch "
+            f"(e.g. {max(tokens // 2, 1)}), lower --max_length / --per_device_train_batch_size (raise --gradient_accumulation_steps "
+            f"to keep the batch), or pass --gradient_checkpointing true"
+        ) from None
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.train(was_training)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,183 @@
+"""Scale out and stay up: DDP equivalence, interrupt + exact resume, determinism, preflight."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.errors import PreftuneError
+from preftune.reliability import COMPLETE_MARKER, find_latest_checkpoint, largest_batch, memory_preflight
+
+from conftest import REPO
+
+DEMO_FLAGS = ["--per_device_train_batch_size", "8", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3",
+              "--warmup_steps", "0"]
+
+
+def env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def losses(run_dir):
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0"]
+    r1 = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(single), "--per_device_train_batch_size", "8", *common],
+                        capture_output=True, text=True, env=env(), timeout=300)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m", "preftune", "train",
+                         "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
+                        capture_output=True, text=True, env=env(), timeout=400)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    l1, _ = losses(single)
+    l2, recs2 = losses(ddp)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-5), step
+    # the loss moved, so equal trajectories mean equal updates, not two idle runs
+    assert l1[6] < l1[1]
+    # written once: one record per step, one summary in stdout
+    assert [r["step"] for r in recs2 if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert r2.stdout.count("saved to") == 1
+    w1, w2 = weights(single), weights(ddp)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    steps = ["--max_steps", "150", "--save_steps", "1000"]
+    r = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(full), *DEMO_FLAGS, *steps],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "preftune", "train", "--output_dir", str(cut), *DEMO_FLAGS, *steps],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "--resume_from_checkpoint latest" in err and "Traceback" not in err
+    ckpt = find_latest_checkpoint(cut)
+    assert ckpt is not None and (ckpt / COMPLETE_MARKER).exists()
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert 20 <= stopped_at < 150
+    assert not (cut / "run_complete.json").exists()
+
+    r = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(cut), *DEMO_FLAGS, *steps, "--resume_from_checkpoint", "latest"],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    w_full, w_cut = weights(full), weights(cut)
+    diff = max((w_full[k] - w_cut[k]).abs().max().item() for k in w_full)
+    assert diff <= 1e-6, diff
+    l_full, _ = losses(full)
+    l_cut, _ = losses(cut)
+    assert l_cut[150] == pytest.approx(l_full[150], rel=1e-6)
+
+
+def test_same_seed_same_weights(tmp_path):
+    from preftune.cli import parse_train_args
+    from preftune.run import run_training
+
+    outs = []
+    for name in ("a", "b"):
+        m, d, a = parse_train_args(["--output_dir", str(tmp_path / name), "--max_steps", "15", "--disable_tqdm", "true"])
+        run_training(m, d, a)
+        outs.append(weights(tmp_path / name))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+    m, d, a = parse_train_args(["--output_dir", str(tmp_path / "c"), "--max_steps", "15", "--disable_tqdm", "true", "--seed", "43"])
+    run_training(m, d, a)
+    other = weights(tmp_path / "c")
+    assert any(not torch.equal(outs[0][k], other[k]) for k in other)  # the seed matters
+
+
+def test_latest_ignores_half_written_checkpoint(tmp_path):
+    good = tmp_path / "checkpoint-3"
+    good.mkdir()
+    (good / "trainer_state.json").write_text("{}")
+    (good / COMPLETE_MARKER).write_text("3")
+    half = tmp_path / "checkpoint-9"  # killed while saving: files but no marker
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    no_state = tmp_path / "checkpoint-12"
+    no_state.mkdir()
+    (no_state / COMPLETE_MARKER).write_text("12")
+    assert find_latest_checkpoint(tmp_path) == good
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_latest_without_checkpoint_is_clear(tmp_path):
+    from preftune.run import _resume_arg
+
+    with pytest.raises(PreftuneError, match="no complete checkpoint"):
+        _resume_arg("latest", tmp_path)
+    with pytest.raises(PreftuneError, match="not a complete checkpoint folder"):
+        _resume_arg(str(tmp_path), tmp_path)
+
+
+def _tiny_trainer(tmp_path, **kw):
+    from preftune.config import PreftuneConfig
+    from preftune.trainer import PreferenceTrainer
+    from test_trainer import random_pairs
+
+    from conftest import tiny_llama
+
+    args = PreftuneConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2, disable_tqdm=True, **kw)
+    pairs = random_pairs(10)
+    return PreferenceTrainer(model=tiny_llama(), args=args, train_pairs=pairs, pad_token_id=0), pairs
+
+
+def test_preflight_picks_longest_and_leaves_state(tmp_path):
+    trainer, pairs = _tiny_trainer(tmp_path)
+    longest = largest_batch(pairs, 2)
+    assert [p.packed_length for p in longest] == sorted((p.packed_length for p in pairs), reverse=True)[:2]
+    by_tokens = largest_batch(pairs, 8, max_tokens_per_batch=longest[0].packed_length + 1)
+    assert len(by_tokens) == 1
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    rng = torch.get_rng_state()
+    memory_preflight(trainer, pairs)
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_preflight_out_of_memory_suggests_fix(tmp_path, monkeypatch):
+    trainer, pairs = _tiny_trainer(tmp_path)
+    import preftune.engine as engine
+
+    def boom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
+
+    monkeypatch.setattr(engine, "sequence_logps", boom)
+    with pytest.raises(PreftuneError, match=r"out of memory on the largest batch.*--max_tokens_per_batch.*--gradient_checkpointing"):
+        memory_preflight(trainer, pairs)
+    monkeypatch.setattr(engine, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised as OOM
+        memory_preflight(trainer, pairs)
