@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     except PreftuneError as e:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
+        signum = getattr(e, "signum", None)
+        if signum is not None:  # RunInterrupted: a checkpoint was written
+            print(f"preftune: {e}", file=sys.stderr)
+            return 128 + int(signum)
         print(f"preftune: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ serialization of these fields (see ``examples/``).
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -38,6 +39,12 @@ def _grouped(cls):
     FIELD_GROUPS.update(zip(names, _pending_groups))
     _pending_groups.clear()
     return cls
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _require(cond: bool, msg: str):
@@ -84,6 +91,10 @@ class ModelArguments:
         if self.load_in_4bit or self.load_in_8bit:
             self.use_peft = True
         _require(not (self.use_peft and self.reft_layers), "ReFT and LoRA are separate methods here: pass --reft_layers or --use_peft, not both")
+        if self.reft_layers:  # fail before loading the model
+            from .reft import parse_layers, parse_positions
+
+            parse_layers(self.reft_layers), parse_positions(self.reft_positions)
 
     @property
     def is_demo(self) -> bool:
@@ -144,6 +155,7 @@ class PreftuneConfig(TrainingArguments):
     max_tokens_per_batch: int | None = _f(None, "Form batches by token count instead of pair count (steady memory peak).", "engine")
     logprob_chunk_size: int = _f(1024, "Tokens per chunk when computing log-probs through the LM head (memory O(chunk x vocab)).", "engine")
     max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
+    memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
     # TrainingArguments defaults better suited to preference tuning
     learning_rate: float = _f(8e-6, "Peak learning rate (ORPO paper: 8e-6 for 7B full fine-tunes; use ~1e-4 to 5e-4 for LoRA).", "training")
@@ -157,6 +169,10 @@ class PreftuneConfig(TrainingArguments):
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = "preftune-output"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Multi-process on CPU (torchrun / accelerate launch): transformers only sets up
+            # gloo DDP when use_cpu is set; without it every process trains alone.
+            self.use_cpu = True
         if self.warmup_ratio is not None:
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio

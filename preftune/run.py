@@ -20,14 +20,23 @@ from .data.tokenize import TokenizeSettings, tokenize_examples
 from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
+from .reliability import CheckpointMarkerCallback, InterruptCallback, find_latest_checkpoint
 from .trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
 
-__all__ = ["run_training", "RunResult", "check_output_dir", "RUN_COMPLETE_FILE", "RUN_CONFIG_FILE"]
+__all__ = ["run_training", "RunResult", "RunInterrupted", "check_output_dir", "RUN_COMPLETE_FILE", "RUN_CONFIG_FILE"]
 
 RUN_COMPLETE_FILE = "run_complete.json"
 RUN_CONFIG_FILE = "run_config.json"
+
+
+class RunInterrupted(PreftuneError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -158,6 +167,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     """Run one training job; returns where it saved and its final metrics."""
     _configure_logging(args)
     started = time.perf_counter()
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
     is_demo = model_args.is_demo
     if is_demo and data_args.dataset_name:
         raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
@@ -167,6 +179,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
     choice = choose_device(model_args.torch_dtype, model_args.attn_implementation)
     logger.info("preftune: %s", choice.describe())
+    from .quant import check_bitsandbytes
+
+    check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
 
     demo_eval_rows = None
     if is_demo:
@@ -213,9 +228,10 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
         demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
 
+    interrupt = InterruptCallback()
     trainer = PreferenceTrainer(
         model=model, args=args, train_pairs=train_pairs, eval_pairs=eval_pairs, processing_class=tokenizer,
-        reference=reference, callbacks=[MetricsFileCallback(str(out))],
+        reference=reference, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
     )
     if args.process_index == 0:
         (out / RUN_CONFIG_FILE).write_text(json.dumps({
@@ -224,6 +240,16 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
         }, indent=2))
     train_output = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint, out))
+    if interrupt.received is not None:
+        import signal
+
+        latest = find_latest_checkpoint(out)
+        where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
+        raise RunInterrupted(
+            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
+            f"Resume with: preftune train ... --resume_from_checkpoint latest",
+            interrupt.received,
+        )
     final = {k: v for k, v in train_output.metrics.items()}
     last = {}
     for rec in trainer.state.log_history:
@@ -260,12 +286,12 @@ def _resume_arg(value, out: Path):
     if not value:
         return None
     if str(value) == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out))
+        last = find_latest_checkpoint(out)
         if last is None:
-            raise PreftuneError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {str(out)!r}")
-        return last
-    if not Path(value).is_dir():
-        raise PreftuneError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
-    return str(value)
+            raise PreftuneError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {str(out)!r}")
+        logger.info("resuming from %s", last)
+        return str(last)
+    path = Path(value)
+    if not (path.is_dir() and (path / "trainer_state.json").exists()):
+        raise PreftuneError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (no trainer_state.json)")
+    return str(path)

@@ -4,7 +4,8 @@ It turns a collated batch into per-sequence log-probs (:mod:`preftune.engine`), 
 :mod:`preftune.objective` for the loss, and keeps running metric sums for logging. No
 tokenization, no layout logic and no loss maths live here.
 
-Overridden public Trainer methods: ``compute_loss``, ``prediction_step``, ``log``,
+Overridden public Trainer methods: ``compute_loss``, ``prediction_step``, ``log``, ``save_model``
+(a ReFT model writes only its interventions),
 ``get_batch_samples`` (to know the totals of each gradient-accumulation window) and
 ``get_train_dataloader`` (only for ``max_tokens_per_batch``).
 """
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
-from .engine import sequence_logps
+from .engine import _unwrap, sequence_logps
 from .layout import PairTokens, PreferenceCollator
 from .objective import Window, compute_objective, nll_weight
 
@@ -130,6 +131,14 @@ class PreferenceTrainer(Trainer):
             return float(args.router_aux_loss_coef)
         return float(getattr(config, "router_aux_loss_coef", 0.001))
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train`` preceded by the memory preflight (see :mod:`preftune.reliability`)."""
+        if self.args.memory_preflight and self.train_dataset is not None and len(self.train_dataset):
+            from .reliability import memory_preflight
+
+            memory_preflight(self, self.train_dataset.pairs)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     # --- data ------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
         if self.args.max_tokens_per_batch is None:
@@ -196,6 +205,18 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # --- saving ------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the model; a model that saves only its own small parts (ReFT) does so here.
+
+        Checkpoints (``_internal_call``) keep the full Trainer format so resuming works.
+        """
+        save_own = getattr(_unwrap(self.model), "preftune_save_pretrained", None)
+        if save_own is None or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            save_own(output_dir or self.args.output_dir)
 
     # --- logging -------------------------------------------------------------------------------
     def _drain(self, mode: str) -> dict[str, float]:
