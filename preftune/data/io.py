@@ -49,6 +49,18 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise _DuplicateKey(", ".join(map(repr, dupes)))
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path) -> list[Record | BadRecord]:
     out: list[Record | BadRecord] = []
     with _open_text(path) as f:
@@ -57,9 +69,12 @@ def _read_jsonl(path: Path) -> list[Record | BadRecord]:
                 continue
             where = f"{path.name} line {lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as e:
                 out.append(BadRecord(where, "malformed JSON", f"{e.msg} at column {e.colno}"))
+                continue
+            except _DuplicateKey as e:
+                out.append(BadRecord(where, "duplicate column", f"key(s) {e} appear twice in one object"))
                 continue
             if not isinstance(obj, dict):
                 out.append(BadRecord(where, "not a JSON object", f"got {type(obj).__name__}"))
