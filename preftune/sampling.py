@@ -1,0 +1,73 @@
+"""Length-aware batching by token count (``--max_tokens_per_batch``).
+
+Batches are formed so that the packed tokens of each batch (``prompt + chosen + rejected``
+per pair, see :mod:`preftune.layout`) stay within ``max_tokens``, which keeps the memory peak
+steady across steps instead of being set by the longest pairs. Per epoch:
+
+1. shuffle all indices with ``(seed, epoch)``;
+2. cut the shuffled list into pools of ``pool_size`` indices, sort each pool by length
+   (pairs of similar length share batches, so rows pack tightly), and fill batches greedily up
+   to the budget; a pair longer than the budget gets a batch of its own;
+3. shuffle the order of the batches, then give process ``rank`` every ``num_replicas``-th
+   batch (all processes get the same number of batches, the last few dropped if needed).
+
+Deterministic for a seed and epoch, so resumed runs see the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+
+from torch.utils.data import Sampler
+
+__all__ = ["TokenBudgetBatchSampler", "token_budget_batches"]
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int, order: list[int]) -> list[list[int]]:
+    """Greedy batches over ``order``: add pairs while the summed length stays <= ``max_tokens``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        if current and total + lengths[i] > max_tokens:
+            batches.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    def __init__(self, lengths: list[int], max_tokens: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, pool_size: int = 1024):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pool_size = pool_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.pool_size):
+            pool = sorted(order[start : start + self.pool_size], key=lambda i: self.lengths[i])
+            batches.extend(token_budget_batches(self.lengths, self.max_tokens, pool))
+        rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
+        return batches[:usable]
+
+    def __iter__(self):
+        yield from self._all_batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self._all_batches()) // self.num_replicas

@@ -1,0 +1,70 @@
+"""Token-budget batching (--max_tokens_per_batch)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from preftune.sampling import TokenBudgetBatchSampler, token_budget_batches
+
+
+def lengths(n=300, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(3, 120) for _ in range(n)]
+
+
+def test_budget_respected_and_every_pair_once():
+    ls = lengths() + [500]  # one pair longer than the budget
+    s = TokenBudgetBatchSampler(ls, max_tokens=256, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s)
+    seen = sorted(i for b in batches for i in b)
+    assert seen == list(range(len(ls)))
+    for b in batches:
+        assert sum(ls[i] for i in b) <= 256 or len(b) == 1
+    assert [len(ls)-1] in batches  # the oversized pair alone
+    # greedy filling: batches are reasonably full (sorted pools), not one pair each
+    assert len(batches) < len(ls) / 2
+
+
+def test_deterministic_per_epoch_and_reshuffled_across_epochs():
+    ls = lengths()
+    a, b = TokenBudgetBatchSampler(ls, 256, seed=3), TokenBudgetBatchSampler(ls, 256, seed=3)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+
+
+def test_replicas_disjoint_and_equal():
+    ls = lengths(301)
+    shards = [list(TokenBudgetBatchSampler(ls, 200, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    ids = [set(i for b in shard for i in b) for shard in shards]
+    assert not ids[0] & ids[1]
+
+
+def test_token_budget_batches_greedy():
+    assert token_budget_batches([5, 5, 5, 20, 1], 10, [0, 1, 2, 3, 4]) == [[0, 1], [2], [3], [4]]
+
+
+def test_trainer_with_token_budget(tmp_path):
+    from preftune.config import PreftuneConfig
+    from preftune.trainer import PreferenceTrainer
+    from test_trainer import random_pairs
+
+    from conftest import tiny_llama
+
+    pairs = random_pairs(40)
+    seen = []
+    args = PreftuneConfig(output_dir=str(tmp_path), report_to="none", max_tokens_per_batch=60, num_train_epochs=1, disable_tqdm=True,
+                          learning_rate=1e-3, save_strategy="no", logging_steps=1)
+    trainer = PreferenceTrainer(model=tiny_llama(), args=args, train_pairs=pairs, pad_token_id=0)
+    loader = trainer.get_train_dataloader()
+    for batch in loader:
+        seen.extend(batch["example_ids"].tolist())
+        assert int(batch["num_tokens"]) <= 60 or int(batch["num_pairs"]) == 1
+    assert sorted(seen) == list(range(40))
+    out = trainer.train()
+    assert trainer.state.global_step == len(loader) and out.training_loss > 0
