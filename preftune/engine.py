@@ -169,7 +169,8 @@ def _attention_mask_for(
 
 def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     head = spec.head
-    if type(head) is nn.Linear:
+    # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
+    if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
         return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size)
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
