@@ -4,8 +4,9 @@ The defaults the seeds compute by hand, done once for everyone:
 
 * dtype ``auto``: bf16 on GPUs with bf16 support (compute capability >= 8), fp16 on older
   GPUs, fp32 on CPU;
-* attention ``auto``: ``flash_attention_2`` when the ``flash_attn`` package and a supporting GPU
-  are present, else ``sdpa`` (PyTorch's fused attention; exact on CPU with preftune's masks).
+* attention ``auto``: ``sdpa`` (PyTorch's fused attention; it takes the packed layout's explicit
+  prefix-sharing mask); ``flash_attention_2`` with ``--batch_layout padded`` when the
+  ``flash_attn`` package and a supporting GPU are present.
 """
 
 from __future__ import annotations
@@ -35,23 +36,25 @@ class DeviceChoice:
         return f"device {self.device}, {name}, attention {self.attn_implementation}"
 
 
-def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto") -> DeviceChoice:
+def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", batch_layout: str = "packed") -> DeviceChoice:
+    """Pick device, dtype and attention kernel; see the module docstring."""
     if torch.cuda.is_available():
         device = "cuda"
         major, _ = torch.cuda.get_device_capability()
         auto_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         has_flash = importlib.util.find_spec("flash_attn") is not None and major >= 8
-        auto_attn = "flash_attention_2" if has_flash else "sdpa"
     else:
         device = "cpu"
         auto_dtype = torch.float32
-        auto_attn = "sdpa"
+        has_flash = False
+    # The packed layout needs an explicit 4-D mask, which only SDPA/eager accept here; FlashAttention
+    # is used for the padded layout only.
+    auto_attn = "flash_attention_2" if has_flash and batch_layout == "padded" else "sdpa"
     dtype = auto_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     attn = auto_attn if attn_implementation == "auto" else attn_implementation
-    if attn == "flash_attention_2":
-        # varlen FlashAttention cannot express the prefix-sharing mask; SDPA with the explicit
-        # 4-D mask is used for the packed layout (see docs/engine.md).
-        logger.info("flash_attention_2 requested: packed batches use SDPA with an explicit mask")
+    if attn in ("flash_attention_2", "flex_attention") and batch_layout == "packed":
+        logger.warning("%s cannot take the packed layout's prefix-sharing mask yet; using sdpa (or pass --batch_layout padded)", attn)
+        attn = "sdpa"
     return DeviceChoice(device, dtype, attn)
 
 
@@ -142,6 +145,9 @@ def load_model(name: str, model_args, choice: DeviceChoice):
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
+        from .quant import keep_4bit_trainable_on_cpu
+
+        keep_4bit_trainable_on_cpu(model)  # else, on CPU, gradients go wrong after the first evaluation
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 

@@ -177,7 +177,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
     resuming = bool(args.resume_from_checkpoint)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
-    choice = choose_device(model_args.torch_dtype, model_args.attn_implementation)
+    choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     logger.info("preftune: %s", choice.describe())
     from .quant import check_bitsandbytes
 

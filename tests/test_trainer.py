@@ -143,3 +143,16 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, monkeypatch):
     for n, p in model.named_parameters():
         assert torch.isfinite(p).all(), n
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())  # step 1 was applied
+
+
+def test_every_logged_metric_is_documented():
+    from preftune.objective import METRIC_DOCS
+
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    for key in METRIC_DOCS:
+        assert f"`{key}`" in doc, key
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                "nll_loss", "log_odds_ratio", "log_odds_chosen", "tokens_per_second"):
+        assert key in METRIC_DOCS, key
