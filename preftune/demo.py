@@ -120,11 +120,15 @@ def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     seq = sequence_logps(model, batch)
     pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
+    from .reft import get_reft, reft_generate
+
+    # a ReFT model acts on its prompt only through reft_generate (plain generate is the base model)
+    generate = (lambda ids, **kw: reft_generate(model, ids, **kw)) if get_reft(model) is not None else model.generate
     correct = 0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)
         n_answer = len(row["chosen"].split())
-        out = model.generate(ids, max_new_tokens=n_answer + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = generate(ids, max_new_tokens=n_answer + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         correct += text == row["chosen"].strip()
     return {"preference_accuracy": pref_acc, "generation_accuracy": correct / len(rows)}

@@ -1,0 +1,176 @@
+"""``preftune merge ADAPTER_DIR --output_dir OUT``: fold a LoRA/DoRA adapter into its base model.
+
+The base model is the one named in the adapter's ``adapter_config.json``
+(``base_model_name_or_path``), or ``--base_model PATH``; for an adapter trained on the built-in
+demo, the demo model is rebuilt from the run's seed. The base is loaded unquantized (an adapter
+trained with QLoRA merges into the full-precision base, as the QLoRA authors do), the adapter is
+merged with ``merge_and_unload`` (``W + scale * B A``; DoRA also rescales by its magnitude
+vector), and the result is written as safetensors plus the tokenizer, loadable by plain
+``AutoModelForCausalLM.from_pretrained(OUT)``.
+
+Safety: an existing non-empty ``OUT`` is never replaced without ``--overwrite``; everything is
+written to a temporary folder beside ``OUT`` and renamed into place only when complete.
+ReFT interventions are not weights and cannot be merged (load them with
+:func:`preftune.reft.load_reft`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import PreftuneError
+
+__all__ = ["cmd_merge", "merge_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PreftuneError(f"cannot read {str(path)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise PreftuneError(f"{str(path)!r} is not a JSON object")
+    return data
+
+
+def _check_adapter_dir(adapter_dir: Path) -> dict:
+    if not adapter_dir.is_dir():
+        raise PreftuneError(f"adapter folder {str(adapter_dir)!r} not found")
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        if (adapter_dir / "reft_config.json").is_file():
+            raise PreftuneError(
+                f"{str(adapter_dir)!r} holds ReFT interventions, which act on activations at prompt positions and cannot be "
+                "merged into weights; load them with preftune.reft.load_reft"
+            )
+        if (adapter_dir / "config.json").is_file():
+            raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG}); there is nothing to merge")
+        raise PreftuneError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG}; pass the output_dir of a --use_peft run")
+    return _read_json(adapter_dir / ADAPTER_CONFIG)
+
+
+def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PreftuneError(f"--output_dir {str(out)!r} is a file; choose a folder")
+    resolved, adapter = out.resolve(), adapter_dir.resolve()
+    if resolved == adapter or adapter in resolved.parents or resolved in adapter.parents:
+        raise PreftuneError(f"--output_dir {str(out)!r} overlaps the adapter folder; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PreftuneError(f"--output_dir {str(out)!r} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+
+
+def _demo_base(adapter_dir: Path, tokenizer):
+    """The built-in demo's starting model, rebuilt bit for bit from the run's seed."""
+    run_config = adapter_dir / "run_config.json"
+    if not run_config.is_file():
+        return None
+    cfg = _read_json(run_config)
+    if not cfg.get("demo"):
+        return None
+    from .demo import build_demo_model
+
+    seed = int((cfg.get("training") or {}).get("seed", 42))
+    return build_demo_model(len(tokenizer), seed=seed)
+
+
+def _load_tokenizer(adapter_dir: Path, base_name: str | None, trust_remote_code: bool):
+    from .modeling import load_tokenizer
+
+    has_own = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if has_own:
+        return load_tokenizer(str(adapter_dir), trust_remote_code)
+    if base_name is None:
+        raise PreftuneError(f"{str(adapter_dir)!r} has no tokenizer files and names no base model to take them from")
+    return load_tokenizer(base_name, trust_remote_code)
+
+
+def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
+    """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import _is_local, _local_only, hub_error
+
+    dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=_local_only(name))
+    except OSError as e:
+        if _is_local(name):
+            raise PreftuneError(f"cannot load the base model from {name!r}: {str(e).strip().splitlines()[0]}") from None
+        raise hub_error("base model", name, e) from None
+    except ValueError as e:
+        raise PreftuneError(f"cannot load the base model {name!r}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:
+        if _is_local(name):
+            raise
+        raise hub_error("base model", name, e) from None
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: str | None = None, overwrite: bool = False,
+                  torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Merge the adapter in ``adapter_dir`` into its base model and save the result to ``output_dir``."""
+    adapter_dir, out = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
+    if torch_dtype not in DTYPES:
+        raise PreftuneError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
+    adapter_config = _check_adapter_dir(adapter_dir)
+    _check_output(out, adapter_dir, overwrite)
+    base_name = base_model or adapter_config.get("base_model_name_or_path") or None
+    tokenizer = _load_tokenizer(adapter_dir, base_name, trust_remote_code)
+    if base_name is not None:
+        base = _load_base(base_name, torch_dtype, trust_remote_code)
+    else:
+        base = _demo_base(adapter_dir, tokenizer)
+        if base is None:
+            raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
+    from peft import PeftModel
+
+    try:
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r}: {str(e).strip().splitlines()[0]}") from None
+    merged.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any folder
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "preftune_merge.json").write_text(json.dumps({
+            "adapter": str(adapter_dir.resolve()), "base_model_name_or_path": base_name or "built-in demo model",
+            "use_dora": bool(adapter_config.get("use_dora")), "r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
+        }, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)  # empty, or --overwrite given (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cmd_merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="preftune merge",
+        description="Merge a LoRA/DoRA adapter (the output_dir of a --use_peft run) into its base model; "
+        "writes a full model (safetensors + tokenizer) that plain transformers loads.",
+    )
+    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder with adapter_config.json and the adapter weights")
+    parser.add_argument("--output_dir", "--output-dir", required=True, metavar="OUT", help="folder to write the merged model to")
+    parser.add_argument("--base_model", "--base-model", default=None, metavar="PATH", help="base model to merge into (default: base_model_name_or_path in adapter_config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=DTYPES, help="dtype of the merged model (auto: the base checkpoint's)")
+    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the base model's folder")
+    args = parser.parse_args(argv)
+    out = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, args.overwrite, args.torch_dtype, args.trust_remote_code)
+    print(f"merged {args.adapter_dir} into its base model; wrote {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
