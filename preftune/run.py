@@ -5,15 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data import ColumnMap, LoadedData, load_examples, split_eval
+from .data import ColumnMap, load_examples, split_eval
 from .data.formats import normalize_record
 from .data.io import Record
 from .data.tokenize import TokenizeSettings, tokenize_examples

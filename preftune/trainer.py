@@ -13,7 +13,6 @@ Overridden public Trainer methods: ``compute_loss``, ``prediction_step``, ``log`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 

@@ -11,13 +11,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
 LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny models, which gain nothing from intra-op threads; on a busy 2-core machine
+    OpenMP spin-waiting made some modules 5-50x slower. Subprocess tests set their own threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_llama(vocab_size: int = 97, seed: int = 0, attn: str = "sdpa", **overrides):

@@ -35,16 +35,6 @@ NLL_RTOL = 1e-6
 GRAD_RTOL = 1e-4  # parameter gradients, relative to the largest entry of the tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy shared 2-core machine
-    OpenMP spin-waiting made this module 5-50x slower; run it single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # data
 

@@ -30,16 +30,6 @@ TRANSFORMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy shared 2-core machine
-    OpenMP spin-waiting made this module 5-50x slower; run it single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def f64_logps(hidden, weight, targets, bias=None, transform=LogitTransform()):
     """Independent float64 reference (not preftune code)."""
     z = hidden.double() @ weight.double().T

@@ -23,16 +23,6 @@ SIZES = (3, 47, 31, 123)
 EDGE_LOGPS = (-1e-6, -1e-5, -1e-3, -0.01, -math.log(2), -0.7, -1.0, -5.0, -20.0, -50.0, -80.0, -200.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy shared 2-core machine
-    OpenMP spin-waiting made this module 5-50x slower; run it single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def log_sigmoid_ref(z):
     """log sigma(z) = -log(1 + exp(-z)), written without preftune or logsigmoid."""
     return torch.where(z >= 0, -torch.log1p(torch.exp(-z)), z - torch.log1p(torch.exp(z)))

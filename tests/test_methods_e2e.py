@@ -29,15 +29,6 @@ from preftune.modeling import choose_device
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CPU is shared with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def low_vs_high_pairs(n: int, seed: int, id_offset: int = 0) -> list[PairTokens]:
     g = torch.Generator().manual_seed(seed)
 

@@ -20,15 +20,6 @@ from preftune.modeling import apply_peft
 from preftune.trainer import PreferenceTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CPU is shared with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_pairs(n: int, seed: int) -> list[PairTokens]:
     g = torch.Generator().manual_seed(seed)
 

@@ -17,15 +17,6 @@ from preftune.layout import PairTokens, collate_pairs
 from preftune.modeling import choose_device
 from preftune.reference import REF_CACHE_DIR, ModelReference, PrecomputedReference, build_reference
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CPU is shared with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PAD = SimpleNamespace(pad_token_id=0)  # a tokenizer stand-in: build_reference only needs the pad id
 CHOICE = choose_device("float32", "sdpa")
 

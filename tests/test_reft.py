@@ -27,15 +27,6 @@ from preftune.reft import (
 from preftune.trainer import PreferenceTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CPU is shared with other test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_pairs(n: int, seed: int, id_offset: int = 0) -> list[PairTokens]:
     """Prompts of 1-8 tokens (BOS first); chosen from ids 3-49, rejected from 50-96."""
     g = torch.Generator().manual_seed(seed)

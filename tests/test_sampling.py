@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from preftune.sampling import TokenBudgetBatchSampler, token_budget_batches
 
