@@ -76,7 +76,8 @@ def _columns(data_args: DataArguments) -> ColumnMap:
     return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column)
 
 
-def _load_train_eval(data_args: DataArguments, args: PreftuneConfig):
+def load_train_eval(data_args: DataArguments, args: PreftuneConfig):
+    """Training and held-out examples exactly as a run splits them (also used by ``preftune eval``)."""
     loaded = load_examples(
         data_args.dataset_name, data_args.dataset_split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format
     )
@@ -97,7 +98,8 @@ def _load_train_eval(data_args: DataArguments, args: PreftuneConfig):
     return train, evals, loaded
 
 
-def _demo_data():
+def demo_data():
+    """The built-in demo's training and held-out examples, and the held-out raw rows."""
     from .demo import demo_rows
 
     train_rows, eval_rows = demo_rows()
@@ -186,11 +188,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         from .demo import build_demo_model, build_demo_tokenizer
 
         tokenizer = build_demo_tokenizer()
-        train_ex, eval_ex, demo_eval_rows = _demo_data()
+        train_ex, eval_ex, demo_eval_rows = demo_data()
         dataset_label = "built-in demo task (add one / copy)"
     else:
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
-        train_ex, eval_ex, _ = _load_train_eval(data_args, args)
+        train_ex, eval_ex, _ = load_train_eval(data_args, args)
         dataset_label = data_args.dataset_name
     train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data")
     eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)

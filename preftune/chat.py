@@ -1,0 +1,361 @@
+"""``preftune chat MODEL_OR_RUN_DIR``: a multi-turn chat in the terminal.
+
+Prompt formats (``--format``):
+
+``chat``    the tokenizer's own chat template (or ``--chat_template_file``); an error if it has none.
+``chatml``  preftune's default ChatML template, the one ``preftune train`` applies to
+            conversational data when the tokenizer has no template.
+``raw``     the text is sent as typed (after the system prompt and a blank line, as training
+            renders string rows with a system column), one message at a time: a model trained on
+            plain strings (the built-in demo: ``Q: copy 1 2 3 A:``) has no notion of turns.
+``auto``    ``chat`` when the tokenizer has a template; ``raw`` for runs of the built-in demo;
+            otherwise ``chatml``, said once.
+
+Answers stream token by token (a ``transformers.TextStreamer`` subclass). Ctrl-C while the
+model answers stops that answer (what was written is kept in the history); Ctrl-C at the
+prompt discards the line; Ctrl-D or ``/exit`` quits. When the conversation outgrows the
+model's context, the oldest turns are dropped from the prompt (said once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PreftuneError
+
+__all__ = ["cmd_chat", "ChatSession", "FORMATS", "build_parser"]
+
+FORMATS = ("auto", "chat", "chatml", "raw")
+
+HELP = """commands:
+  /clear          forget the conversation (keeps the system prompt)
+  /system TEXT    set the system prompt (/system alone shows it)
+  /save FILE      write the conversation to FILE as JSON
+  /exit           quit (also Ctrl-D)
+Ctrl-C stops an answer while it is being written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preftune chat",
+        description="Chat with a model in the terminal: a run folder of `preftune train` (full model, LoRA adapter "
+        "or ReFT), any save_pretrained folder, or a hub name. Type /help in the chat for its commands.",
+    )
+    p.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="model folder, run folder or hub name")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
+                   help="prompt format: auto (default), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed)")
+    p.add_argument("--chat_template_file", "--chat-template-file", default=None, metavar="FILE", help="Jinja chat template to use instead of the tokenizer's")
+    p.add_argument("--system_prompt", "--system-prompt", default=None, metavar="TEXT", help="system prompt for the conversation")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--do_sample", "--do-sample", action="store_true", help="sample instead of greedy decoding (implied by --temperature or --top_p)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do_sample; 0 means greedy)")
+    p.add_argument("--top_p", "--top-p", type=float, default=None, help="nucleus sampling threshold (implies --do_sample)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
+    return p
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "GenerationSettings":
+        if args.max_new_tokens < 1:
+            raise PreftuneError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+        if args.temperature is not None and args.temperature < 0:
+            raise PreftuneError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+            raise PreftuneError(f"--top_p must be in (0, 1], got {args.top_p}")
+        sample = args.do_sample or args.top_p is not None or (args.temperature is not None and args.temperature > 0)
+        if args.temperature == 0:
+            sample = False
+        return cls(args.max_new_tokens, sample, args.temperature, args.top_p)
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return "greedy"
+        return f"sampling (temperature {self.temperature if self.temperature is not None else 1.0}, top_p {self.top_p if self.top_p is not None else 1.0})"
+
+    def kwargs(self) -> dict:
+        out = {"do_sample": self.do_sample}
+        if self.do_sample:
+            out["temperature"] = self.temperature if self.temperature is not None else 1.0
+            out["top_p"] = self.top_p if self.top_p is not None else 1.0
+            out["top_k"] = 0
+        return out
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_format(fmt: str, tokenizer, is_demo: bool, name: str) -> tuple[str, str | None]:
+    """(format, note to show once or None)."""
+    if fmt == "chat" and not _has_template(tokenizer):
+        raise PreftuneError(
+            f"the tokenizer of {name!r} has no chat template; pass --chat_template_file FILE, "
+            "--format chatml (preftune's default template) or --format raw (text as typed)"
+        )
+    if fmt != "auto":
+        return fmt, None
+    if _has_template(tokenizer):
+        return "chat", None
+    if is_demo:
+        return "raw", "the built-in demo was trained on plain text, so messages are sent as typed (try: Q: add one to 1 2 3 A:)"
+    return "chatml", ("the tokenizer has no chat template; using preftune's default ChatML template (what `preftune train` "
+                      "uses for conversational data). If the model was trained on plain text, restart with --format raw")
+
+
+def _make_streamer(tokenizer, out):
+    """A ``TextStreamer`` that writes each piece of text as it is decoded and keeps it."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.pieces: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                self.pieces.append(text)
+                out.write(text)
+                out.flush()
+
+        def flush_partial(self):
+            """After an interruption: write what was decoded but held back (TextStreamer waits for word ends)."""
+            if self.token_cache:
+                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+                self.on_finalized_text(text[self.print_len:])
+                self.token_cache, self.print_len = [], 0
+
+        @property
+        def text(self) -> str:
+            return "".join(self.pieces)
+
+    return Streamer()
+
+
+@dataclass
+class ChatSession:
+    """The conversation and how it becomes a prompt; generation streams to ``out``."""
+
+    loaded: object  # preftune.pretrained.LoadedModel
+    fmt: str
+    settings: GenerationSettings
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    out: object = sys.stdout
+    prompt_turns: list[dict] = field(default_factory=list)
+    _trim_said: bool = False
+
+    # -- prompt ------------------------------------------------------------------------------
+    def _render(self, turns: list[dict]) -> str:
+        tok = self.loaded.tokenizer
+        if self.fmt == "raw":
+            text = turns[-1]["content"]
+            return f"{self.system}\n\n{text}" if self.system else text
+        from .data.tokenize import DEFAULT_CHAT_TEMPLATE
+
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
+        template = DEFAULT_CHAT_TEMPLATE if self.fmt == "chatml" else None
+        try:
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+        except Exception as e:  # jinja raises its own errors (e.g. "system role not supported")
+            raise PreftuneError(f"the chat template failed: {str(e).strip().splitlines()[0]}") from None
+
+    def _context_limit(self) -> int | None:
+        config = getattr(self.loaded.model, "config", None)
+        return getattr(config, "max_position_embeddings", None)
+
+    def prompt_ids(self, user_text: str) -> tuple[list[int], int]:
+        """Prompt ids for the history plus ``user_text``, and how many new tokens still fit."""
+        from .pretrained import encode_prompt
+
+        turns = ([] if self.fmt == "raw" else self.messages) + [{"role": "user", "content": user_text}]
+        limit = self._context_limit()
+        budget = self.settings.max_new_tokens
+        dropped = 0
+        while True:
+            ids = encode_prompt(self.loaded.tokenizer, self._render(turns))
+            if limit is None or len(ids) + min(budget, 16) <= limit or len(turns) <= 1:
+                break
+            turns = turns[2:]  # the oldest user message and its answer
+            dropped += 1
+        self.prompt_turns = turns  # what the last prompt held
+        if dropped and not self._trim_said:
+            self._trim_said = True
+            self.note(f"(the conversation outgrew the model's {limit}-token context: the oldest turns are left out of the prompt)")
+        if limit is not None and len(ids) >= limit:
+            ids = ids[-(limit - 1):]
+            self.note(f"(message cut to its last {limit - 1} tokens to fit the model's context)")
+        room = budget if limit is None else max(1, min(budget, limit - len(ids)))
+        return ids, room
+
+    def note(self, text: str):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- one turn ----------------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        tok = self.loaded.tokenizer
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.loaded.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, tok.eos_token_id):
+            if isinstance(value, int):
+                ids.append(value)
+            elif isinstance(value, (list, tuple)):
+                ids.extend(int(v) for v in value)
+        if self.fmt == "chatml":
+            end = tok.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(end, int) and end != tok.unk_token_id:
+                ids.append(end)
+        return sorted(set(ids))
+
+    def reply(self, user_text: str) -> tuple[str, bool]:
+        """Stream the model's answer to ``user_text``; returns (answer, interrupted)."""
+        import torch
+
+        ids, room = self.prompt_ids(user_text)
+        device = next(self.loaded.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        streamer = _make_streamer(self.loaded.tokenizer, self.out)
+        tok = self.loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (self._eos_ids() or [0])[0]
+        interrupted = False
+        try:
+            with torch.no_grad():
+                self.loaded.generate_ids(
+                    input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=room,
+                    eos_token_id=self._eos_ids() or None, pad_token_id=pad, streamer=streamer, **self.settings.kwargs(),
+                )
+        except KeyboardInterrupt:
+            interrupted = True
+            streamer.flush_partial()
+        answer = streamer.text.strip()
+        self.out.write(" [stopped]\n" if interrupted else "\n")
+        self.out.flush()
+        if not answer and not interrupted:
+            self.note("(no answer: the model ended the text at once)")
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        return answer, interrupted
+
+    def save(self, path: str, model_name: str) -> tuple[Path, int]:
+        """Write the conversation as JSON; returns (path, number of messages written)."""
+        target = Path(path).expanduser()
+        if target.is_dir():
+            raise PreftuneError(f"/save {path}: is a folder; give a file name, e.g. {path.rstrip('/')}/chat.json")
+        data = {
+            "model": model_name,
+            "format": self.fmt,
+            "system_prompt": self.system,
+            "generation": self.settings.kwargs() | {"max_new_tokens": self.settings.max_new_tokens},
+            "messages": ([{"role": "system", "content": self.system}] if self.system else []) + self.messages,
+        }
+        try:
+            target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise PreftuneError(f"/save {path}: {e.strerror or e}") from None
+        return target, len(data["messages"])
+
+
+def _handle_command(line: str, session: ChatSession, model_name: str) -> bool:
+    """Run a /command; returns False when the chat should end."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/exit", "/quit", "/bye"):
+        return False
+    if cmd == "/help":
+        session.note(HELP)
+    elif cmd == "/clear":
+        session.messages.clear()
+        session._trim_said = False
+        session.note("(conversation cleared)")
+    elif cmd == "/system":
+        if arg:
+            session.system = arg
+            session.note("(system prompt set)")
+        else:
+            session.note(f"(system prompt: {session.system!r})" if session.system else "(no system prompt; /system TEXT sets one)")
+    elif cmd == "/save":
+        if not arg:
+            session.note("usage: /save FILE")
+        else:
+            try:
+                path, count = session.save(arg, model_name)
+                session.note(f"(saved {count} messages to {path})")
+            except PreftuneError as e:
+                session.note(f"error: {e}")
+    else:
+        session.note(f"unknown command {cmd}; /help lists the commands")
+    return True
+
+
+def _read_line(prompt: str) -> str:
+    return input(prompt)
+
+
+def chat_loop(session: ChatSession, model_name: str, read=_read_line) -> int:
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            session.note("")
+            return 0
+        except KeyboardInterrupt:
+            session.note("^C (/exit or Ctrl-D quits)")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _handle_command(line, session, model_name):
+                return 0
+            continue
+        session.reply(line)
+        session.note("")
+
+
+def cmd_chat(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings = GenerationSettings.from_args(args)
+    if args.chat_template_file and not Path(args.chat_template_file).is_file():
+        raise PreftuneError(f"--chat_template_file {args.chat_template_file!r} not found")
+    from .pretrained import quiet_transformers
+
+    with quiet_transformers():
+        return _chat(args, settings)
+
+
+def _chat(args, settings: GenerationSettings) -> int:
+    from .pretrained import load_pretrained
+
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    loaded = load_pretrained(args.model, args.torch_dtype, args.trust_remote_code, args.chat_template_file)
+    fmt, note = resolve_format(args.fmt, loaded.tokenizer, loaded.is_demo, args.model)
+    session = ChatSession(loaded, fmt, settings, system=args.system_prompt)
+    if fmt == "chat":
+        session._render([{"role": "user", "content": "hi"}])  # a broken template fails now, in one line
+    what = loaded.kind + (f", {', '.join(loaded.notes)}" if loaded.notes else "")
+    session.note(f"preftune chat: {args.model} ({what}); {fmt} format, {settings.describe()}, up to {settings.max_new_tokens} new tokens")
+    if note:
+        session.note(note)
+    session.note("type a message and press Enter; /help lists commands, /exit or Ctrl-D quits\n")
+    if sys.stdin.isatty():
+        try:
+            importlib.import_module("readline")  # gives input() line editing and history
+        except ImportError:
+            pass
+    return chat_loop(session, args.model)

@@ -1,0 +1,290 @@
+"""Loading what a run saved, for inference (``preftune chat`` and ``preftune eval``).
+
+A model argument may be:
+
+* a folder with ``config.json``: a full model (``preftune train`` without ``--use_peft``, or
+  any ``save_pretrained`` folder);
+* a folder with ``adapter_config.json``: a LoRA/DoRA adapter; its base model is loaded and the
+  adapter merged into it (the demo's base, built in code, is rebuilt from the run's seed);
+* a folder with ``reft_config.json``: ReFT interventions, loaded on their base model through
+  :mod:`preftune.reft` when that module is installed;
+* a hub name (fails in one line when the hub cannot be reached).
+
+:func:`load_base` loads the model a run *started from* (``--compare base``): the base of an
+adapter or ReFT folder, the ``model_name_or_path`` of a full-model run, or, for the built-in
+demo, the randomly initialised demo model rebuilt with the run's seed (bit for bit the weights
+training started from). The run's own tokenizer is used for the base, so both models see the
+same tokens and chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PreftuneError
+
+__all__ = ["LoadedModel", "load_pretrained", "load_base", "read_run_config", "model_kind", "check_model_arg", "encode_prompt", "quiet_transformers"]
+
+RUN_CONFIG_FILE = "run_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+REFT_CONFIG = "reft_config.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what the commands need to describe it."""
+
+    model: object
+    tokenizer: object
+    label: str  # how tables and files name it (the argument as given, or "base (...)")
+    kind: str  # "full model", "LoRA adapter", "ReFT", "built-in demo model"
+    folder: Path | None  # local folder it was loaded from (None: hub or built in code)
+    run_config: dict | None = None  # run_config.json of the run, when there is one
+    generate: object = None  # ReFT: callable(input_ids, **generate_kwargs) -> ids; else None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_demo(self) -> bool:
+        return bool(self.run_config and self.run_config.get("demo"))
+
+    def generate_ids(self, input_ids, **kwargs):
+        """``model.generate`` (or the ReFT generation helper) on ``(1, T)`` prompt ids."""
+        if self.generate is not None:
+            return self.generate(input_ids, **kwargs)
+        return self.model.generate(input_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No weight-loading progress bars or advisory warnings while an interactive command runs.
+
+    A context manager that restores transformers' verbosity, its progress bars and the warning
+    filters afterwards (the commands also run in-process, e.g. from tests).
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        # deprecation notices from transformers/peft internals are for developers, not chat users
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_run_config(folder: str | Path | None) -> dict | None:
+    """``run_config.json`` of a ``preftune train`` output folder, or None."""
+    if folder is None:
+        return None
+    return _read_json(Path(folder) / RUN_CONFIG_FILE)
+
+
+def model_kind(folder: Path) -> str | None:
+    """"ReFT", "LoRA adapter" or "full model" from the files in ``folder``; None if no model."""
+    if (folder / REFT_CONFIG).is_file():
+        return "ReFT"
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "LoRA adapter"
+    if (folder / "config.json").is_file():
+        return "full model"
+    return None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _no_model_error(folder: Path) -> PreftuneError:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    msg = f"{str(folder)!r} holds no saved model (no config.json, adapter_config.json or reft_config.json)"
+    if checkpoints:
+        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[-1])!r}")
+    if (folder / RUN_CONFIG_FILE).is_file():
+        return PreftuneError(f"{msg}; the run in it did not finish (no model was saved)")
+    return PreftuneError(f"{msg}; pass the output folder of `preftune train` or a save_pretrained folder")
+
+
+def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
+    from .config import ModelArguments
+
+    return ModelArguments(model_name_or_path=name, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None):
+    """The tokenizer saved with the run; else the base model's."""
+    from .modeling import load_tokenizer
+
+    if isinstance(primary, Path) and not any((primary / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if fallback is None:
+            raise PreftuneError(f"{str(primary)!r} has no tokenizer files and names no base model to take them from")
+        primary = fallback
+    return load_tokenizer(str(primary), trust_remote_code, chat_template_file)
+
+
+def _demo_init_model(tokenizer, run_config: dict | None):
+    from .demo import build_demo_model
+
+    seed = int(((run_config or {}).get("training") or {}).get("seed", 42))
+    return build_demo_model(len(tokenizer), seed=seed)
+
+
+def _load_full(name: str, torch_dtype: str, trust_remote_code: bool):
+    from .modeling import choose_device, load_model
+
+    choice = choose_device(torch_dtype)
+    return load_model(name, _model_args(name, torch_dtype, trust_remote_code), choice)
+
+
+def _base_name(folder: Path, kind: str, run_config: dict | None) -> str | None:
+    """The base model of an adapter/ReFT folder (None for the built-in demo)."""
+    if run_config and run_config.get("demo"):
+        return None
+    if run_config and (run_config.get("model") or {}).get("model_name_or_path"):
+        return run_config["model"]["model_name_or_path"]
+    cfg = _read_json(folder / (ADAPTER_CONFIG if kind == "LoRA adapter" else REFT_CONFIG)) or {}
+    for key in ("base_model_name_or_path", "base_model", "model_name_or_path"):
+        if cfg.get(key):
+            return str(cfg[key])
+    return None
+
+
+def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str, trust_remote_code: bool):
+    base = _base_name(folder, kind, run_config)
+    if base is None:
+        if run_config and run_config.get("demo"):
+            return _demo_init_model(tokenizer, run_config), "built-in demo model"
+        raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG if kind == 'LoRA adapter' else REFT_CONFIG})")
+    return _load_full(base, torch_dtype, trust_remote_code), base
+
+
+def _finish(model):
+    from .modeling import choose_device
+
+    model.to(choose_device().device)
+    model.eval()
+    return model
+
+
+def check_model_arg(name: str) -> Path | None:
+    """Fail early, in one line, on a model argument that cannot be loaded; the folder or None (hub)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise PreftuneError(f"{name!r} is a file; pass the folder that holds the model")
+    if not path.exists():
+        if _looks_like_path(name):
+            raise PreftuneError(f"model folder {name!r} not found")
+        return None
+    if model_kind(path) is None:
+        raise _no_model_error(path)
+    return path
+
+
+def load_pretrained(
+    name: str,
+    torch_dtype: str = "auto",
+    trust_remote_code: bool = False,
+    chat_template_file: str | None = None,
+    label: str | None = None,
+) -> LoadedModel:
+    """Load ``name`` (run folder, adapter folder, ReFT folder or hub name) for inference."""
+    path = check_model_arg(name)
+    if path is None:
+        tokenizer = _load_tokenizer(name, None, trust_remote_code, chat_template_file)
+        model = _load_full(name, torch_dtype, trust_remote_code)
+        return LoadedModel(_finish(model), tokenizer, label or name, "full model", None)
+    kind = model_kind(path)
+    run_config = read_run_config(path)
+    base = _base_name(path, kind, run_config) if kind != "full model" else None
+    tokenizer = _load_tokenizer(path, base, trust_remote_code, chat_template_file)
+    if kind == "full model":
+        model = _load_full(str(path), torch_dtype, trust_remote_code)
+        return LoadedModel(_finish(model), tokenizer, label or name, kind, path, run_config)
+    base_model, base_label = _base_model(path, kind, tokenizer, run_config, torch_dtype, trust_remote_code)
+    if kind == "LoRA adapter":
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base_model, str(path)).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise PreftuneError(f"cannot load the LoRA adapter in {name!r} on {base_label!r}: {str(e).strip().splitlines()[0]}") from None
+        return LoadedModel(_finish(model), tokenizer, label or name, kind, path, run_config, notes=[f"base model: {base_label}"])
+    return _load_reft(path, base_model, base_label, tokenizer, run_config, label or name)
+
+
+def _load_reft(path: Path, base_model, base_label: str, tokenizer, run_config, label: str) -> LoadedModel:
+    import importlib
+
+    try:
+        reft = importlib.import_module("preftune.reft")
+    except ModuleNotFoundError as e:
+        if e.name != "preftune.reft":
+            raise
+        reft = None
+    if reft is None or not (hasattr(reft, "load_reft") and hasattr(reft, "reft_generate")):
+        raise PreftuneError(f"{str(path)!r} holds ReFT interventions, but this preftune has no ReFT support (preftune.reft); update preftune")
+    _finish(base_model)
+    model = _finish(reft.load_reft(str(path), base_model))
+    # plain model.generate would skip the interventions: they act on the prompt inside reft_generate
+    generate = functools.partial(reft.reft_generate, model)
+    return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, generate=generate, notes=[f"base model: {base_label}"])
+
+
+def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None) -> LoadedModel:
+    """The model the run in ``name`` started from, with the run's tokenizer (``--compare base``)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise PreftuneError(f"--compare base needs MODEL to be a local run folder; {name!r} is not a folder")
+    kind = model_kind(path)
+    if kind is None:
+        raise _no_model_error(path)
+    run_config = read_run_config(path)
+    if kind == "full model":
+        if run_config is None:
+            raise PreftuneError(f"--compare base: {name!r} has no {RUN_CONFIG_FILE}, so its base model is unknown; pass --compare BASE_MODEL")
+        base = None if run_config.get("demo") else (run_config.get("model") or {}).get("model_name_or_path")
+    else:
+        base = _base_name(path, kind, run_config)
+    tokenizer = _load_tokenizer(path, base, trust_remote_code, chat_template_file)
+    if base is None:
+        if not (run_config and run_config.get("demo")):
+            raise PreftuneError(f"--compare base: cannot tell the base model of {name!r}; pass --compare BASE_MODEL")
+        model = _demo_init_model(tokenizer, run_config)
+        return LoadedModel(_finish(model), tokenizer, "base (demo init)", "built-in demo model", None, run_config)
+    model = _load_full(base, torch_dtype, trust_remote_code)
+    return LoadedModel(_finish(model), tokenizer, f"base ({base})", "full model", None, run_config)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt, with BOS exactly as training adds it.
+
+    Same rule as :func:`preftune.data.tokenize.tokenize_examples`: encode without special
+    tokens, then prepend BOS when the tokenizer adds one to plain text and the text does not
+    already start with it (chat templates often write BOS themselves).
+    """
+    from .data.tokenize import _bos_policy
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = _bos_policy(tokenizer)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids

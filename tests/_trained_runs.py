@@ -1,0 +1,43 @@
+"""A short demo run shared by the after-training tests (chat, eval, report).
+
+Trained once per test session through the real CLI (``preftune train``, the built-in demo, 60
+steps) and cached here, so test_chat, test_evaluate and test_report do not each train their own.
+Tests that write into a run folder copy it first (:func:`copy_run`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+DEMO_STEPS = 60
+_cache: dict[str, Path] = {}
+
+
+def demo_run(tmp_path_factory) -> Path:
+    """Output folder of ``preftune train --max_steps 60`` (the built-in demo), trained once."""
+    if "demo" not in _cache:
+        from unittest import mock
+
+        from preftune.cli import main
+
+        out = tmp_path_factory.mktemp("demo_run")
+        # The demo's before/after table greedily decodes 64 prompts twice, half the run's time on
+        # a busy CPU; these tests never read it.
+        skip_table = mock.patch("preftune.demo.evaluate_demo", return_value={"preference_accuracy": 0.0, "generation_accuracy": 0.0})
+        with skip_table:
+            assert main(["train", "--output_dir", str(out), "--max_steps", str(DEMO_STEPS), "--disable_tqdm", "true"]) == 0
+        _cache["demo"] = out
+    return _cache["demo"]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def demo_eval_rows() -> list[dict]:
+    """The demo's 64 held-out rows (what its training evaluated on)."""
+    from preftune.demo import demo_rows
+
+    return demo_rows()[1]

@@ -1,0 +1,223 @@
+"""``preftune chat``: the real command in a pseudo-terminal, and the session logic in process.
+
+The reference answer is always a plain ``model.generate`` (greedy) on the same prompt, so the
+chat is checked to print exactly what the model writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from _trained_runs import demo_run
+from preftune.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return demo_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    from preftune.pretrained import load_pretrained
+
+    return load_pretrained(str(run))
+
+
+def greedy(run, prompt: str, max_new_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run))
+    model = AutoModelForCausalLM.from_pretrained(str(run)).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class Recorder:
+    """A stand-in for stdout that keeps every write separately."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(self.writes)
+
+
+def session(loaded, fmt="raw", max_new_tokens=12, system=None):
+    from preftune.chat import ChatSession, GenerationSettings
+
+    return ChatSession(loaded, fmt, GenerationSettings(max_new_tokens=max_new_tokens), system=system, out=Recorder())
+
+
+def test_chat_in_a_terminal(run, tmp_path):
+    """Type a message, read the streamed answer, Ctrl-C at the prompt, /system, /save, Ctrl-D."""
+    pexpect = pytest.importorskip("pexpect")
+    question = "Q: add one to 1 2 3 A:"
+    expected = greedy(run, question, max_new_tokens=8)
+    assert expected, "the 60-step demo model should answer something"
+    env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    child = pexpect.spawn(sys.executable, ["-m", "preftune", "chat", str(run), "--max_new_tokens", "8"],
+                          env=env, encoding="utf-8", timeout=180, dimensions=(40, 200))
+    try:
+        child.expect("raw format")  # a demo run is chatted with as plain text, said once
+        child.expect("trained on plain text")
+        child.expect(">>> ")
+        child.sendline(question)
+        child.expect_exact(question)  # the terminal's echo
+        child.expect(">>> ")
+        assert child.before.strip() == expected
+        child.sendintr()  # Ctrl-C at the prompt discards the line, does not quit
+        child.expect("Ctrl-D quits")
+        child.expect(">>> ")
+        child.sendline("/system answer briefly")
+        child.expect_exact("(system prompt set)")
+        saved = tmp_path / "conversation.json"
+        child.sendline(f"/save {saved}")
+        child.expect_exact("(saved 3 messages to")
+        child.expect(">>> ")
+        child.sendeof()  # Ctrl-D
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    data = json.loads(saved.read_text())
+    assert data["messages"] == [
+        {"role": "system", "content": "answer briefly"},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": expected},
+    ]
+    assert data["format"] == "raw" and data["generation"]["do_sample"] is False
+
+
+def test_answer_streams_word_by_word(run, loaded):
+    s = session(loaded)
+    answer, interrupted = s.reply("Q: copy 4 5 6 7 A:")
+    assert not interrupted
+    assert answer == greedy(run, "Q: copy 4 5 6 7 A:", 12)
+    pieces = [w for w in s.out.writes if w.strip()]
+    # the word-level demo tokenizer releases each word as soon as the next one starts
+    assert len(pieces) == len(answer.split()) >= 2, s.out.writes
+    assert s.messages[-1] == {"role": "assistant", "content": answer}
+
+
+def test_ctrl_c_during_an_answer_keeps_what_was_written(loaded):
+    tok = loaded.tokenizer
+
+    def interrupted_generate(input_ids, streamer=None, **kwargs):
+        streamer.put(input_ids[0])  # the prompt (skipped by the streamer)
+        for word in ("7", "8", "9"):
+            streamer.put(torch.tensor([tok.convert_tokens_to_ids(word)]))
+        raise KeyboardInterrupt
+
+    s = session(dataclasses.replace(loaded, generate=interrupted_generate))
+    answer, interrupted = s.reply("Q: copy 7 8 9 A:")
+    assert interrupted and answer == "7 8 9"
+    assert s.out.text.rstrip().endswith("[stopped]")
+    assert s.messages[-1]["content"] == "7 8 9"
+
+
+def test_chat_format_keeps_history_and_trims_it_to_the_context(loaded):
+    from preftune.pretrained import encode_prompt
+
+    s = session(loaded, fmt="chatml", system="be exact")
+    s.messages += [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"}]
+    text = s._render(s.messages + [{"role": "user", "content": "second"}])
+    assert text == ("<|im_start|>system\nbe exact<|im_end|>\n<|im_start|>user\nfirst question<|im_end|>\n"
+                    "<|im_start|>assistant\nfirst answer<|im_end|>\n<|im_start|>user\nsecond<|im_end|>\n<|im_start|>assistant\n")
+    # the demo model has 64 positions: a long history is cut from the oldest turn
+    s.messages = []
+    for i in range(6):
+        s.messages += [{"role": "user", "content": f"copy {i} " * 4}, {"role": "assistant", "content": f"{i} " * 4}]
+    ids, room = s.prompt_ids("copy 9 9 ")  # (trailing space: the word-level demo tokenizer splits on spaces)
+    assert len(ids) + room <= 64 and room >= 1
+    kept = loaded.tokenizer.decode(ids)
+    assert "copy 9 9" in kept and "copy 5" in kept and "copy 0" not in kept
+    history = s.messages + [{"role": "user", "content": "copy 9 9 "}]
+    turns = s.prompt_turns
+    assert turns[0]["role"] == "user" and turns == history[-len(turns):]
+    # the longest such suffix: one more turn back (a user message and its answer) leaves no room to answer
+    one_more = history[-(len(turns) + 2):]
+    assert len(encode_prompt(loaded.tokenizer, s._render(one_more))) + s.settings.max_new_tokens > 64
+
+
+def test_commands_and_exit(loaded, tmp_path):
+    from preftune.chat import chat_loop
+
+    s = session(loaded)
+    script = iter(["/help", "/system", "/nope", "/save", f"/save {tmp_path}", "/clear", "/exit", "never read"])
+
+    def read(prompt):
+        return next(script)
+
+    assert chat_loop(s, "m", read) == 0
+    out = s.out.text
+    assert "/clear" in out and "no system prompt" in out and "unknown command /nope" in out
+    assert "usage: /save FILE" in out and "is a folder" in out and "(conversation cleared)" in out
+    assert next(script) == "never read"  # /exit ended the loop
+
+    def eof(prompt):
+        raise EOFError
+
+    assert chat_loop(session(loaded), "m", eof) == 0
+
+
+def _one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "kernels-community" not in line]
+    assert len(err) == 1 and err[0].startswith("preftune: error: "), err
+    return err[0]
+
+
+def test_chat_errors_are_one_line(run, tmp_path, capsys):
+    assert main(["chat", str(tmp_path / "missing")]) == 2
+    assert "not found" in _one_line_error(capsys)
+    assert main(["chat", str(tmp_path)]) == 2
+    assert "holds no saved model" in _one_line_error(capsys)
+    assert main(["chat", str(run), "--format", "chat"]) == 2
+    assert "no chat template" in _one_line_error(capsys)
+    assert main(["chat", str(run), "--top_p", "0"]) == 2
+    assert "--top_p" in _one_line_error(capsys)
+
+
+def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run, tmp_path):
+    reft = pytest.importorskip("preftune.reft")
+    from transformers import AutoTokenizer
+
+    from preftune.demo import build_demo_model
+    from preftune.pretrained import load_pretrained
+
+    tok = AutoTokenizer.from_pretrained(str(run))
+    seed = json.loads((run / "run_config.json").read_text())["training"]["seed"]
+    model = build_demo_model(len(tok), seed=seed).eval()
+    interventions = reft.add_interventions(model, reft.ReftConfig(layers=[0, 1], rank=2, positions="l1", share_weights=True, hidden_size=64), trainable=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in interventions.interventions.values():
+            module.source.bias.normal_(0, 3.0)  # not the identity
+    folder = tmp_path / "reft"
+    reft.save_reft(model, folder)
+    tok.save_pretrained(str(folder))
+    (folder / "run_config.json").write_text((run / "run_config.json").read_text())
+
+    loaded = load_pretrained(str(folder))
+    assert loaded.kind == "ReFT" and loaded.generate is not None
+    ids = torch.tensor([loaded.tokenizer("Q: copy 1 2 A:").input_ids])
+    want = reft.reft_generate(model, ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    s = session(loaded, max_new_tokens=6)
+    answer, _ = s.reply("Q: copy 1 2 A:")
+    assert answer == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()
