@@ -167,11 +167,11 @@ def _attention_mask_for(
     return {"full_attention": convert(mask), "sliding_attention": convert(sliding)}
 
 
-def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0) -> torch.Tensor:
     head = spec.head
     # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
     if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
-        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size)
+        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb)
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
     pieces = []
@@ -205,7 +205,7 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
 _WRAPPER_CLASS_NAMES = {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "DataParallel"}
 
 
-def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0):
     """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
 
     When ``model`` is a distributed wrapper (DDP, FSDP, DeepSpeed), the computation runs *inside*
@@ -217,17 +217,17 @@ def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_S
     inner = getattr(model, "module", None)
     if type(model).__name__ in _WRAPPER_CLASS_NAMES and isinstance(inner, nn.Module):
         def engine_forward(*_args, **_kwargs):
-            return _token_logps_local(inner, batch, chunk_size)
+            return _token_logps_local(inner, batch, chunk_size, cache_mb)
 
         inner.forward = engine_forward  # instance attribute shadows the class's forward
         try:
             return model()
         finally:
             del inner.forward
-    return _token_logps_local(model, batch, chunk_size)
+    return _token_logps_local(model, batch, chunk_size, cache_mb)
 
 
-def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int):
+def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float = 0.0):
     config = getattr(_unwrap(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
@@ -250,7 +250,7 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int):
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
-        logps = _head_logps(spec, selected, batch["score_target"], chunk_size)
+        logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
     else:
         dtype = next(model.parameters()).dtype
         kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
@@ -285,7 +285,10 @@ def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> Se
     )
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
-    """Run ``model`` on a collated batch and return per-sequence log-prob statistics."""
-    logps, aux = token_logps(model, batch, chunk_size)
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0) -> SequenceLogps:
+    """Run ``model`` on a collated batch and return per-sequence log-prob statistics.
+
+    ``cache_mb``: see :func:`preftune.logprobs.chunked_token_logps` (trade memory for one matmul).
+    """
+    logps, aux = token_logps(model, batch, chunk_size, cache_mb)
     return reduce_sequence_logps(batch, logps, aux)

@@ -11,7 +11,8 @@ Two layouts produce the *same* per-sequence log-probs (tested to 1e-5):
     prompt and to earlier rejected tokens but never to chosen tokens, and their position ids
     continue from the end of the prompt, so every rejected token sees exactly the context it
     has in the padded layout. Segments are packed block-diagonally into rows of at most
-    ``row_budget`` tokens (first-fit decreasing), with padding only at the end of a row.
+    ``row_budget`` tokens (first-fit decreasing), with padding only at the end of a row; by
+    default the budget minimises a cost model of padding versus attention (``choose_row_budget``).
     The attention mask is an explicit ``(R, 1, T, T)`` boolean tensor (True = may attend).
 
 Both layouts describe the tokens to score the same way, as flat indices into the
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "PreferenceCollator"]
+__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "choose_row_budget", "attention_cost_for", "PreferenceCollator"]
 
 LAYOUTS = ("packed", "padded")
 
@@ -76,6 +77,49 @@ def pack_segments(lengths: list[int], row_budget: int) -> list[list[int]]:
             rows.append([i])
             free.append(row_budget - lengths[i])
     return rows
+
+
+MAX_AUTO_ROW_TOKENS = 8192  # the (T, T) mask and attention scores stay modest
+
+
+def choose_row_budget(lengths: list[int], attention_cost: float) -> int:
+    """Row budget minimising the modelled cost of a packed batch.
+
+    With a dense ``(T, T)`` mask, a batch of ``R`` rows padded to ``T`` tokens costs about
+    ``R * T * (1 + attention_cost * T)`` (linear layers per token, plus attention per
+    query-key pair relative to them; see :func:`attention_cost_for`). Few long rows waste no
+    padding but pay more attention; many short rows the reverse. Candidates: the longest pair,
+    and the total split evenly into ``k`` rows, for every ``k``.
+    """
+    longest, total = max(lengths), sum(lengths)
+    candidates = {longest} | {max(longest, -(-total // k)) for k in range(1, len(lengths) + 1)}
+    best, best_cost = longest, float("inf")
+    for budget in sorted(candidates):
+        if budget > max(MAX_AUTO_ROW_TOKENS, longest):
+            continue
+        rows = pack_segments(lengths, budget)
+        t = max(sum(lengths[i] for i in row) for row in rows)
+        cost = len(rows) * t * (1.0 + attention_cost * t)
+        if cost < best_cost:
+            best, best_cost = budget, cost
+    return best
+
+
+def attention_cost_for(config) -> float | None:
+    """Cost of one attended query-key pair relative to one token's linear layers, per layer.
+
+    Linear layers: ``2 (2 H^2 + 2 H H_kv + 3 H I)`` FLOPs per token (q, o, k, v, gated MLP);
+    attention with a dense mask: ``4 H`` per query-key pair (scores and weighted values).
+    None when the config lacks the sizes (the layout then packs by the longest pair).
+    """
+    h = getattr(config, "hidden_size", None)
+    inter = getattr(config, "intermediate_size", None)
+    if not h or not inter:
+        return None
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    h_kv = h * kv_heads / heads
+    return 4.0 * h / (2.0 * (2 * h * h + 2 * h * h_kv + 3 * h * inter))
 
 
 @dataclass
@@ -136,10 +180,13 @@ def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool) ->
     }
 
 
-def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, row_budget: int | None) -> dict:
+def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, row_budget: int | None, attention_cost: float | None = None) -> dict:
     b = len(pairs)
     lengths = [p.packed_length for p in pairs]
-    budget = max(max(lengths), row_budget or 0)
+    if row_budget is None and attention_cost is not None:
+        budget = choose_row_budget(lengths, attention_cost)
+    else:
+        budget = max(max(lengths), row_budget or 0)
     rows = pack_segments(lengths, budget)
     t = max(sum(lengths[i] for i in row) for row in rows)
     n_rows = len(rows)
@@ -195,8 +242,13 @@ def collate_pairs(
     layout: str = "packed",
     score_prompt: bool = False,
     row_budget: int | None = None,
+    attention_cost: float | None = None,
 ) -> dict:
     """Build model inputs for ``pairs``; see the module docstring for the returned keys.
+
+    ``row_budget`` fixes the packed row length; otherwise, given the model's ``attention_cost``
+    (:func:`attention_cost_for`), the budget is chosen by :func:`choose_row_budget`, and without
+    it rows are as long as the longest pair.
 
     Extra keys: ``num_pairs`` (int), ``example_ids`` ``(B,)``, ``num_tokens`` (real tokens fed
     to the model), ``num_nll_tokens`` (tokens in the chosen NLL), ``layout`` (str).
@@ -204,7 +256,7 @@ def collate_pairs(
     if not pairs:
         raise ValueError("cannot collate an empty batch")
     if layout == "packed":
-        batch = _collate_packed(pairs, pad_id, score_prompt, row_budget)
+        batch = _collate_packed(pairs, pad_id, score_prompt, row_budget, attention_cost)
     elif layout == "padded":
         batch = _collate_padded(pairs, pad_id, score_prompt)
     else:
@@ -228,6 +280,7 @@ class PreferenceCollator:
     layout: str = "packed"
     score_prompt: bool = False
     row_budget: int | None = None
+    attention_cost: float | None = None
 
     def __call__(self, pairs: list[PairTokens]) -> dict:
-        return collate_pairs(pairs, self.pad_id, self.layout, self.score_prompt, self.row_budget)
+        return collate_pairs(pairs, self.pad_id, self.layout, self.score_prompt, self.row_budget, self.attention_cost)

@@ -63,27 +63,56 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z, tf.apply(z)
 
 
+def _logits_into(dst: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tf: LogitTransform) -> torch.Tensor:
+    """Write ``transform(h @ weight.T + bias)`` into ``dst`` ``(c, V)`` in place (no new (c, V) tensor)."""
+    torch.mm(h, weight.t(), out=dst)
+    if bias is not None:
+        dst.add_(bias)
+    if tf.scale != 1.0:
+        dst.mul_(tf.scale)
+    if tf.softcap is not None:
+        dst.div_(tf.softcap).tanh_().mul_(tf.softcap)
+    return dst
+
+
+def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
+    """Turn ``logits`` ``(c, V)`` into softmax probabilities in place; return logsumexp ``(c,)``."""
+    m = logits.amax(dim=1, keepdim=True)
+    logits.sub_(m).exp_()
+    total = logits.sum(dim=1, keepdim=True)
+    logits.div_(total)
+    return total.log_().add_(m).squeeze(1)
+
+
 class ChunkedLinearLogProbs(torch.autograd.Function):
     """Autograd function: ``(h (N,H), W (V,H), b (V,)|None, y (N,)) -> logp (N,)``, chunked.
 
     Computation is done in float32 for numerical safety when inputs are bf16/fp16 (the logits
     of a 32k-256k vocabulary in bf16 lose the log-prob's third digit); results are cast back.
+
+    Memory: one reusable ``(chunk, V)`` float32 buffer, softmax computed in place. When
+    ``cache_probs`` is set (the caller checked ``N x V`` fits its budget), the forward keeps the
+    ``(N, V)`` softmax so the backward skips recomputing the logits (one matmul of three saved).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size):  # noqa: D401
-        n = hidden.shape[0]
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False):  # noqa: D401
+        n, vocab = hidden.shape[0], weight.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
         w = weight.float()
         b = bias.float() if bias is not None else None
+        probs = torch.empty(n, vocab, dtype=torch.float32, device=hidden.device) if cache_probs else None
+        buf = None if cache_probs else torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            _, logits = _chunk_logits(hidden[start:end].float(), w, b, transform)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            dst = probs[start:end] if cache_probs else buf[: end - start]
+            _logits_into(dst, hidden[start:end].float(), w, b, transform)
+            target_logit = dst.gather(1, targets[start:end, None]).squeeze(1)
+            lse = _softmax_inplace(dst)
+            out[start:end] = target_logit - lse
             lse_all[start:end] = lse
-        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all, probs)
         ctx.transform = transform
         ctx.chunk_size = chunk_size
         ctx.has_bias = bias is not None
@@ -91,7 +120,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
         tf: LogitTransform = ctx.transform
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         w = weight.float()
@@ -100,23 +129,45 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros_like(b) if need_b else None
         g_all = grad_out.float()
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        buf = None if probs is not None and tf.is_identity else torch.empty(min(ctx.chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
             h = hidden[start:end].float()
             g = g_all[start:end]  # (c,)
-            z, logits = _chunk_logits(h, w, b, tf)
-            # d logp / d l = onehot(y) - softmax(l), times upstream grad g
-            grad_l = torch.exp(logits - lse_all[start:end, None]).mul_(-g[:, None])  # (c, V)
-            grad_l.scatter_add_(1, targets[start:end, None], g[:, None])
-            # chain through transform: l = softcap(scale * z)
-            if tf.softcap is not None:
-                t = torch.tanh(z * tf.scale / tf.softcap)
-                grad_l = grad_l * (1 - t * t)
+            y = targets[start:end]
+            if probs is not None:
+                p = probs[start:end]
+            else:  # recompute the softmax of this chunk into the buffer
+                p = _logits_into(buf[: end - start], h, w, b, tf).sub_(lse_all[start:end, None]).exp_()
+            if tf.is_identity:
+                # d logp_n / d l = onehot(y_n) - p_n. Factored so no (c, V) elementwise pass is needed:
+                #   grad_h = g * (W[y] - p W),   grad_W = -p^T (g h) + sum_n g_n e_{y_n} h_n^T,   grad_b = -p^T g + scatter(g)
+                gh = h * g[:, None]  # (c, H)
+                if need_h:
+                    out = grad_h[start:end]
+                    torch.mm(p, w, out=out)
+                    out.neg_().add_(w.index_select(0, y)).mul_(g[:, None])
+                if need_w:
+                    grad_w.addmm_(p.t(), gh, alpha=-1.0)
+                    grad_w.index_add_(0, y, gh)
+                if need_b:
+                    grad_b.sub_(p.t().mv(g))
+                    grad_b.index_add_(0, y, g)
+                continue
+            # scaled / soft-capped logits: the chain rule is elementwise over the vocabulary
+            grad_l = torch.mul(p, -g[:, None], out=p if probs is None else None)  # (c, V)
+            grad_l.scatter_add_(1, y[:, None], g[:, None])
+            if tf.softcap is not None:  # l = cap * tanh(scale z / cap): d l / d (scale z) = 1 - tanh^2
+                z = torch.mm(h, w.t())
+                if b is not None:
+                    z.add_(b)
+                t = z.mul_(tf.scale / tf.softcap).tanh_()
+                grad_l.mul_(t.mul_(t).neg_().add_(1.0))
             if tf.scale != 1.0:
-                grad_l = grad_l * tf.scale
+                grad_l.mul_(tf.scale)
             if need_h:
-                grad_h[start:end] = grad_l @ w
+                torch.mm(grad_l, w, out=grad_h[start:end])
             if need_w:
                 grad_w.addmm_(grad_l.t(), h)
             if need_b:
@@ -125,6 +176,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
+            None,
             None,
             None,
             None,
@@ -138,16 +190,21 @@ def chunked_token_logps(
     bias: torch.Tensor | None = None,
     transform: LogitTransform = LogitTransform(),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cache_mb: float = 0.0,
 ) -> torch.Tensor:
     """Log-prob of ``targets`` ``(N,)`` under ``transform(hidden @ weight.T + bias)``; returns ``(N,)`` float32.
 
     With gradients disabled (evaluation, reference models) this runs the forward loop only.
+    ``cache_mb``: when gradients are needed and the ``(N, V)`` float32 softmax fits in this many
+    MiB, keep it from the forward instead of recomputing the logits in the backward.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    cache = needs_grad and hidden.shape[0] * weight.shape[0] * 4 <= cache_mb * 2**20
+    return ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache)
 
 
 def reference_token_logps(

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
 from .engine import _unwrap, sequence_logps
-from .layout import PairTokens, PreferenceCollator
+from .layout import PairTokens, PreferenceCollator, attention_cost_for
 from .objective import Window, compute_objective, nll_weight
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class PreferenceTrainer(Trainer):
             layout=args.batch_layout,
             score_prompt=args.nll_on_prompt,
             row_budget=args.row_budget,
+            attention_cost=attention_cost_for(getattr(_unwrap(model), "config", None)),
         )
         if args.disable_dropout:
             for module in model.modules():
@@ -170,7 +171,7 @@ class PreferenceTrainer(Trainer):
 
     # --- loss --------------------------------------------------------------------------------
     def _objective(self, model, inputs, window: Window):
-        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size)
+        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb)
         ref = self.reference(model, inputs) if self.reference is not None else None
         return compute_objective(self.args, seq, window, ref=ref, aux_coef=self.aux_coef)
 

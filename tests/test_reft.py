@@ -328,7 +328,8 @@ def test_orpo_reft_raises_heldout_preference_accuracy_on_the_demo(tmp_path):
     # 2. frozen base + ORPO on LoReFT interventions (layers 0,1, rank 4, positions f1+l1 shared)
     attach_reft(model, reft_args(layers="0,1", rank=4, positions="f1+l1"))
     base_state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("preftune_reft.")}
-    settings = dict(learning_rate=1e-2, max_steps=150, logging_steps=1000, output_dir=str(tmp_path / "reft"))
+    # a strong odds-ratio weight: the frozen base already answers, the interventions must add preference
+    settings = dict(learning_rate=5e-2, max_steps=300, beta=5.0, logging_steps=1000, output_dir=str(tmp_path / "reft"))
     PreferenceTrainer(model=model, args=_args(tmp_path, **settings), train_pairs=train, processing_class=tokenizer).train()
     acc_reft, margin_reft = accuracy(model)
     print(f"\ndemo held-out preference accuracy: base {acc_base:.3f} -> ORPO+ReFT {acc_reft:.3f}; "
