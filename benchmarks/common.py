@@ -221,7 +221,7 @@ def param_counts(config=None) -> dict:
     head_dim = h // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * head_dim
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o, k, v, gate/up/down
-    return {"layers": per_layer * n_layers, "head": v * h, "embedding": v * h, "hidden": h, "n_layers": n_layers, "vocab": v}
+    return {"layers": per_layer * n_layers, "head": v * h, "embedding": v * h, "hidden": h, "n_layers": n_layers, "vocab": v, "config": c}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +233,11 @@ def _tri(n: int) -> int:
 
 # LM-head FLOPs per scored token in units of params: forward 2, backward 4, plus 2 for the
 # forward recomputed inside the backward by chunked log-prob kernels (preftune's
-# ChunkedLinearLogProbs, TRL's ChunkedLogProbFunction used by its DPOTrainer).
+# ChunkedLinearLogProbs when its softmax does not fit --logprob_cache_mb, TRL's
+# ChunkedLogProbFunction used by its DPOTrainer).
 HEAD_FACTOR_PLAIN = 6
 HEAD_FACTOR_CHUNKED = 8
+PREFTUNE_CACHE_MB = 256.0  # PreftuneConfig.logprob_cache_mb default
 
 
 def step_flops(workload: Workload, batch: list[int], params: dict, scored: Callable[[Ids], int], reference: bool,
@@ -247,12 +249,14 @@ def step_flops(workload: Workload, batch: list[int], params: dict, scored: Calla
     attention only on (query, key) pairs the model may attend (causal, rejected never sees chosen).
     Training = 6 x params x tokens (forward 2, backward 4); attention 12 x hidden x attended pairs
     per layer; a frozen reference adds a forward (2x, 4x) on completion tokens' head.
-    ``preftune``: what the packed layout executes: rows padded to the longest row, the LM head on
-    scored tokens with the chunked kernel's recompute (8x), SDPA over the dense ``T x T`` mask.
+    ``preftune``: what the packed layout executes: rows as preftune's collator packs them (its
+    cost-model row budget), padded to the longest row; the LM head on scored tokens (6x when the
+    softmax fits ``logprob_cache_mb``, else 8x with the recompute); SDPA over the dense mask.
     ``trl``: what a padded trainer executes: ``2B`` rows padded to the longest sequence, the LM
     head on every position (``trl_head_factor``), dense ``T x T`` attention.
     """
-    from preftune.layout import pack_segments
+    from preftune.layout import attention_cost_for, choose_row_budget, pack_segments
+    from transformers import LlamaConfig
 
     h, nl = params["hidden"], params["n_layers"]
     pl, ph = params["layers"], params["head"]
@@ -275,9 +279,11 @@ def step_flops(workload: Workload, batch: list[int], params: dict, scored: Calla
     useful = tally(distinct, n_scored, HEAD_FACTOR_PLAIN, completions, attended)
 
     seg = [len(p) + len(c) + len(r) for p, c, r in pairs]
-    rows = pack_segments(seg, max(seg))  # preftune's default row budget: the longest pair
+    budget = choose_row_budget(seg, attention_cost_for(LlamaConfig(**{k: params["config"][k] for k in MODEL_CONFIG})))
+    rows = pack_segments(seg, budget)  # exactly what preftune's collator does by default
     t_row = max(sum(seg[i] for i in row) for row in rows)
-    packed = tally(len(rows) * t_row, n_scored, HEAD_FACTOR_CHUNKED, completions, len(rows) * t_row * t_row)
+    cached = n_scored * params["vocab"] * 4 <= PREFTUNE_CACHE_MB * 2**20
+    packed = tally(len(rows) * t_row, n_scored, HEAD_FACTOR_PLAIN if cached else HEAD_FACTOR_CHUNKED, completions, len(rows) * t_row * t_row)
 
     t_pad = max(max(len(p) + len(c), len(p) + len(r)) for p, c, r in pairs)
     n_pad = 2 * len(pairs) * t_pad

@@ -94,23 +94,11 @@ def _load_tokenizer(adapter_dir: Path, base_name: str | None, trust_remote_code:
 def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
     """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .modeling import _is_local, _local_only, hub_error
+    from .modeling import causal_lm_from_pretrained
 
     dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=_local_only(name))
-    except OSError as e:
-        if _is_local(name):
-            raise PreftuneError(f"cannot load the base model from {name!r}: {str(e).strip().splitlines()[0]}") from None
-        raise hub_error("base model", name, e) from None
-    except ValueError as e:
-        raise PreftuneError(f"cannot load the base model {name!r}: {str(e).strip().splitlines()[0]}") from None
-    except Exception as e:
-        if _is_local(name):
-            raise
-        raise hub_error("base model", name, e) from None
+    return causal_lm_from_pretrained(name, kind="base model", dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: str | None = None, overwrite: bool = False,

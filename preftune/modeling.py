@@ -22,7 +22,7 @@ from .errors import PreftuneError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceChoice", "choose_device", "load_tokenizer", "load_model", "apply_peft", "hub_error"]
+__all__ = ["DeviceChoice", "choose_device", "load_tokenizer", "load_model", "causal_lm_from_pretrained", "apply_peft", "hub_error"]
 
 
 @dataclass
@@ -122,26 +122,35 @@ def _quantization_config(model_args, compute_dtype: torch.dtype):
     )
 
 
-def load_model(name: str, model_args, choice: DeviceChoice):
+def causal_lm_from_pretrained(name: str, kind: str = "model", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` whose failures are one-line PreftuneErrors.
+
+    A hub name is read from the local cache only when the Hub is unreachable (fails fast).
+    ``kind`` names the model in messages ("model", "base model", "reference model").
+    """
     from transformers import AutoModelForCausalLM
 
-    quant = _quantization_config(model_args, choice.dtype)
-    kwargs = dict(dtype=choice.dtype, attn_implementation=choice.attn_implementation, trust_remote_code=model_args.trust_remote_code,
-                  local_files_only=_local_only(name))
-    if quant is not None:
-        kwargs["quantization_config"] = quant
+    kwargs.setdefault("local_files_only", _local_only(name))
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
         if _is_local(name):
-            raise PreftuneError(f"cannot load a model from {name!r}: {str(e).splitlines()[0]}") from None
-        raise hub_error("model", name, e) from None
+            raise PreftuneError(f"cannot load the {kind} from {name!r}: {str(e).strip().splitlines()[0]}") from None
+        raise hub_error(kind, name, e) from None
     except ValueError as e:
-        raise PreftuneError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        raise PreftuneError(f"cannot load the {kind} {name!r}: {str(e).strip().splitlines()[0]}") from None
     except Exception as e:
         if _is_local(name):
             raise
-        raise hub_error("model", name, e) from None
+        raise hub_error(kind, name, e) from None
+
+
+def load_model(name: str, model_args, choice: DeviceChoice):
+    quant = _quantization_config(model_args, choice.dtype)
+    kwargs = dict(dtype=choice.dtype, attn_implementation=choice.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = causal_lm_from_pretrained(name, kind="model", **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
