@@ -163,3 +163,13 @@ def test_demo_shortened_run_learns(tmp_path, capsys):
     assert pref_after >= 0.9 and pref_after > pref_before + 0.2
     assert gen_after >= 0.5 and gen_before <= 0.05
     assert (Path(result.output_dir) / "training_curves.png").exists()
+
+
+def test_warmup_ratio_and_engine_options_parse():
+    _, _, args = parse_train_args(["--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--warmup_ratio", "0.1",
+                                   "--logprob_cache_mb", "0", "--memory_preflight", "false", "--max_tokens_per_batch", "4096"])
+    assert args.warmup_steps == 0.1 and args.logprob_cache_mb == 0 and args.memory_preflight is False and args.max_tokens_per_batch == 4096
+    with pytest.raises(PreftuneError, match="--warmup_ratio must be in"):
+        parse_train_args(["--warmup_ratio", "1.5"])
+    with pytest.raises(PreftuneError, match="--logprob_cache_mb must be >= 0"):
+        parse_train_args(["--logprob_cache_mb", "-1"])

@@ -541,3 +541,28 @@ def test_collate_rejects_bad_input():
         PairTokens([], [2], [3])
     with pytest.raises(ValueError):
         PairTokens([1], [], [3])
+
+
+def test_cost_model_row_budget_keeps_equivalence():
+    """Rows chosen by the padding-vs-attention cost model still equal the padded reference."""
+    from preftune.layout import attention_cost_for, choose_row_budget
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(vocab_size=97, seed=4)
+    g = torch.Generator().manual_seed(5)
+    r = lambda n: torch.randint(3, 97, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [PairTokens(r(n_p), r(n_c), r(n_r), i) for i, (n_p, n_c, n_r) in enumerate([(9, 3, 5), (2, 1, 1), (14, 6, 2), (5, 5, 5), (1, 2, 7)])]
+    lengths = [p.packed_length for p in pairs]
+    cheap_attention = choose_row_budget(lengths, 1e-6)
+    costly_attention = choose_row_budget(lengths, 10.0)
+    assert cheap_attention == sum(lengths)  # one row: no padding at all
+    assert costly_attention == max(lengths)  # attention dominates: short rows
+    cost = attention_cost_for(model.config)
+    assert 0 < cost < 1
+    padded = sequence_logps(model, collate_pairs(pairs, 0, "padded"))
+    for attention_cost in (1e-6, cost, 10.0):
+        packed_batch = collate_pairs(pairs, 0, "packed", attention_cost=attention_cost)
+        packed = sequence_logps(model, packed_batch)
+        assert torch.allclose(packed.chosen_sum, padded.chosen_sum, atol=1e-5)
+        assert torch.allclose(packed.rejected_sum, padded.rejected_sum, atol=1e-5)

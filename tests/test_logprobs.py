@@ -204,3 +204,24 @@ def test_bf16_inputs(tname):
     # and loosely against the fp32 computation from the unrounded inputs
     h32, w32, b32, _, _ = make_inputs(seed=23)
     torch.testing.assert_close(out, reference_token_logps(h32, w32, y, b32, tf).detach(), rtol=0, atol=0.3)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.5), LogitTransform(scale=2.0, softcap=3.0)], ids=["plain", "scale", "softcap"])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_softmax_cache_path_matches_reference(transform, chunk):
+    """--logprob_cache_mb keeps the forward's softmax; values and all gradients must not change."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(23, 12, generator=g, requires_grad=True)
+    w = torch.randn(41, 12, generator=g, requires_grad=True)
+    b = torch.randn(41, generator=g, requires_grad=True)
+    y = torch.randint(0, 41, (23,), generator=g)
+    y[4] = y[9]  # a repeated target inside one chunk exercises the index_add of the factored gradient
+    up = torch.randn(23, generator=g)
+    ref = reference_token_logps(h, w, y, b, transform)
+    ref_grads = torch.autograd.grad((ref * up).sum(), (h, w, b))
+    for cache_mb in (0.0, 1.0):
+        out = chunked_token_logps(h, w, y, b, transform, chunk_size=chunk, cache_mb=cache_mb)
+        grads = torch.autograd.grad((out * up).sum(), (h, w, b))
+        assert torch.allclose(out, ref, atol=1e-5)
+        for got, want in zip(grads, ref_grads):
+            assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item() + 1e-6)
