@@ -14,12 +14,20 @@ import logging as _logging
 # is noise on every command (and the Hub is often unreachable by design).
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-from .config import DataArguments, ModelArguments, ORPOConfig, PreftuneConfig  # noqa: E402
-from .errors import DataError, PreftuneError  # noqa: E402
-from .losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss  # noqa: E402
-from .trainer import PreferenceTrainer  # noqa: E402
+# Exports load on first use (PEP 562), so `preftune --help` and `preftune chat` start without
+# importing transformers' Trainer stack.
+_EXPORTS = {
+    "ModelArguments": "config", "DataArguments": "config", "PreftuneConfig": "config", "ORPOConfig": "config",
+    "PreferenceTrainer": "trainer", "PreftuneError": "errors", "DataError": "errors",
+    "orpo_loss": "losses", "dpo_loss": "losses", "simpo_loss": "losses", "cpo_loss": "losses",
+}
 
-__all__ = [
-    "__version__", "ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "PreferenceTrainer",
-    "PreftuneError", "DataError", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'preftune' has no attribute {name!r}")

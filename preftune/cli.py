@@ -163,41 +163,33 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
+# name -> (module, function, help); modules are imported only when their command runs
 COMMANDS = {
-    "train": (cmd_train, "train a model on preference data (no arguments: the built-in demo)"),
-    "convert": (cmd_convert, "convert a TruthfulQA-style table into preference pairs"),
+    "train": ("preftune.cli", "cmd_train", "train a model on preference data (no arguments: the built-in demo)"),
+    "eval": ("preftune.evaluate", "cmd_eval", "preference metrics of a model on held-out pairs"),
+    "chat": ("preftune.chat", "cmd_chat", "chat with a model in the terminal"),
+    "report": ("preftune.report", "cmd_report", "write a self-contained HTML report of a run"),
+    "merge": ("preftune.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
+    "convert": ("preftune.cli", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
 }
 
 
-def _register_optional_commands():
-    """Commands that live in their own modules register here."""
+def _command(name: str):
     from importlib import import_module
 
-    for name, module, func, help_text in (
-        ("merge", "preftune.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
-        ("eval", "preftune.evaluate", "cmd_eval", "preference metrics of a model on held-out pairs"),
-        ("chat", "preftune.chat", "cmd_chat", "chat with a model in the terminal"),
-        ("report", "preftune.report", "cmd_report", "write a self-contained HTML report of a run"),
-    ):
-        try:
-            mod = import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        COMMANDS[name] = (getattr(mod, func), help_text)
+    module, func, _ = COMMANDS[name]
+    return getattr(import_module(module), func)
 
 
 def _usage() -> str:
     lines = ["usage: preftune COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
     lines += ["", "`preftune COMMAND --help` documents each command's options."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register_optional_commands()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else EXIT_USER_ERROR
@@ -213,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        return COMMANDS[name][0](rest)
+        return _command(name)(rest)
     except PreftuneError as e:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
