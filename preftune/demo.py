@@ -112,13 +112,10 @@ def demo_rows(n_train: int = 2000, n_eval: int = 64, seed: int = 1234) -> tuple[
 @torch.no_grad()
 def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
     """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""
-    from .engine import sequence_logps
-    from .layout import collate_pairs
+    from .engine import score_pairs
 
     model.eval()
-    batch = collate_pairs(pairs, tokenizer.pad_token_id, "packed")
-    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
-    seq = sequence_logps(model, batch)
+    seq = score_pairs(model, pairs, tokenizer.pad_token_id, batch_size=len(pairs))
     pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
     from .reft import get_reft, reft_generate
 

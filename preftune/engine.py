@@ -24,7 +24,7 @@ from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "LMHeadSpec"]
+__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "score_pairs", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
@@ -292,3 +292,24 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUN
     """
     logps, aux = token_logps(model, batch, chunk_size, cache_mb)
     return reduce_sequence_logps(batch, logps, aux)
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, pairs, pad_id: int, batch_size: int, score_prompt: bool = False) -> SequenceLogps:
+    """Forward-only :class:`SequenceLogps` of many pairs, ``batch_size`` pairs per packed batch.
+
+    Fields are concatenated in the order of ``pairs`` (shapes ``(N,)``, on the CPU); the caller
+    chooses train/eval mode. Used by evaluation and the demo's before/after table.
+    """
+    from .layout import batch_to, collate_pairs
+
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(pairs), max(1, batch_size)):
+        batch = collate_pairs(pairs[start : start + max(1, batch_size)], pad_id, "packed", score_prompt=score_prompt)
+        seq = sequence_logps(model, batch_to(batch, device))
+        parts.append([getattr(seq, f).float().cpu() for f in _SEQ_FIELDS])
+    return SequenceLogps(*(torch.cat(column) for column in zip(*parts)))
+
+
+_SEQ_FIELDS = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count", "nll_sum", "nll_count")

@@ -186,28 +186,13 @@ def _tokenize(loaded, examples, settings: EvalSettings):
 
 def preference_metrics(model, pairs, pad_id: int, beta: float, batch_size: int = 8, nll_on_prompt: bool = False) -> dict[str, float]:
     """The metrics of the module docstring for ``pairs``, through the training engine."""
-    import torch
-
-    from .engine import sequence_logps
-    from .layout import collate_pairs
+    from .engine import score_pairs
     from .losses import orpo_loss
 
-    device = next(model.parameters()).device
     model.eval()
-    chosen_avg, rejected_avg, chosen_sum, rejected_sum = [], [], [], []
-    nll_sum = nll_tokens = 0.0
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start : start + batch_size], pad_id, "packed", score_prompt=nll_on_prompt)
-            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            seq = sequence_logps(model, batch)  # every field (B,)
-            chosen_avg.append(seq.chosen_avg.float().cpu())
-            rejected_avg.append(seq.rejected_avg.float().cpu())
-            chosen_sum.append(seq.chosen_sum.float().cpu())
-            rejected_sum.append(seq.rejected_sum.float().cpu())
-            nll_sum += seq.nll_sum.double().sum().item()
-            nll_tokens += seq.nll_count.double().sum().item()
-    lc, lr = torch.cat(chosen_avg), torch.cat(rejected_avg)  # (N,)
+    seq = score_pairs(model, pairs, pad_id, batch_size, score_prompt=nll_on_prompt)  # every field (N,)
+    nll_sum, nll_tokens = seq.nll_sum.double().sum().item(), seq.nll_count.double().sum().item()
+    lc, lr = seq.chosen_avg, seq.rejected_avg  # (N,)
     pref = orpo_loss(lc, lr, beta)
     margins = pref.chosen_rewards - pref.rejected_rewards
     mean = lambda t: t.double().mean().item()  # noqa: E731
@@ -218,8 +203,8 @@ def preference_metrics(model, pairs, pad_id: int, beta: float, batch_size: int =
         "rewards/rejected": mean(pref.rejected_rewards),
         "logps/chosen": mean(lc),
         "logps/rejected": mean(lr),
-        "logps_sum/chosen": mean(torch.cat(chosen_sum)),
-        "logps_sum/rejected": mean(torch.cat(rejected_sum)),
+        "logps_sum/chosen": mean(seq.chosen_sum),
+        "logps_sum/rejected": mean(seq.rejected_sum),
         "log_odds_chosen": mean(pref.log_odds),
         "log_odds_ratio": mean(pref.log_odds_ratio),
         "nll_loss": nll_sum / max(nll_tokens, 1.0),

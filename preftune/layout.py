@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "choose_row_budget", "attention_cost_for", "PreferenceCollator"]
+__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "choose_row_budget", "attention_cost_for", "batch_to", "PreferenceCollator"]
 
 LAYOUTS = ("packed", "padded")
 
@@ -270,6 +270,11 @@ def collate_pairs(
         num_nll_tokens=torch.tensor(nll_tokens),
     )
     return batch
+
+
+def batch_to(batch: dict, device) -> dict:
+    """The collated ``batch`` with every tensor moved to ``device`` (other values unchanged)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .engine import _unwrap, sequence_logps
-from .layout import PairTokens, collate_pairs
+from .layout import PairTokens, batch_to, collate_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def compute_reference_table(
     for start in range(0, n, max(1, batch_size)):
         idx = order[start : start + max(1, batch_size)]
         batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=False, row_budget=row_budget)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch_to(batch, device)
         c, r = reference(None, batch)
         rows = torch.tensor(idx, dtype=torch.long)
         chosen[rows] = c.detach().float().cpu()
