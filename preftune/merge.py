@@ -66,31 +66,6 @@ def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
         raise PreftuneError(f"--output_dir {str(out)!r} exists and is not empty; pass --overwrite to replace it, or choose another folder")
 
 
-def _demo_base(adapter_dir: Path, tokenizer):
-    """The built-in demo's starting model, rebuilt bit for bit from the run's seed."""
-    run_config = adapter_dir / "run_config.json"
-    if not run_config.is_file():
-        return None
-    cfg = _read_json(run_config)
-    if not cfg.get("demo"):
-        return None
-    from .demo import build_demo_model
-
-    seed = int((cfg.get("training") or {}).get("seed", 42))
-    return build_demo_model(len(tokenizer), seed=seed)
-
-
-def _load_tokenizer(adapter_dir: Path, base_name: str | None, trust_remote_code: bool):
-    from .modeling import load_tokenizer
-
-    has_own = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if has_own:
-        return load_tokenizer(str(adapter_dir), trust_remote_code)
-    if base_name is None:
-        raise PreftuneError(f"{str(adapter_dir)!r} has no tokenizer files and names no base model to take them from")
-    return load_tokenizer(base_name, trust_remote_code)
-
-
 def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
     """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
     import torch
@@ -110,11 +85,14 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     adapter_config = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
-    tokenizer = _load_tokenizer(adapter_dir, base_name, trust_remote_code)
+    from .pretrained import demo_init_model, load_run_tokenizer, read_run_config
+
+    tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code)
     if base_name is not None:
         base = _load_base(base_name, torch_dtype, trust_remote_code)
     else:
-        base = _demo_base(adapter_dir, tokenizer)
+        run_config = read_run_config(adapter_dir)
+        base = demo_init_model(tokenizer, run_config) if run_config and run_config.get("demo") else None
         if base is None:
             raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
     from peft import PeftModel

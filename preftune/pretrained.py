@@ -130,7 +130,7 @@ def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
     return ModelArguments(model_name_or_path=name, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
 
 
-def _load_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None):
+def load_run_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None = None):
     """The tokenizer saved with the run; else the base model's."""
     from .modeling import load_tokenizer
 
@@ -141,7 +141,8 @@ def _load_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code
     return load_tokenizer(str(primary), trust_remote_code, chat_template_file)
 
 
-def _demo_init_model(tokenizer, run_config: dict | None):
+def demo_init_model(tokenizer, run_config: dict | None):
+    """The built-in demo's starting model, rebuilt bit for bit from the run's seed."""
     from .demo import build_demo_model
 
     seed = int(((run_config or {}).get("training") or {}).get("seed", 42))
@@ -172,7 +173,7 @@ def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str
     base = _base_name(folder, kind, run_config)
     if base is None:
         if run_config and run_config.get("demo"):
-            return _demo_init_model(tokenizer, run_config), "built-in demo model"
+            return demo_init_model(tokenizer, run_config), "built-in demo model"
         raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG if kind == 'LoRA adapter' else REFT_CONFIG})")
     return _load_full(base, torch_dtype, trust_remote_code), base
 
@@ -209,13 +210,13 @@ def load_pretrained(
     """Load ``name`` (run folder, adapter folder, ReFT folder or hub name) for inference."""
     path = check_model_arg(name)
     if path is None:
-        tokenizer = _load_tokenizer(name, None, trust_remote_code, chat_template_file)
+        tokenizer = load_run_tokenizer(name, None, trust_remote_code, chat_template_file)
         model = _load_full(name, torch_dtype, trust_remote_code)
         return LoadedModel(_finish(model), tokenizer, label or name, "full model", None)
     kind = model_kind(path)
     run_config = read_run_config(path)
     base = _base_name(path, kind, run_config) if kind != "full model" else None
-    tokenizer = _load_tokenizer(path, base, trust_remote_code, chat_template_file)
+    tokenizer = load_run_tokenizer(path, base, trust_remote_code, chat_template_file)
     if kind == "full model":
         model = _load_full(str(path), torch_dtype, trust_remote_code)
         return LoadedModel(_finish(model), tokenizer, label or name, kind, path, run_config)
@@ -264,11 +265,11 @@ def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = Fa
         base = None if run_config.get("demo") else (run_config.get("model") or {}).get("model_name_or_path")
     else:
         base = _base_name(path, kind, run_config)
-    tokenizer = _load_tokenizer(path, base, trust_remote_code, chat_template_file)
+    tokenizer = load_run_tokenizer(path, base, trust_remote_code, chat_template_file)
     if base is None:
         if not (run_config and run_config.get("demo")):
             raise PreftuneError(f"--compare base: cannot tell the base model of {name!r}; pass --compare BASE_MODEL")
-        model = _demo_init_model(tokenizer, run_config)
+        model = demo_init_model(tokenizer, run_config)
         return LoadedModel(_finish(model), tokenizer, "base (demo init)", "built-in demo model", None, run_config)
     model = _load_full(base, torch_dtype, trust_remote_code)
     return LoadedModel(_finish(model), tokenizer, f"base ({base})", "full model", None, run_config)
