@@ -122,17 +122,15 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def largest_batch(pairs, batch_size: int, max_tokens_per_batch: int | None = None):
-    """The ``batch_size`` longest pairs (or, by token budget, the longest pairs that fit it)."""
+    """The ``batch_size`` longest pairs (or, by token budget, the longest pairs that fit it,
+    filled by the same greedy rule as the token-budget sampler)."""
     ordered = sorted(pairs, key=lambda p: p.packed_length, reverse=True)
-    if max_tokens_per_batch is None:
+    if max_tokens_per_batch is None or not ordered:
         return ordered[:batch_size]
-    batch, total = [], 0
-    for p in ordered:
-        if batch and total + p.packed_length > max_tokens_per_batch:
-            break
-        batch.append(p)
-        total += p.packed_length
-    return batch
+    from .sampling import token_budget_batches
+
+    first = token_budget_batches([p.packed_length for p in ordered], max_tokens_per_batch, list(range(len(ordered))))[0]
+    return [ordered[i] for i in first]
 
 
 def memory_preflight(trainer, pairs) -> None:
