@@ -19,6 +19,16 @@ LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous), so concurrent test runs
+    on one machine do not collide on a fixed port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests use tiny models, which gain nothing from intra-op threads; on a busy 2-core machine

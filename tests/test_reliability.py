@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from preftune.errors import PreftuneError
 from preftune.reliability import COMPLETE_MARKER, find_latest_checkpoint, largest_batch, memory_preflight
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 DEMO_FLAGS = ["--per_device_train_batch_size", "8", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3",
               "--warmup_steps", "0"]
@@ -44,7 +44,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(single), "--per_device_train_batch_size", "8", *common],
                         capture_output=True, text=True, env=env(), timeout=300)
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m", "preftune", "train",
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", "train",
                          "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
                         capture_output=True, text=True, env=env(), timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
