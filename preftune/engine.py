@@ -138,18 +138,18 @@ def _sliding_window_mask(config, mask: torch.Tensor, position_ids: torch.Tensor 
     return band
 
 
-def _attention_mask_for(
-    model: nn.Module, mask: torch.Tensor, dtype: torch.dtype, position_ids: torch.Tensor | None = None
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The packed layout's boolean 4-D mask, converted for attention kernels that need it.
+def _dense_attention_mask(model: nn.Module, batch: dict, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed batch's reference ``(R, 1, T, T)`` mask, converted for the model's kernel.
 
-    SDPA and FlexAttention-less paths take a boolean mask; the eager path adds the mask to the
-    scores, so it needs an additive float mask (a boolean one would be added as 0/1 and silently
-    give wrong results). Models with sliding-window layers get the window applied; those that
-    mix full and sliding layers (``config.layer_types``) get a dict keyed by layer type.
+    SDPA takes the boolean mask; the eager path adds the mask to the scores, so it needs an
+    additive float mask (a boolean one would be added as 0/1 and silently give wrong results).
+    Models with sliding-window layers get the window applied; those that mix full and sliding
+    layers (``config.layer_types``) get a dict keyed by layer type.
     """
-    if mask.dim() != 4:
-        return mask
+    from .layout import dense_segment_mask
+
+    mask = dense_segment_mask(batch)
+    position_ids = batch["position_ids"]
     config = getattr(_unwrap(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
 
@@ -165,6 +165,26 @@ def _attention_mask_for(
     if getattr(config, "layer_types", None) is None:  # every layer slides (Mistral, Phi-3, Mixtral)
         return convert(sliding)
     return {"full_attention": convert(mask), "sliding_attention": convert(sliding)}
+
+
+def attention_inputs(model: nn.Module, batch: dict, dtype: torch.dtype) -> dict:
+    """The decoder's attention keyword arguments for ``batch``.
+
+    * padded layout: its 2-D padding mask (transformers builds the causal mask);
+    * packed layout on segment attention (:mod:`preftune.attention`): the batch's
+      :class:`~preftune.attention.SegmentPlan` as ``preftune_segments`` and a placeholder mask
+      (no ``(T, T)`` tensor anywhere);
+    * packed layout on any other kernel: the dense reference mask.
+    """
+    if "segments" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    from .attention import SEGMENT_KWARG, SegmentPlan, prepared_mask_placeholder, uses_segment_attention
+
+    if uses_segment_attention(getattr(_unwrap(model), "config", None)):
+        rows, t = batch["input_ids"].shape
+        plan = SegmentPlan.from_segments(batch["segments"], rows, t, device=batch["input_ids"].device)
+        return {"attention_mask": prepared_mask_placeholder(rows, batch["input_ids"].device), SEGMENT_KWARG: plan}
+    return {"attention_mask": _dense_attention_mask(model, batch, dtype)}
 
 
 def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0) -> torch.Tensor:
@@ -232,7 +252,6 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
         input_ids=batch["input_ids"],
-        attention_mask=None,
         position_ids=batch["position_ids"],
         use_cache=False,  # a KV cache makes some models ignore a custom 4-D mask
     )
@@ -243,17 +262,14 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     enter_batch = getattr(_unwrap(model), "preftune_batch_context", None)
     batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
     if spec is not None:
-        kwargs["attention_mask"] = _attention_mask_for(
-            model, batch["attention_mask"], spec.head.weight.dtype, batch["position_ids"]
-        )
+        kwargs.update(attention_inputs(model, batch, spec.head.weight.dtype))
         with batch_context:
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
         logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
     else:
-        dtype = next(model.parameters()).dtype
-        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
+        kwargs.update(attention_inputs(model, batch, next(model.parameters()).dtype))
         with batch_context:
             out = model(**kwargs)
         logits = out.logits  # (R, T, V)
