@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "SEGMENT_KWARG", "SegmentPlan", "QueryRun", "register_segment_attention", "segment_implementation",
+    "SEGMENT_KWARG", "SEGMENT_BASES", "SegmentPlan", "QueryRun", "register_segment_attention", "segment_implementation",
     "base_implementation", "uses_segment_attention", "prepared_mask_placeholder", "flash_attn_available",
 ]
 
 SEGMENT_KWARG = "preftune_segments"
 _PREFIX = "preftune_"
-_BASES = ("sdpa", "eager", "flash_attention_2")
+SEGMENT_BASES = ("sdpa", "eager", "flash_attention_2")  # kernels segment attention runs over
 # attention-changing keyword arguments of transformers' kernels that the segment kernels do not
 # implement (attention sinks, additive position biases): refused rather than silently dropped.
 # Everything else a model passes along (position_ids, use_cache, output_router_logits, ...)
@@ -297,15 +297,15 @@ def _make_attention_forward(base: str):
 
 def segment_implementation(base: str) -> str:
     """The registered name of segment attention over ``base`` (``sdpa`` -> ``preftune_sdpa``)."""
-    if base not in _BASES:
-        raise ValueError(f"segment attention runs over one of {', '.join(_BASES)}, not {base!r}")
+    if base not in SEGMENT_BASES:
+        raise ValueError(f"segment attention runs over one of {', '.join(SEGMENT_BASES)}, not {base!r}")
     register_segment_attention()
     return _PREFIX + base
 
 
 def base_implementation(name: str | None) -> str | None:
     """``preftune_sdpa`` -> ``sdpa``; None for names that are not segment attention."""
-    if name and name.startswith(_PREFIX) and name[len(_PREFIX):] in _BASES:
+    if name and name.startswith(_PREFIX) and name[len(_PREFIX):] in SEGMENT_BASES:
         return name[len(_PREFIX):]
     return None
 
@@ -326,7 +326,7 @@ def register_segment_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    for base in _BASES:
+    for base in SEGMENT_BASES:
         AttentionInterface.register(_PREFIX + base, _make_attention_forward(base))
         AttentionMaskInterface.register(_PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
     _registered = True

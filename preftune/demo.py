@@ -53,7 +53,7 @@ def build_demo_tokenizer():
     )
 
 
-def build_demo_model(vocab_size: int, seed: int = 0):
+def build_demo_model(vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised 2-layer Llama (~0.1M parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,7 +70,7 @@ def build_demo_model(vocab_size: int, seed: int = 0):
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -178,7 +178,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     resuming = bool(args.resume_from_checkpoint)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
     choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", choice.describe())
+    logger.info("preftune: %s, %s", choice.describe(), args.precision_choice.describe())
     from .quant import check_bitsandbytes
 
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
@@ -198,7 +198,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)
 
     if is_demo:
-        model = build_demo_model(len(tokenizer), seed=args.seed)
+        model = build_demo_model(len(tokenizer), seed=args.seed, attn_implementation=choice.attn_implementation)
     else:
         model = load_model(model_args.model_name_or_path, model_args, choice)
     if args.gradient_checkpointing:
