@@ -26,9 +26,9 @@ FIELD_GROUPS: dict[str, str] = {}
 _pending_groups: list[str] = []
 
 
-def _f(default, help: str, group: str):
+def _f(default, help: str, group: str, **argparse_kwargs):
     _pending_groups.append(group)
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def _grouped(cls):
@@ -166,6 +166,12 @@ class PreftuneConfig(TrainingArguments):
     dataloader_pin_memory: bool = _f(False, "Pin host memory for GPU transfers.", "training")
     warmup_ratio: float | None = _f(None, "Warm-up as a fraction of total steps (transformers 5 folds this into --warmup_steps; kept for familiar configs).", "training")
     disable_dropout: bool = _f(True, "Turn dropout off in the model (as TRL does for preference methods).", "method")
+    bf16: str = _f(
+        "false",
+        "bf16 mixed precision: true, false, or auto (on where the device runs bf16 fast: CUDA GPUs with bf16, CPUs with "
+        "AVX512-BF16 or AMX; fp32 elsewhere). Weights, optimizer state, log-softmax and loss stay fp32. No --use_cpu needed on a CPU.",
+        "training", nargs="?", const="true",
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -177,6 +183,7 @@ class PreftuneConfig(TrainingArguments):
         if self.warmup_ratio is not None:
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
+        self._resolve_precision()
         super().__post_init__()
         _require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         from .losses import DPO_LOSS_TYPES
@@ -189,6 +196,21 @@ class PreftuneConfig(TrainingArguments):
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+
+    def _resolve_precision(self):
+        """``--bf16 true|false|auto`` -> a bool for TrainingArguments, and the reason, kept in
+        ``precision_choice`` for the start-up line. On a machine without an accelerator, mixed
+        precision runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on CPU without it)."""
+        from .precision import resolve_precision
+
+        accelerator = _has_accelerator() and not self.use_cpu
+        try:
+            self.precision_choice = resolve_precision(self.bf16, self.fp16, "cuda" if accelerator else "cpu")
+        except ValueError as e:
+            raise PreftuneError(str(e)) from None
+        self.bf16 = self.precision_choice.bf16
+        if (self.bf16 or self.fp16) and not _has_accelerator():
+            self.use_cpu = True
 
     @property
     def needs_reference(self) -> bool:

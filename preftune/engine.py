@@ -187,11 +187,19 @@ def attention_inputs(model: nn.Module, batch: dict, dtype: torch.dtype) -> dict:
     return {"attention_mask": _dense_attention_mask(model, batch, dtype)}
 
 
+def autocast_compute_dtype(device: torch.device) -> torch.dtype:
+    """The matmul dtype of mixed precision when autocast is on for ``device``, else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
 def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0) -> torch.Tensor:
     head = spec.head
     # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
     if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
-        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb)
+        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb,
+                                   compute_dtype=autocast_compute_dtype(hidden.device))
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
     pieces = []

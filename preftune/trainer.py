@@ -170,9 +170,19 @@ class PreferenceTrainer(Trainer):
         return batch_samples, num_items
 
     # --- loss --------------------------------------------------------------------------------
+    def sequence_logps(self, model, inputs):
+        """The engine on one batch with this run's settings, under its mixed precision.
+
+        accelerate applies autocast by wrapping ``model.forward``, which the engine does not call
+        (it runs the decoder and the LM head itself), so the autocast context is entered here.
+        """
+        with self.accelerator.autocast():
+            return sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb)
+
     def _objective(self, model, inputs, window: Window):
-        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb)
-        ref = self.reference(model, inputs) if self.reference is not None else None
+        seq = self.sequence_logps(model, inputs)
+        with self.accelerator.autocast():
+            ref = self.reference(model, inputs) if self.reference is not None else None
         return compute_objective(self.args, seq, window, ref=ref, aux_coef=self.aux_coef)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
