@@ -132,7 +132,12 @@ class PreferenceTrainer(Trainer):
         return float(getattr(config, "router_aux_loss_coef", 0.001))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train`` preceded by the memory preflight (see :mod:`preftune.reliability`)."""
+        """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`) and the
+        memory preflight (:mod:`preftune.reliability`)."""
+        if self.args.reuse_freed_memory:
+            from .allocator import reuse_freed_memory
+
+            reuse_freed_memory()
         if self.args.memory_preflight and self.train_dataset is not None and len(self.train_dataset):
             from .reliability import memory_preflight
 
