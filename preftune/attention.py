@@ -289,7 +289,8 @@ def _make_attention_forward(base: str):
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         kernel = _varlen_attention if use_varlen and query.is_cuda else _runs_attention
-        return kernel(module, query, key, value, plan, dropout, scaling, sliding_window, softcap), None
+        with torch.profiler.record_function("preftune: segment attention"):
+            return kernel(module, query, key, value, plan, dropout, scaling, sliding_window, softcap), None
 
     segment_attention_forward.__name__ = f"preftune_{base}_attention_forward"
     return segment_attention_forward

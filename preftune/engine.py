@@ -271,11 +271,13 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
     if spec is not None:
         kwargs.update(attention_inputs(model, batch, spec.head.weight.dtype))
-        with batch_context:
+        # record_function labels cost ~1 us and name the engine's parts in a torch.profiler trace
+        with batch_context, torch.profiler.record_function("preftune: decoder"):
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
-        logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
+        with torch.profiler.record_function("preftune: lm head"):
+            logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
     else:
         kwargs.update(attention_inputs(model, batch, next(model.parameters()).dtype))
         with batch_context:
