@@ -60,7 +60,7 @@ class ModelArguments:
     )
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use, if not the model's own.", "model")
     torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa; flash_attention_2 on GPUs that have it), sdpa, eager.", "model")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (flash_attention_2 on GPUs with flash_attn, else sdpa), sdpa, eager; the packed layout runs it per segment (no T x T mask).", "model")
     trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
     # PEFT
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights (saves only the adapter).", "peft")

@@ -281,3 +281,16 @@ def test_cuda_segment_kernels_match_dense(base):
     tol = 0.05 * (1 + dense.chosen_sum.abs().max().item())  # bf16 kernels differ in summation order
     torch.testing.assert_close(seg.chosen_sum.float(), dense.chosen_sum.float(), rtol=0, atol=tol)
     torch.testing.assert_close(seg.rejected_sum.float(), dense.rejected_sum.float(), rtol=0, atol=tol)
+
+
+def test_packed_layout_chooses_segment_attention(caplog):
+    from preftune.modeling import choose_device
+
+    packed = choose_device("float32", "auto", "packed")
+    assert packed.attn_implementation == ("preftune_flash_attention_2" if flash_attn_available() else "preftune_sdpa")
+    assert "attention segments (prefix sharing" in packed.describe()
+    assert choose_device("float32", "eager", "packed").attn_implementation == "preftune_eager"
+    assert choose_device("float32", "sdpa", "padded").attn_implementation == "sdpa"  # the padded layout needs no segments
+    with caplog.at_level("WARNING"):
+        assert choose_device("float32", "flex_attention", "packed").attn_implementation == "preftune_sdpa"
+    assert "cannot run the packed layout's segment attention" in caplog.text
