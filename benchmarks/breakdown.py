@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="breakdown-"))
     ns.model_dir = ns.model_dir or str(tmp / "model")
     model_dir = common.prepare_model(ns, tmp)
-    tok = load_tokenizer(str(model_dir))
+    tok = load_tokenizer(str(models.tokenizer_dir(model_dir)))
     workload = common.build_workload(tok, ns.max_length, ns.pairs, ns.select)
     examples = [PreferenceExample(r["prompt"], r["chosen"], r["rejected"], None, f"pair {i}", i) for i, r in enumerate(workload.rows)]
     settings = TokenizeSettings(max_length=ns.max_length, max_prompt_length=None, truncation_mode="keep_end", chat_template="never")

@@ -144,7 +144,7 @@ class Workload:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(models.tokenizer_dir(model_dir)))
 
 
 def build_workload(tokenizer, max_length: int, n_pairs: int, selection: str = "first") -> Workload:
@@ -378,7 +378,7 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
     from preftune.modeling import load_tokenizer as preftune_tokenizer
     from preftune.trainer import PreferenceTrainer
 
-    tok = preftune_tokenizer(spec["model_dir"])
+    tok = preftune_tokenizer(str(models.tokenizer_dir(spec["model_dir"])))
     loaded = load_examples(spec["data_file"], "train")
     settings = TokenizeSettings(max_length=spec["max_length"], max_prompt_length=None, truncation_mode="keep_end", chat_template="never")
     pairs, _ = tokenize_examples(tok, loaded.examples, settings)
@@ -722,7 +722,7 @@ def prepare_model(ns, tmp: Path) -> Path:
     (or in ``tmp``) by :func:`models.create_model`."""
     model_dir = Path(ns.model_dir) if ns.model_dir else tmp / "model"
     stamp = model_dir / "bench_model.json"
-    want = {"model": ns.model, "seed": ns.seed}
+    want = {"model": ns.model, "seed": ns.seed, "tokenizer": "llama-2 in tokenizer/"}
     if not (stamp.exists() and json.loads(stamp.read_text()) == want):
         models.create_model(model_dir, ns.model, ns.seed, TOKENIZER_DIR)
         stamp.write_text(json.dumps(want))

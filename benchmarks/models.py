@@ -44,8 +44,16 @@ MODELS = {"tiny": ModelSpec("Llama", TINY), "qwen2-0.5b": ModelSpec("Qwen2", QWE
 LORA_TARGETS = "all-linear"  # every projection of every layer, not the LM head
 
 
-def create_model(model_dir: Path, name: str, seed: int, tokenizer_dir: Path) -> None:
-    """Random-init model ``name``, save it and the tokenizer to ``model_dir``.
+def tokenizer_dir(model_dir: Path) -> Path:
+    """Where the benchmark's tokenizer lives: beside the model, not in its folder, where
+    transformers would load it as the model type's tokenizer class (a Qwen2 tokenizer
+    pre-tokenizes the Llama-2 vocabulary differently)."""
+    return Path(model_dir) / "tokenizer"
+
+
+def create_model(model_dir: Path, name: str, seed: int, source_tokenizer: Path) -> None:
+    """Random-init model ``name``, save it to ``model_dir`` and the Llama-2 tokenizer to
+    :func:`tokenizer_dir`.
 
     The tokenizer is saved with ``add_bos_token=True``: the shared Llama-2 ``tokenizer.json``
     adds no BOS by itself, while TRL 1.16's ORPOTrainer always prepends one. With BOS switched on
@@ -58,7 +66,7 @@ def create_model(model_dir: Path, name: str, seed: int, tokenizer_dir: Path) -> 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     MODELS[name].build().to(torch.float32).save_pretrained(str(model_dir))
-    AutoTokenizer.from_pretrained(str(tokenizer_dir), add_bos_token=True).save_pretrained(str(model_dir))
+    AutoTokenizer.from_pretrained(str(source_tokenizer), add_bos_token=True).save_pretrained(str(tokenizer_dir(model_dir)))
 
 
 def param_counts(name: str, lora_r: int = 0) -> dict:
