@@ -6,9 +6,10 @@
 Trains ``--steps`` steps exactly as ``bench_orpo.py``'s preftune worker does (same model, pairs,
 settings), measuring per step: wall time, user and kernel CPU time (kernel time is mostly page
 faults: first touches of freshly allocated memory), minor page faults, RSS at the end and the
-step's own peak RSS (``VmHWM``, reset before each step through ``/proc/self/clear_refs``). Then
-one more step on the batch of step 2 runs under ``torch.profiler`` and an autograd
-saved-tensor census, giving
+step's own peak RSS (``VmHWM``, reset before each step through ``/proc/self/clear_refs``; with
+``--reuse_freed_memory``, on by default, RSS stays at the first step's peak, so later steps show
+that). Step 1 holds the workload's longest pair and sets the process's peak. Then one more step
+on the batch of step 1 runs under ``torch.profiler`` and an autograd saved-tensor census, giving
 
 * time by class: decoder matmuls, decoder other ops (norms, rotary, activations, residuals,
   copies), attention (kernel and its gathers), LM head (forward and backward), optimizer, and
@@ -144,7 +145,8 @@ def classify(event) -> str:
 
 
 def profile_step(trainer, batch) -> dict:
-    """Seconds by class of one training step (forward, backward, optimizer) under torch.profiler."""
+    """Seconds by class of one training step (forward, backward, optimizer) under torch.profiler,
+    and the slowest ops outside the matmuls (self time)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = trainer.model_wrapped
@@ -154,12 +156,15 @@ def profile_step(trainer, batch) -> dict:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
     wall = time.perf_counter() - started
-    by = Counter()
+    by, ops = Counter(), Counter()
     for ev in prof.events():
-        by[classify(ev)] += ev.self_cpu_time_total / 1e6
+        kind = classify(ev)
+        by[kind] += ev.self_cpu_time_total / 1e6
+        if kind == "decoder other ops (fwd + bwd)":
+            ops[ev.name] += ev.self_cpu_time_total / 1e6
     accounted = sum(by.values())
     by["unaccounted (Python, Trainer, profiler)"] = max(wall - accounted, 0.0)
-    return {"wall_s": wall, "seconds": dict(by)}
+    return {"wall_s": wall, "seconds": dict(by), "other_ops": dict(ops.most_common(12))}
 
 
 def build_parser():
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])
     trainer.train()
 
-    batch = trainer._prepare_inputs(trainer.data_collator(pairs[ns.batch_size : 2 * ns.batch_size]))
+    batch = trainer._prepare_inputs(trainer.data_collator(pairs[: ns.batch_size]))  # step 1's batch: the peak
     tokens = int(batch["num_tokens"])
     reset_peak_rss()
     profiled = profile_step(trainer, batch)
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
     mean = lambda k: sum(s[k] for s in steady) / len(steady)  # noqa: E731
     mb = 2**20
     saved_total = sum(census.values())
-    peak = max(s["peak_rss_mb"] for s in steady)
+    peak = meter.steps[0]["peak_rss_mb"]
     memory_rows = [
         ["runtime (python, torch, transformers, preftune imports)", rss_runtime],
         ["weights and buffers", weight_bytes / mb],
@@ -263,8 +268,8 @@ def main(argv=None) -> int:
         ["LM head: chunk buffers (transient)", head_buffers / mb],
     ]
     accounted = sum(r[1] for r in memory_rows)
-    memory_rows.append(["rest of the peak: temporaries, allocator slack", peak - accounted])
-    memory_rows.append(["peak RSS of a steady step (VmHWM)", peak])
+    memory_rows.append(["rest of the peak: gradients in flight, temporaries, allocator slack", peak - accounted])
+    memory_rows.append(["peak RSS (step 1, the longest batch; VmHWM)", peak])
     report = [
         f"## Where the time and memory go: {ns.model}, {'LoRA r=%d' % ns.lora_r if ns.lora_r else 'full fine-tuning'}, ORPO, "
         f"{ns.batch_size} pairs/step, max_length {ns.max_length} ({ns.select}), {ns.precision}, {ns.attention} attention"
@@ -276,7 +281,7 @@ def main(argv=None) -> int:
         "",
         f"Steady steps (2..{len(meter.steps)}): {mean('wall_s'):.2f} s/step, of which kernel (page-fault) CPU time {mean('kernel_s'):.2f} s.",
         "",
-        f"Time of one profiled step on the batch of step 2 ({tokens} tokens, wall {profiled['wall_s']:.2f} s; the profiler adds a little):",
+        f"Time of one profiled step on the batch of step 1 ({tokens} tokens, wall {profiled['wall_s']:.2f} s; the profiler adds a little):",
         "",
         common.markdown_table(["class", "seconds", "share"], [[k, v, f"{100 * v / profiled['wall_s']:.0f}%"]
                                                               for k, v in sorted(profiled["seconds"].items(), key=lambda kv: -kv[1])]),
@@ -287,6 +292,9 @@ def main(argv=None) -> int:
         "",
         "Activations kept for the backward, by module (MB): "
         + ", ".join(f"{k} {v / mb:,.0f}" for k, v in sorted(census.items(), key=lambda kv: -kv[1])),
+        "",
+        "Slowest ops among the decoder's other ops (self seconds): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in profiled["other_ops"].items()),
     ]
     print("\n".join(report))
     if ns.out:
