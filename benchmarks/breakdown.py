@@ -183,6 +183,7 @@ def build_parser():
     p.add_argument("--chunk_size", type=int, default=1024)
     p.add_argument("--cache_mb", type=float, default=256.0, help="--logprob_cache_mb")
     p.add_argument("--preflight", action="store_true")
+    p.add_argument("--keep_freed_memory", choices=("true", "false"), default="true", help="preftune's --reuse_freed_memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--model_dir", default=None, help="reuse (or create) the benchmark model here")
@@ -229,6 +230,7 @@ def main(argv=None) -> int:
     spec = {"tmp": str(tmp), "steps": ns.steps, "batch_size": ns.batch_size, "lr": 1e-5, "seed": ns.seed,
             "precision": ns.precision, "gradient_checkpointing": ns.gradient_checkpointing}
     args = PreftuneConfig(**common.training_kwargs(spec, "preftune"), memory_preflight=ns.preflight, method=ns.method, beta=0.1,
+                          reuse_freed_memory=ns.keep_freed_memory == "true",
                           nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
     meter = step_meter()
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])
@@ -273,7 +275,8 @@ def main(argv=None) -> int:
     report = [
         f"## Where the time and memory go: {ns.model}, {'LoRA r=%d' % ns.lora_r if ns.lora_r else 'full fine-tuning'}, ORPO, "
         f"{ns.batch_size} pairs/step, max_length {ns.max_length} ({ns.select}), {ns.precision}, {ns.attention} attention"
-        f"{', gradient checkpointing' if ns.gradient_checkpointing else ''}",
+        f"{', gradient checkpointing' if ns.gradient_checkpointing else ''}, --reuse_freed_memory {ns.keep_freed_memory}"
+        f"{', THP_MEM_ALLOC_ENABLE=1' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}",
         "",
         common.markdown_table(["step", "tokens", "wall s", "user CPU s", "kernel CPU s", "minor faults", "step peak RSS MB", "RSS after MB"],
                               [[i + 1, sum(p.packed_length for p in pairs[i * ns.batch_size:(i + 1) * ns.batch_size]), s["wall_s"], s["user_s"],
