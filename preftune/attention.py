@@ -225,12 +225,12 @@ def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scali
             raise ValueError("segment plan has a gap between query runs")
         outputs[run.row].append(out[0].transpose(0, 1))  # (q_len, H, D)
         filled[run.row] = run.q_start + run.q_len
-    per_row = []
+    pieces = []
     for r in range(rows):
         if filled[r] < t:  # padding at the row end: zero output, never scored
             outputs[r].append(query.new_zeros(t - filled[r], heads, dim))
-        per_row.append(torch.cat(outputs[r], dim=0) if len(outputs[r]) > 1 else outputs[r][0])
-    return torch.stack(per_row, dim=0)
+        pieces += outputs[r]
+    return torch.cat(pieces, dim=0).view(rows, t, heads, dim)  # one copy into the (B, T, H, D) layout
 
 
 def flash_attn_available() -> bool:
