@@ -99,6 +99,17 @@ class SegmentPlan:
         runs.sort(key=lambda u: (u.row, u.q_start))
         return cls(rows, row_len, runs, torch.device(device) if device is not None else segments.device)
 
+    def row_cuts(self, row: int) -> tuple[list[int], list[int]]:
+        """Where row ``row`` is cut for its queries (run boundaries) and for its keys (every key
+        range's ends), each from 0 to ``row_len``."""
+        q_cuts, k_cuts = {0, self.row_len}, {0, self.row_len}
+        for u in self.runs:
+            if u.row == row:
+                q_cuts |= {u.q_start, u.q_start + u.q_len}
+                for a, b in u.keys:
+                    k_cuts |= {a, b}
+        return sorted(q_cuts), sorted(k_cuts)
+
     # --- what it costs ------------------------------------------------------------------------
     def attended_pairs(self, window: int | None = None) -> int:
         """(query, key) pairs the model may attend: the useful attention work of one head."""
@@ -177,10 +188,27 @@ def prepared_mask_placeholder(rows: int, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
-def _gather_keys(x: torch.Tensor, run: QueryRun) -> torch.Tensor:
-    """``x`` ``(B, H, T, D)`` -> the run's keys ``(1, H, k_len, D)`` (a view when contiguous)."""
-    parts = [x[run.row : run.row + 1, :, a:b] for a, b in run.keys]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+class _RowPieces:
+    """One row of ``x`` ``(B, H, T, D)`` cut at ``cuts`` by a single ``torch.split``.
+
+    Taking each run's tokens by slicing would make every run's backward write a zero-filled
+    gradient of the whole row (and add them up): ``O(runs x T)`` per layer. The backward of one
+    split is one concatenation of the pieces' gradients.
+    """
+
+    def __init__(self, x_row: torch.Tensor, cuts: list[int]):
+        self.cuts = cuts
+        self.pieces = dict(zip(cuts[:-1], torch.split(x_row, [b - a for a, b in zip(cuts, cuts[1:])], dim=2)))
+
+    def take(self, ranges) -> torch.Tensor:
+        """The concatenation of ``x[:, :, a:b]`` over ``ranges`` (each a union of pieces)."""
+        parts = []
+        for a, b in ranges:
+            i = self.cuts.index(a)
+            while self.cuts[i] < b:
+                parts.append(self.pieces[self.cuts[i]])
+                i += 1
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _softcap_attention(q, k, v, mask, scaling, softcap, dropout, training):
@@ -206,9 +234,16 @@ def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scali
     gqa = key.shape[1] != heads
     outputs = [[] for _ in range(rows)]
     filled = [0] * rows
+    row_parts = {}
+    split_rows = [x.split(1, dim=0) for x in (query, key, value)]  # one backward for all rows
     for run in plan.runs:
-        q = query[run.row : run.row + 1, :, run.q_start : run.q_start + run.q_len]  # (1, H, q_len, D)
-        k, v = _gather_keys(key, run), _gather_keys(value, run)  # (1, H_kv, k_len, D)
+        if run.row not in row_parts:
+            q_cuts, k_cuts = plan.row_cuts(run.row)
+            row_parts[run.row] = [_RowPieces(split_rows[0][run.row], q_cuts), _RowPieces(split_rows[1][run.row], k_cuts),
+                                  _RowPieces(split_rows[2][run.row], k_cuts)]
+        q_row, k_row, v_row = row_parts[run.row]
+        q = q_row.take([(run.q_start, run.q_start + run.q_len)])  # (1, H, q_len, D)
+        k, v = k_row.take(run.keys), v_row.take(run.keys)  # (1, H_kv, k_len, D)
         mask = plan.run_mask(run, sliding_window)
         if softcap is not None:
             out = _softcap_attention(q, k, v, mask, scaling, softcap, dropout, module.training)
