@@ -234,6 +234,7 @@ def main(argv=None) -> int:
                           nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
     meter = step_meter()
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])
+    rss_trainer = common.current_rss_mb()
     trainer.train()
 
     batch = trainer._prepare_inputs(trainer.data_collator(pairs[: ns.batch_size]))  # step 1's batch: the peak
@@ -282,7 +283,8 @@ def main(argv=None) -> int:
                               [[i + 1, sum(p.packed_length for p in pairs[i * ns.batch_size:(i + 1) * ns.batch_size]), s["wall_s"], s["user_s"],
                                 s["kernel_s"], s["minor_faults"], s["peak_rss_mb"], s["rss_mb"]] for i, s in enumerate(meter.steps)]),
         "",
-        f"Steady steps (2..{len(meter.steps)}): {mean('wall_s'):.2f} s/step, of which kernel (page-fault) CPU time {mean('kernel_s'):.2f} s.",
+        f"Steady steps (2..{len(meter.steps)}): {mean('wall_s'):.2f} s/step, of which kernel (page-fault) CPU time {mean('kernel_s'):.2f} s. "
+        f"RSS: {rss_runtime:,.0f} MB after imports, {rss_weights:,.0f} MB with the weights paged in, {rss_trainer:,.0f} MB with the trainer built.",
         "",
         f"Time of one profiled step on the batch of step 1 ({tokens} tokens, wall {profiled['wall_s']:.2f} s; the profiler adds a little):",
         "",
