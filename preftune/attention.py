@@ -88,6 +88,7 @@ class SegmentPlan:
     device: torch.device
     _masks: dict = field(default_factory=dict, repr=False)
     _varlen: dict | None = field(default=None, repr=False)
+    _blocks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_segments(cls, segments: torch.Tensor, rows: int, row_len: int, device=None) -> "SegmentPlan":
@@ -99,11 +100,32 @@ class SegmentPlan:
         runs.sort(key=lambda u: (u.row, u.q_start))
         return cls(rows, row_len, runs, torch.device(device) if device is not None else segments.device)
 
-    def row_cuts(self, row: int) -> tuple[list[int], list[int]]:
-        """Where row ``row`` is cut for its queries (run boundaries) and for its keys (every key
-        range's ends), each from 0 to ``row_len``."""
+    def blocks(self, block: int | None) -> list[QueryRun]:
+        """The runs cut into query blocks of at most ``block`` queries (None: uncut).
+
+        Block ``[s, e)`` of a run attends, bottom-right, to the run's first ``k_len - q_len + e``
+        keys: everything a query of the block may see, nothing a later block needs. A kernel that
+        computes a run's whole ``(q_len, k_len)`` score block (a masked run; on CPU, a causal run
+        up to 512 keys long too) then computes about ``L^2 / 2 + L * block / 2`` pairs for a run
+        of ``L`` instead of ``L^2``.
+        """
+        if not block:
+            return self.runs
+        if block not in self._blocks:
+            out = []
+            for u in self.runs:
+                shift = u.k_len - u.q_len
+                for s in range(0, u.q_len, block):
+                    e = min(s + block, u.q_len)
+                    out.append(QueryRun(u.row, u.q_start + s, e - s, _first_keys(u.keys, shift + e)))
+            self._blocks[block] = out
+        return self._blocks[block]
+
+    def row_cuts(self, row: int, runs: list[QueryRun] | None = None) -> tuple[list[int], list[int]]:
+        """Where row ``row`` is cut for the queries of ``runs`` (default: the plan's runs) and for
+        their keys (every key range's ends), each from 0 to ``row_len``."""
         q_cuts, k_cuts = {0, self.row_len}, {0, self.row_len}
-        for u in self.runs:
+        for u in self.runs if runs is None else runs:
             if u.row == row:
                 q_cuts |= {u.q_start, u.q_start + u.q_len}
                 for a, b in u.keys:
@@ -175,6 +197,17 @@ class SegmentPlan:
         return self._varlen
 
 
+def _first_keys(keys: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int], ...]:
+    """The first ``n`` keys of the concatenated ranges ``keys``."""
+    out = []
+    for a, b in keys:
+        if n <= 0:
+            break
+        out.append((a, min(b, a + n)))
+        n -= out[-1][1] - a
+    return tuple(out)
+
+
 def prepared_mask_placeholder(rows: int, device) -> torch.Tensor:
     """The ``attention_mask`` to pass with a plan: an empty ``(rows, 1, 0, 0)`` boolean tensor.
 
@@ -227,6 +260,11 @@ def _softcap_attention(q, k, v, mask, scaling, softcap, dropout, training):
     return torch.matmul(probs, v)
 
 
+CPU_QUERY_BLOCK = 128
+"""Query block of the per-run kernel on CPU (:meth:`SegmentPlan.blocks`): PyTorch's CPU flash
+kernel computes a causal run's whole score square when it is at most 512 keys long."""
+
+
 def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scaling, sliding_window, softcap):
     """Per-run attention on any device; returns ``(B, T, H, D)`` like transformers' kernels."""
     rows, heads, t, dim = query.shape
@@ -236,9 +274,10 @@ def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scali
     filled = [0] * rows
     row_parts = {}
     split_rows = [x.split(1, dim=0) for x in (query, key, value)]  # one backward for all rows
-    for run in plan.runs:
+    runs = plan.blocks(CPU_QUERY_BLOCK if query.device.type == "cpu" else None)
+    for run in runs:
         if run.row not in row_parts:
-            q_cuts, k_cuts = plan.row_cuts(run.row)
+            q_cuts, k_cuts = plan.row_cuts(run.row, runs)
             row_parts[run.row] = [_RowPieces(split_rows[0][run.row], q_cuts), _RowPieces(split_rows[1][run.row], k_cuts),
                                   _RowPieces(split_rows[2][run.row], k_cuts)]
         q_row, k_row, v_row = row_parts[run.row]

@@ -65,6 +65,15 @@ def test_plan_runs_hand_case():
     assert single.attended_pairs(window=2) == 15
 
 
+def test_query_blocks_hand_case():
+    # (3, 2, 3) with blocks of 2: A's queries 0-1 see keys 0-1, 2-3 see 0-3, 4 sees 0-4;
+    # B's first two queries see the prompt and rejected 0-1, the third all six keys
+    plan = _plan(_segments_batch([(3, 2, 3)]))
+    got = [(u.q_start, u.q_len, u.keys) for u in plan.blocks(2)]
+    assert got == [(0, 2, ((0, 2),)), (2, 2, ((0, 4),)), (4, 1, ((0, 5),)), (5, 2, ((0, 3), (5, 7))), (7, 1, ((0, 3), (5, 8)))]
+    assert plan.blocks(None) is plan.runs
+
+
 def test_run_mask_hand_case():
     plan = _plan(_segments_batch([(3, 2, 3)]))
     run_a, run_b = plan.runs
@@ -85,17 +94,21 @@ def test_run_mask_hand_case():
 _shapes = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=5)
 
 
-@settings(max_examples=60, deadline=None)
-@given(_shapes, st.sampled_from([None, 1, 3, 7]), st.integers(0, 30))
-def test_runs_are_the_dense_mask(shapes, window, extra_budget):
-    """Every run's mask equals the reference mask restricted to its queries and keys; runs cover
-    every real query once; no key outside a run's ranges is visible in the reference."""
+@settings(max_examples=80, deadline=None)
+@given(_shapes, st.sampled_from([None, 1, 3, 7]), st.integers(0, 30), st.sampled_from([None, 1, 2, 5]))
+def test_runs_are_the_dense_mask(shapes, window, extra_budget, block):
+    """Every run's mask (runs cut into query blocks or not) equals the reference mask restricted
+    to its queries and keys; runs cover every real query once; no key outside a run's ranges is
+    visible in the reference."""
     batch = _segments_batch(shapes, row_budget=max(sum(shapes[0]), 1) + extra_budget)
     plan = _plan(batch)
     dense = _dense_with_window(batch, window)
     covered = torch.zeros_like(batch["token_mask"])
     useful = 0
-    for u in plan.runs:
+    runs = plan.blocks(block)
+    if block:
+        assert all(u.q_len <= block for u in runs)
+    for u in runs:
         q = slice(u.q_start, u.q_start + u.q_len)
         keys = torch.cat([torch.arange(a, b) for a, b in u.keys])
         want = dense[u.row, q][:, keys]
@@ -233,6 +246,23 @@ def test_placeholder_mask_fails_loudly_in_other_kernels():
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(RuntimeError):
         model(input_ids=ids, attention_mask=prepared_mask_placeholder(1, "cpu"))
+
+
+def test_unblocked_runs_match_dense(monkeypatch):
+    """The runs uncut (as SDPA runs them on CUDA) give the dense mask's log-probs too."""
+    from conftest import tiny_llama
+
+    from preftune import attention
+    from preftune.engine import sequence_logps
+
+    model = tiny_llama(seed=4)
+    batch = _segments_batch([(7, 3, 5), (2, 4, 2), (5, 1, 6)])
+    dense = sequence_logps(model, batch)
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", None)
+    model.config._attn_implementation = segment_implementation("sdpa")
+    seg = sequence_logps(model, batch)
+    torch.testing.assert_close(seg.chosen_sum, dense.chosen_sum, rtol=0, atol=1e-5)
+    torch.testing.assert_close(seg.rejected_sum, dense.rejected_sum, rtol=0, atol=1e-5)
 
 
 def test_segment_path_builds_no_dense_mask(monkeypatch):

@@ -138,19 +138,25 @@ MODEL_CASES = [
 # helpers
 
 KERNELS = ("segments", "dense")  # the packed layout's attention: segment kernels, or the dense mask
+TEST_QUERY_BLOCK = 3  # runs here are shorter than the CPU's 128-query blocks: cut them finer
 
 
 @contextlib.contextmanager
 def packed_attention(model, kernel: str):
-    """Run ``model``'s attention as segment attention over its own kernel, or with the dense mask."""
+    """Run ``model``'s attention as segment attention over its own kernel (with query blocks of
+    ``TEST_QUERY_BLOCK``, so the blocked runs are what is tested), or with the dense mask."""
+    from preftune import attention
+
     config = model.config
-    base = config._attn_implementation
+    base, block = config._attn_implementation, attention.CPU_QUERY_BLOCK
     if kernel == "segments":
         config._attn_implementation = segment_implementation(base)
+        attention.CPU_QUERY_BLOCK = TEST_QUERY_BLOCK
     try:
         yield
     finally:
         config._attn_implementation = base
+        attention.CPU_QUERY_BLOCK = block
 
 
 
