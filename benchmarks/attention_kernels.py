@@ -6,10 +6,13 @@ One attention layer of Qwen2-0.5B's shape (14 query heads, 2 key-value heads, he
 forward + backward, on a packed row of segments ``[prompt, chosen, rejected]``:
 
 * ``dense mask``: one SDPA call over the row with the ``(T, T)`` boolean mask (the reference);
-* ``per run, boolean mask``: preftune's CPU kernel: SDPA per query run, ``is_causal`` for
-  ``[prompt, chosen]``, a small lower-right boolean mask for the rejected queries, GQA in SDPA;
+* ``per run, boolean mask``: SDPA per query run, ``is_causal`` for ``[prompt, chosen]``, a small
+  lower-right boolean mask for the rejected queries, GQA in SDPA;
 * ``per run, causal_lower_right``: the same with ``torch.nn.attention.bias.causal_lower_right``;
-* ``per run, keys repeated``: the same with key/value heads repeated instead of ``enable_gqa``.
+* ``per run, keys repeated``: the same with key/value heads repeated instead of ``enable_gqa``;
+* ``preftune, query blocks of B``: the model's own kernel (``preftune_sdpa`` with a plan), runs cut
+  into query blocks of ``B`` (``preftune.attention.CPU_QUERY_BLOCK``; PyTorch's CPU kernel
+  computes a causal run's whole square up to 512 keys).
 
 Every formulation's output is checked against the dense mask; median of ``--repeats`` runs.
 """
@@ -69,11 +72,34 @@ def per_run(mode):
     return run
 
 
+def preftune_kernel(block):
+    def run(q, k, v, segs):
+        import torch
+
+        from preftune import attention
+
+        attention.register_segment_attention()
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        offsets, off = [], 0
+        for p, c, r in segs:
+            offsets.append((0, off, p, c, r))
+            off += p + c + r
+        plan = attention.SegmentPlan.from_segments(torch.tensor(offsets), 1, off)
+        attention.CPU_QUERY_BLOCK = block
+        module = torch.nn.Module()
+        out, _ = ALL_ATTENTION_FUNCTIONS["preftune_sdpa"](module, q, k, v, None, scaling=DIM**-0.5, **{attention.SEGMENT_KWARG: plan})
+        return out.transpose(1, 2)  # (1, H, T, D) like the others
+
+    return run
+
+
 FORMULATIONS = {
     "dense mask": dense,
-    "per run, boolean mask (preftune)": per_run("bool"),
+    "per run, boolean mask": per_run("bool"),
     "per run, causal_lower_right": per_run("lower_right"),
     "per run, keys repeated": per_run("repeat"),
+    **{f"preftune, query blocks of {b}": preftune_kernel(b) for b in (None, 256, 128, 64, 32)},
 }
 
 

@@ -7,10 +7,9 @@ Three counts per step, each split into decoder ``layers``, LM ``head`` and ``att
   model may attend (causal; rejected never sees chosen).
 * ``preftune``: what the packed layout executes: rows as its collator packs them, padded to the
   longest row; the LM head on scored tokens, plus a recompute of the logits when the softmax does
-  not fit ``--logprob_cache_mb``; attention as the kernel computes it: segment attention runs
-  ``[prompt, chosen]`` causally (``P_C (P_C + 1) / 2`` pairs) and the rejected queries over a
-  lower-right mask (the whole ``R x (P + R)`` rectangle is computed); the dense mask computes
-  ``T^2`` per row.
+  not fit ``--logprob_cache_mb``; attention as PyTorch's CPU flash kernel computes it (score
+  blocks computed whole, see :func:`segment_pairs_executed`); the dense mask computes ``T^2``
+  per row.
 * ``trl`` (padded): ``2B`` rows padded to the longest sequence, the LM head on every position,
   dense ``T x T`` attention.
 
@@ -41,10 +40,36 @@ def attended_pairs(p: int, c: int, r: int) -> int:
     return _tri(p + c) + r * p + _tri(r)
 
 
-def segment_pairs_executed(p: int, c: int, r: int) -> int:
-    """What segment attention computes: ``[p, c]`` with ``is_causal`` (the triangle), the rejected
-    queries against the whole ``[p, r]`` key range under a lower-right mask."""
-    return _tri(p + c) + r * (p + r)
+CPU_KV_BLOCK = 512  # PyTorch's CPU flash attention computes keys in blocks of 512
+
+
+def cpu_causal_pairs(n: int) -> int:
+    """(query, key) scores PyTorch's CPU flash kernel computes for a causal ``n x n`` run: each
+    query block goes up to its last key, rounded up to whole 512-key blocks (so the full square
+    up to 512 keys). Query blocks: 256 rows from 768 queries, 64 from 192, else 32."""
+    q_block = 256 if n >= 768 else 64 if n >= 192 else 32
+    total = 0
+    for m in range(0, n, q_block):
+        rows = min(q_block, n - m)
+        total += rows * min(n, -(-(m + rows) // CPU_KV_BLOCK) * CPU_KV_BLOCK)
+    return total
+
+
+def segment_pairs_executed(p: int, c: int, r: int, block: int | None) -> int:
+    """What segment attention computes on the CPU: the runs ``[p, c]`` (over ``[p, c]``) and
+    ``r`` (over ``[p, r]``) cut into query blocks of ``block`` (``preftune.attention.
+    CPU_QUERY_BLOCK``); a block's first run is square (``is_causal``), the others are masked
+    rectangles computed whole."""
+    total = 0
+    for q_len, shift in ((p + c, 0), (r, p)):
+        step = block or q_len
+        for s in range(0, q_len, step):
+            e = min(s + step, q_len)
+            if shift == 0 and s == 0:
+                total += cpu_causal_pairs(e)
+            else:
+                total += (e - s) * (shift + e)
+    return total
 
 
 def step_flops(pairs: list[Ids], params: dict, scored: Callable[[Ids], int], reference: bool, *, trainable_head: bool,
@@ -75,8 +100,10 @@ def step_flops(pairs: list[Ids], params: dict, scored: Callable[[Ids], int], ref
 
     seg = [len(p) + len(c) + len(r) for p, c, r in pairs]
     if attention == "segments":
+        from preftune.attention import CPU_QUERY_BLOCK
+
         budget = choose_row_budget(seg, 0.0)
-        executed_pairs = sum(segment_pairs_executed(len(p), len(c), len(r)) for p, c, r in pairs)
+        executed_pairs = sum(segment_pairs_executed(len(p), len(c), len(r), CPU_QUERY_BLOCK) for p, c, r in pairs)
     else:
         from preftune.layout import attention_cost_for
         from types import SimpleNamespace
