@@ -178,7 +178,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     resuming = bool(args.resume_from_checkpoint)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
     choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", choice.describe())
+    logger.info("preftune: %s; %d process%s", choice.describe(), args.world_size, "" if args.world_size == 1 else "es")
     from .quant import check_bitsandbytes
 
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
@@ -238,6 +238,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
             "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
             "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
+            # processes that trained together (DDP); a launcher that started fewer than asked shows here
+            "world_size": args.world_size,
         }, indent=2))
     train_output = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint, out))
     if interrupt.received is not None:

@@ -36,18 +36,29 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "model.safetensors"))
 
 
+def world_size_seen(run_dir) -> int:
+    """The number of processes the run itself trained with (rank 0 writes it in run_config.json)."""
+    return json.loads((Path(run_dir) / "run_config.json").read_text())["world_size"]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
-    """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once."""
+    """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once.
+
+    The 2-process run goes through the shipped recipe, examples/cpu_2proc.sh (torchrun), and the
+    run itself must report a world size of 2: equal outputs from a launcher that silently started
+    one process (as `accelerate launch` does on CPU) would prove nothing."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0"]
     r1 = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(single), "--per_device_train_batch_size", "8", *common],
                         capture_output=True, text=True, env=env(), timeout=300)
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", "train",
-                         "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
-                        capture_output=True, text=True, env=env(), timeout=400)
+    recipe_env = dict(env(), PYTHON=sys.executable, PET_MASTER_PORT=str(free_port()))
+    r2 = subprocess.run(["sh", str(REPO / "examples" / "cpu_2proc.sh"), "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
+                        capture_output=True, text=True, env=recipe_env, timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
+    assert world_size_seen(single) == 1 and world_size_seen(ddp) == 2
+    assert "; 2 processes" in r2.stderr and "; 1 process\n" in r1.stderr
     l1, _ = losses(single)
     l2, recs2 = losses(ddp)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]
