@@ -192,3 +192,53 @@ def test_preflight_out_of_memory_suggests_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised as OOM
         memory_preflight(trainer, pairs)
+
+
+def test_token_budget_run_interrupted_in_a_later_epoch_resumes_exactly(tmp_path):
+    """--max_tokens_per_batch: a run stopped by SIGTERM in its second epoch and resumed from the
+    checkpoint ends with the weights of the uninterrupted run (same batches, same order, each epoch)."""
+    from transformers import TrainerCallback
+
+    from preftune.config import PreftuneConfig
+    from preftune.reliability import CheckpointMarkerCallback, InterruptCallback
+    from preftune.trainer import PreferenceTrainer
+    from test_trainer import random_pairs
+
+    from conftest import tiny_llama
+
+    pairs = random_pairs(40)
+
+    class SigtermAt(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)  # caught by InterruptCallback: save, then stop
+
+    def trainer(out, *callbacks):
+        args = PreftuneConfig(output_dir=str(out), report_to="none", max_tokens_per_batch=60, num_train_epochs=3, disable_tqdm=True,
+                              learning_rate=3e-3, save_strategy="no", logging_steps=1, seed=11, use_cpu=True)
+        return PreferenceTrainer(model=tiny_llama(seed=2), args=args, train_pairs=pairs, pad_token_id=0, callbacks=list(callbacks))
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    steps_per_epoch = len(full.get_train_dataloader())
+    assert full.state.global_step == 3 * steps_per_epoch
+    stop_at = steps_per_epoch + 3  # inside the second epoch
+
+    interrupt = InterruptCallback()
+    cut = trainer(tmp_path / "cut", SigtermAt(stop_at), interrupt, CheckpointMarkerCallback())
+    cut.train()
+    assert interrupt.received == signal.SIGTERM and cut.state.global_step == stop_at
+    ckpt = find_latest_checkpoint(tmp_path / "cut")
+    assert ckpt is not None and ckpt.name == f"checkpoint-{stop_at}"
+
+    resumed = trainer(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == full.state.global_step
+    want = dict(full.model.named_parameters())
+    diff = max((p - want[n]).abs().max().item() for n, p in resumed.model.named_parameters())
+    assert diff <= 1e-6, diff
+    start = dict(tiny_llama(seed=2).named_parameters())
+    assert max((p - start[n]).abs().max().item() for n, p in want.items()) > 1e-2  # the weights moved
