@@ -49,6 +49,8 @@ class RunResult:
 
 def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool = False) -> Path:
     """Refuse unusable or finished output folders before any work is done."""
+    if "\0" in str(path):  # the OS refuses such names with a ValueError, not an OSError
+        raise PreftuneError(f"output_dir {str(path)!r} contains a NUL character; choose another --output_dir")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
