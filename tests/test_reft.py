@@ -2,7 +2,7 @@
 
 Interventions are perturbed away from their identity initialisation (``_perturb``) wherever a
 test must see them act. The ORPO+ReFT demo test trains the built-in demo model briefly with full
-fine-tuning (so it answers, but prefers the right answer on only ~2/3 of held-out prompts),
+fine-tuning (so it answers, but prefers the right answer on only ~3/4 of held-out prompts),
 freezes it, then trains only ReFT interventions and measures held-out preference accuracy.
 """
 
