@@ -41,12 +41,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .errors import PreftuneError
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD
 
-__all__ = ["cmd_eval", "build_parser", "preference_metrics", "METRIC_ORDER", "EVAL_FILE", "GENERATIONS_JSONL", "GENERATIONS_MD"]
-
-EVAL_FILE = "eval.json"
-GENERATIONS_JSONL = "generations.jsonl"
-GENERATIONS_MD = "generations.md"
+__all__ = ["cmd_eval", "build_parser", "preference_metrics", "METRIC_ORDER"]
 
 METRIC_ORDER = [
     "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",

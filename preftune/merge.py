@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import PreftuneError
+from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REFT_CONFIG_FILE
 
 __all__ = ["cmd_merge", "merge_adapter"]
 
-ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -44,16 +44,16 @@ def _read_json(path: Path) -> dict:
 def _check_adapter_dir(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
         raise PreftuneError(f"adapter folder {str(adapter_dir)!r} not found")
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        if (adapter_dir / "reft_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
+        if (adapter_dir / REFT_CONFIG_FILE).is_file():
             raise PreftuneError(
                 f"{str(adapter_dir)!r} holds ReFT interventions, which act on activations at prompt positions and cannot be "
                 "merged into weights; load them with preftune.reft.load_reft"
             )
-        if (adapter_dir / "config.json").is_file():
-            raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG}); there is nothing to merge")
-        raise PreftuneError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG}; pass the output_dir of a --use_peft run")
-    return _read_json(adapter_dir / ADAPTER_CONFIG)
+        if (adapter_dir / MODEL_CONFIG_FILE).is_file():
+            raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG_FILE}); there is nothing to merge")
+        raise PreftuneError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG_FILE}; pass the output_dir of a --use_peft run")
+    return _read_json(adapter_dir / ADAPTER_CONFIG_FILE)
 
 
 def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
@@ -94,7 +94,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
         run_config = read_run_config(adapter_dir)
         base = demo_init_model(tokenizer, run_config) if run_config and run_config.get("demo") else None
         if base is None:
-            raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
+            raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG_FILE)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
     from peft import PeftModel
 
     try:

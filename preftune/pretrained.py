@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PreftuneError
+from .rundir import (
+    ADAPTER_CONFIG_FILE,
+    REFT_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILES,
+    list_checkpoints,
+    model_kind,
+    read_json,
+    read_run_config,
+)
 
-__all__ = ["LoadedModel", "load_pretrained", "load_base", "read_run_config", "model_kind", "check_model_arg", "encode_prompt", "quiet_transformers"]
+__all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "encode_prompt", "quiet_transformers"]
 
-RUN_CONFIG_FILE = "run_config.json"
-ADAPTER_CONFIG = "adapter_config.json"
-REFT_CONFIG = "reft_config.json"
 
 
 @dataclass
@@ -84,41 +90,15 @@ def quiet_transformers():
                 hf_logging.enable_progress_bar()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_run_config(folder: str | Path | None) -> dict | None:
-    """``run_config.json`` of a ``preftune train`` output folder, or None."""
-    if folder is None:
-        return None
-    return _read_json(Path(folder) / RUN_CONFIG_FILE)
-
-
-def model_kind(folder: Path) -> str | None:
-    """"ReFT", "LoRA adapter" or "full model" from the files in ``folder``; None if no model."""
-    if (folder / REFT_CONFIG).is_file():
-        return "ReFT"
-    if (folder / ADAPTER_CONFIG).is_file():
-        return "LoRA adapter"
-    if (folder / "config.json").is_file():
-        return "full model"
-    return None
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _no_model_error(folder: Path) -> PreftuneError:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    checkpoints = [path for _, path in list_checkpoints(folder)]  # newest first
     msg = f"{str(folder)!r} holds no saved model (no config.json, adapter_config.json or reft_config.json)"
     if checkpoints:
-        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[-1])!r}")
+        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[0])!r}")
     if (folder / RUN_CONFIG_FILE).is_file():
         return PreftuneError(f"{msg}; the run in it did not finish (no model was saved)")
     return PreftuneError(f"{msg}; pass the output folder of `preftune train` or a save_pretrained folder")
@@ -134,7 +114,7 @@ def load_run_tokenizer(primary: Path | str, fallback: str | None, trust_remote_c
     """The tokenizer saved with the run; else the base model's."""
     from .modeling import load_tokenizer
 
-    if isinstance(primary, Path) and not any((primary / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if isinstance(primary, Path) and not any((primary / f).exists() for f in TOKENIZER_FILES):
         if fallback is None:
             raise PreftuneError(f"{str(primary)!r} has no tokenizer files and names no base model to take them from")
         primary = fallback
@@ -162,7 +142,7 @@ def _base_name(folder: Path, kind: str, run_config: dict | None) -> str | None:
         return None
     if run_config and (run_config.get("model") or {}).get("model_name_or_path"):
         return run_config["model"]["model_name_or_path"]
-    cfg = _read_json(folder / (ADAPTER_CONFIG if kind == "LoRA adapter" else REFT_CONFIG)) or {}
+    cfg = read_json(folder / (ADAPTER_CONFIG_FILE if kind == "LoRA adapter" else REFT_CONFIG_FILE)) or {}
     for key in ("base_model_name_or_path", "base_model", "model_name_or_path"):
         if cfg.get(key):
             return str(cfg[key])
@@ -174,7 +154,7 @@ def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str
     if base is None:
         if run_config and run_config.get("demo"):
             return demo_init_model(tokenizer, run_config), "built-in demo model"
-        raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG if kind == 'LoRA adapter' else REFT_CONFIG})")
+        raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG_FILE if kind == 'LoRA adapter' else REFT_CONFIG_FILE})")
     return _load_full(base, torch_dtype, trust_remote_code), base
 
 

@@ -60,6 +60,7 @@ from torch import nn
 
 from .engine import _unwrap, sequence_logps
 from .layout import PairTokens, batch_to, collate_pairs
+from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REF_CACHE_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,8 @@ __all__ = [
     "reference_fingerprint",
     "pairs_digest",
     "model_digest",
-    "REF_CACHE_DIR",
 ]
 
-REF_CACHE_DIR = "ref_logps"
 CACHE_FORMAT = "preftune-ref-logps-v1"  # part of every fingerprint: bump when the table's meaning changes
 
 ReferenceFn = Callable[[nn.Module | None, dict], tuple[torch.Tensor, torch.Tensor]]
@@ -310,7 +309,7 @@ def model_digest(model: nn.Module, frozen_only: bool = False, samples: int = 256
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_CONFIG_FILES = ("config.json", "adapter_config.json")
+_CONFIG_FILES = (MODEL_CONFIG_FILE, ADAPTER_CONFIG_FILE)
 
 
 def files_digest(folder: Path, slice_bytes: int = 1 << 20) -> str:

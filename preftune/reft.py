@@ -58,17 +58,16 @@ import torch
 from torch import nn
 
 from .errors import PreftuneError
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "REFT_WEIGHTS", "REFT_CONFIG", "ReftConfig", "LoReFT", "ReftInterventions", "parse_positions", "parse_layers",
+    "ReftConfig", "LoReFT", "ReftInterventions", "parse_positions", "parse_layers",
     "attach_reft", "add_interventions", "get_reft", "disable_reft", "save_reft", "load_reft", "reft_generate",
     "generate_with_reft",
 ]
 
-REFT_WEIGHTS = "reft_interventions.safetensors"
-REFT_CONFIG = "reft_config.json"
 _FORMAT = "preftune-loreft-v1"
 
 
@@ -280,10 +279,10 @@ class ReftInterventions(nn.Module):
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors(), str(out / REFT_WEIGHTS), metadata={"format": "pt", "preftune": _FORMAT})
+        save_file(self.tensors(), str(out / REFT_WEIGHTS_FILE), metadata={"format": "pt", "preftune": _FORMAT})
         meta = asdict(self.config)
         meta["trainable_parameters"] = self.config.num_parameters()
-        (out / REFT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (out / REFT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 # --- attaching to a model ----------------------------------------------------------------------
@@ -390,9 +389,9 @@ def save_reft(model: nn.Module, output_dir: str | Path):
 
 
 def _read_config(run_dir: Path) -> ReftConfig:
-    path = run_dir / REFT_CONFIG
+    path = run_dir / REFT_CONFIG_FILE
     if not path.is_file():
-        raise PreftuneError(f"{str(run_dir)!r} has no {REFT_CONFIG}; pass the output_dir of a ReFT run")
+        raise PreftuneError(f"{str(run_dir)!r} has no {REFT_CONFIG_FILE}; pass the output_dir of a ReFT run")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         return ReftConfig(
@@ -424,14 +423,14 @@ def load_reft(run_dir: str | Path, base_model: nn.Module | str | None = None) ->
         base_model = load_model(name, ModelArguments(model_name_or_path=name), choose_device())
     if _hidden_size(base_model) != config.hidden_size:
         raise PreftuneError(f"the ReFT interventions in {str(run_dir)!r} need hidden size {config.hidden_size}, the base model has {_hidden_size(base_model)}")
-    weights_path = run_dir / REFT_WEIGHTS
+    weights_path = run_dir / REFT_WEIGHTS_FILE
     if not weights_path.is_file():
-        raise PreftuneError(f"{str(run_dir)!r} has {REFT_CONFIG} but no {REFT_WEIGHTS}")
+        raise PreftuneError(f"{str(run_dir)!r} has {REFT_CONFIG_FILE} but no {REFT_WEIGHTS_FILE}")
     tensors = load_file(str(weights_path))
     expected = {f"{key}.{part}" for key in config.keys() for part in ("R", "W", "b")}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise PreftuneError(f"{str(weights_path)!r} does not match {REFT_CONFIG} (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise PreftuneError(f"{str(weights_path)!r} does not match {REFT_CONFIG_FILE} (missing {missing[:3]}, unexpected {extra[:3]})")
     for p in base_model.parameters():
         p.requires_grad_(False)
     reft = add_interventions(base_model, config, trainable=False)

@@ -23,10 +23,9 @@ import math
 from pathlib import Path
 
 from .errors import PreftuneError
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
 
-__all__ = ["cmd_report", "build_parser", "write_report", "render_report", "REPORT_FILE"]
-
-REPORT_FILE = "report.html"
+__all__ = ["cmd_report", "build_parser", "write_report", "render_report"]
 
 # Hyper-parameters shown in the summary table, by run_config.json section (others: "full configuration").
 _SHOWN = {
@@ -277,10 +276,10 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
     from . import __version__
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "run_config.json")
-    complete = _read_json(run_dir / "run_complete.json")
-    ev = _read_json(run_dir / "eval.json")
-    gens = _read_jsonl(run_dir / "generations.jsonl", max_generations)
+    config = _read_json(run_dir / RUN_CONFIG_FILE)
+    complete = _read_json(run_dir / RUN_COMPLETE_FILE)
+    ev = _read_json(run_dir / EVAL_FILE)
+    gens = _read_jsonl(run_dir / GENERATIONS_JSONL, max_generations)
     if isinstance(ev, dict) and "generations" not in ev:
         gens = []  # left over from an earlier `preftune eval --generate`; the latest eval wrote none
     config = config if isinstance(config, dict) else None
@@ -333,7 +332,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise PreftuneError(f"run folder {str(run_dir)!r} not found" if not run_dir.exists() else f"{str(run_dir)!r} is a file; pass the run folder")
-    known = ("run_config.json", "run_complete.json", "metrics.jsonl", "eval.json")
+    known = (RUN_CONFIG_FILE, RUN_COMPLETE_FILE, METRICS_FILE, EVAL_FILE)
     if not any((run_dir / f).is_file() for f in known):
         raise PreftuneError(f"{str(run_dir)!r} is not a run folder of `preftune train` (it has none of {', '.join(known)})")
     page = render_report(run_dir, max_generations)

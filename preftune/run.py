@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,15 +17,13 @@ from .data.tokenize import TokenizeSettings, tokenize_examples
 from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
-from .reliability import CheckpointMarkerCallback, InterruptCallback, find_latest_checkpoint
+from .reliability import CheckpointMarkerCallback, InterruptCallback
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
 from .trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
 
-__all__ = ["run_training", "RunResult", "RunInterrupted", "check_output_dir", "RUN_COMPLETE_FILE", "RUN_CONFIG_FILE"]
-
-RUN_COMPLETE_FILE = "run_complete.json"
-RUN_CONFIG_FILE = "run_config.json"
+__all__ = ["run_training", "RunResult", "RunInterrupted"]
 
 
 class RunInterrupted(PreftuneError):
@@ -45,31 +42,6 @@ class RunResult:
     eval_pairs: int
     seconds: float
     demo_table: list[tuple[str, float, float]] | None = None
-
-
-def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool = False) -> Path:
-    """Refuse unusable or finished output folders before any work is done."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PreftuneError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
-    if (out / RUN_COMPLETE_FILE).exists() and not (overwrite or resuming):
-        info = {}
-        try:
-            info = json.loads((out / RUN_COMPLETE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-        if not (is_demo and info.get("demo")):
-            raise PreftuneError(
-                f"output_dir {str(out)!r} already holds a finished run; pass --overwrite_output_dir to replace it, or choose another --output_dir"
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".preftune_write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PreftuneError(f"cannot write to output_dir {str(out)!r}: {e.strerror or e}") from None
-    return out
 
 
 def _columns(data_args: DataArguments) -> ColumnMap:
@@ -211,7 +183,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         from .reft import attach_reft
 
         model = attach_reft(model, model_args)
-        saved_kind = "ReFT interventions (reft_interventions.safetensors + reft_config.json)"
+        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
@@ -234,12 +206,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         reference=reference, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
     )
     if args.process_index == 0:
-        (out / RUN_CONFIG_FILE).write_text(json.dumps({
+        write_json(out / RUN_CONFIG_FILE, {
             "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
             "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
-        }, indent=2))
-    train_output = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint, out))
+        })
+    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
     if interrupt.received is not None:
         import signal
 
@@ -278,20 +250,5 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
             "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
             "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
         })
-        (out / RUN_COMPLETE_FILE).write_text(json.dumps({"final_metrics": final, "seconds": seconds, "demo": is_demo}, indent=2))
+        write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": is_demo})
     return RunResult(out, final, len(train_pairs), len(eval_pairs), seconds, demo_table)
-
-
-def _resume_arg(value, out: Path):
-    if not value:
-        return None
-    if str(value) == "latest":
-        last = find_latest_checkpoint(out)
-        if last is None:
-            raise PreftuneError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {str(out)!r}")
-        logger.info("resuming from %s", last)
-        return str(last)
-    path = Path(value)
-    if not (path.is_dir() and (path / "trainer_state.json").exists()):
-        raise PreftuneError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)

@@ -15,7 +15,8 @@ from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.engine import sequence_logps
 from preftune.layout import PairTokens, collate_pairs
 from preftune.modeling import choose_device
-from preftune.reference import REF_CACHE_DIR, ModelReference, PrecomputedReference, build_reference
+from preftune.reference import ModelReference, PrecomputedReference, build_reference
+from preftune.rundir import REF_CACHE_DIR
 
 PAD = SimpleNamespace(pad_token_id=0)  # a tokenizer stand-in: build_reference only needs the pad id
 CHOICE = choose_device("float32", "sdpa")

@@ -21,9 +21,10 @@ from preftune.engine import sequence_logps
 from preftune.errors import PreftuneError
 from preftune.layout import PairTokens, collate_pairs
 from preftune.reft import (
-    REFT_CONFIG, REFT_WEIGHTS, LoReFT, attach_reft, disable_reft, get_reft, load_reft, parse_layers, parse_positions,
+    LoReFT, attach_reft, disable_reft, get_reft, load_reft, parse_layers, parse_positions,
     reft_generate,
 )
+from preftune.rundir import REFT_CONFIG_FILE as REFT_CONFIG, REFT_WEIGHTS_FILE as REFT_WEIGHTS
 from preftune.trainer import PreferenceTrainer
 
 
