@@ -109,6 +109,21 @@ def demo_rows(n_train: int = 2000, n_eval: int = 64, seed: int = 1234) -> tuple[
     return train, [_row(op, list(d)) for op, d in held]
 
 
+def demo_examples():
+    """The built-in demo's training and held-out examples (normalised like any data file), and
+    the held-out raw rows (for the exact-answer check of :func:`evaluate_demo`)."""
+    from .data import ColumnMap
+    from .data.formats import normalize_record
+    from .data.io import Record
+    from .data.splits import EVAL_ID_OFFSET
+
+    train_rows, eval_rows = demo_rows()
+    columns = ColumnMap()
+    train = [normalize_record(Record(r, f"demo row {i}"), columns, i) for i, r in enumerate(train_rows)]
+    evals = [normalize_record(Record(r, f"demo eval row {i}"), columns, EVAL_ID_OFFSET + i) for i, r in enumerate(eval_rows)]
+    return train, evals, eval_rows
+
+
 @torch.no_grad()
 def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
     """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""

@@ -38,7 +38,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from .errors import PreftuneError
 from .rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD
@@ -149,12 +148,12 @@ def _held_out_examples(run_config: dict | None, model_name: str):
     if run_config is None:
         raise PreftuneError(f"--dataset_name is required ({model_name!r} is not a run folder of `preftune train`, so it has no held-out pairs)")
     if run_config.get("demo"):
-        from .run import demo_data
+        from .demo import demo_examples
 
-        _, evals, _ = demo_data()
+        _, evals, _ = demo_examples()
         return evals, "the built-in demo's held-out pairs"
     from .config import DataArguments
-    from .run import load_train_eval
+    from .data.splits import load_train_eval
 
     data = run_config.get("data") or {}
     if not (data.get("eval_split") or data.get("eval_fraction")):
@@ -162,21 +161,9 @@ def _held_out_examples(run_config: dict | None, model_name: str):
     known = {k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__}
     data_args = DataArguments(**known)
     seed = int((run_config.get("training") or {}).get("seed", 42))
-    _, evals, _ = load_train_eval(data_args, SimpleNamespace(seed=seed))
+    _, evals, _ = load_train_eval(data_args, seed)
     how = f"split {data['eval_split']!r}" if data.get("eval_split") else f"the {data['eval_fraction']:g} held out by --eval_fraction, seed {seed}"
     return evals, f"{data.get('dataset_name')} ({how})"
-
-
-def _tokenize(loaded, examples, settings: EvalSettings):
-    from .data.tokenize import tokenize_examples
-
-    try:
-        pairs, report = tokenize_examples(loaded.tokenizer, examples, settings.tokenize)
-    except ValueError as e:
-        raise PreftuneError(f"{loaded.label}: {e}") from None
-    if not pairs:
-        raise PreftuneError(f"{loaded.label}: every pair was dropped during tokenization ({report.summary()}); raise --max_length")
-    return pairs, report
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -333,6 +320,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def _evaluate(args) -> int:
+    from .data.splits import tokenize_split
     from .pretrained import check_model_arg, load_pretrained, read_run_config
 
     started = time.perf_counter()
@@ -351,7 +339,7 @@ def _evaluate(args) -> int:
         models.append(_load_compare(args, args.chat_template_file))
     results, answers = [], []
     for loaded in models:
-        pairs, report = _tokenize(loaded, examples, settings)
+        pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)
         metrics = preference_metrics(loaded.model, pairs, _pad_id(loaded.tokenizer), settings.beta, settings.batch_size, settings.nll_on_prompt)
         results.append({"name": loaded.label, "kind": loaded.kind, "notes": loaded.notes, "pairs": len(pairs),
                         "tokenization": report.summary(), "metrics": metrics})

@@ -10,10 +10,7 @@ from pathlib import Path
 
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data import ColumnMap, load_examples, split_eval
-from .data.formats import normalize_record
-from .data.io import Record
-from .data.tokenize import TokenizeSettings, tokenize_examples
+from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
@@ -42,60 +39,6 @@ class RunResult:
     eval_pairs: int
     seconds: float
     demo_table: list[tuple[str, float, float]] | None = None
-
-
-def _columns(data_args: DataArguments) -> ColumnMap:
-    return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column)
-
-
-def load_train_eval(data_args: DataArguments, args: PreftuneConfig):
-    """Training and held-out examples exactly as a run splits them (also used by ``preftune eval``)."""
-    loaded = load_examples(
-        data_args.dataset_name, data_args.dataset_split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format
-    )
-    if loaded.skipped:
-        logger.warning("%s: %s", data_args.dataset_name, loaded.skip_summary())
-    train = loaded.examples
-    if data_args.max_train_samples is not None:
-        train = train[: data_args.max_train_samples]
-    evals: list = []
-    if data_args.eval_fraction:
-        train, evals = split_eval(train, data_args.eval_fraction, args.seed)
-    elif data_args.eval_split:
-        is_path = Path(data_args.eval_split).expanduser().exists()
-        source = data_args.eval_split if is_path else data_args.dataset_name
-        split = "train" if is_path else data_args.eval_split
-        ev = load_examples(source, split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format, id_offset=10**9)
-        evals = ev.examples
-    return train, evals, loaded
-
-
-def demo_data():
-    """The built-in demo's training and held-out examples, and the held-out raw rows."""
-    from .demo import demo_rows
-
-    train_rows, eval_rows = demo_rows()
-    columns = ColumnMap()
-    train = [normalize_record(Record(r, f"demo row {i}"), columns, i) for i, r in enumerate(train_rows)]
-    evals = [normalize_record(Record(r, f"demo eval row {i}"), columns, 10**9 + i) for i, r in enumerate(eval_rows)]
-    return train, evals, eval_rows
-
-
-def _tokenize(tokenizer, examples, data_args: DataArguments, label: str):
-    settings = TokenizeSettings(
-        max_length=data_args.max_length,
-        max_prompt_length=data_args.max_prompt_length,
-        truncation_mode=data_args.truncation_mode,
-        chat_template=data_args.chat_template,
-    )
-    try:
-        pairs, report = tokenize_examples(tokenizer, examples, settings)
-    except ValueError as e:
-        raise PreftuneError(f"{label}: {e}") from None
-    logger.info("%s: %s", label, report.summary())
-    if not pairs and examples:
-        raise PreftuneError(f"{label}: every pair was dropped during tokenization ({report.summary()}); raise --max_length")
-    return pairs, report
 
 
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
@@ -160,14 +103,17 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         from .demo import build_demo_model, build_demo_tokenizer
 
         tokenizer = build_demo_tokenizer()
-        train_ex, eval_ex, demo_eval_rows = demo_data()
+        from .demo import demo_examples
+
+        train_ex, eval_ex, demo_eval_rows = demo_examples()
         dataset_label = "built-in demo task (add one / copy)"
     else:
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
-        train_ex, eval_ex, _ = load_train_eval(data_args, args)
+        train_ex, eval_ex, _ = load_train_eval(data_args, args.seed)
         dataset_label = data_args.dataset_name
-    train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data")
-    eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)
+    settings = tokenize_settings_of(data_args)
+    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
+    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
 
     if is_demo:
         model = build_demo_model(len(tokenizer), seed=args.seed)
