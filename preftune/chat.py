@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES, has_chat_template
 
 __all__ = ["cmd_chat", "ChatSession", "FORMATS", "build_parser"]
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do_sample; 0 means greedy)")
     p.add_argument("--top_p", "--top-p", type=float, default=None, help="nucleus sampling threshold (implies --do_sample)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=TORCH_DTYPES, help="weights dtype")
     p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
     return p
 
@@ -95,20 +96,16 @@ class GenerationSettings:
         return out
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def resolve_format(fmt: str, tokenizer, is_demo: bool, name: str) -> tuple[str, str | None]:
     """(format, note to show once or None)."""
-    if fmt == "chat" and not _has_template(tokenizer):
+    if fmt == "chat" and not has_chat_template(tokenizer):
         raise PreftuneError(
             f"the tokenizer of {name!r} has no chat template; pass --chat_template_file FILE, "
             "--format chatml (preftune's default template) or --format raw (text as typed)"
         )
     if fmt != "auto":
         return fmt, None
-    if _has_template(tokenizer):
+    if has_chat_template(tokenizer):
         return "chat", None
     if is_demo:
         return "raw", "the built-in demo was trained on plain text, so messages are sent as typed (try: Q: add one to 1 2 3 A:)"

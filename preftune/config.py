@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES
 
 __all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "METHODS", "field_groups"]
 
@@ -81,7 +82,7 @@ class ModelArguments:
     reft_share_weights: bool = _f(True, "ReFT: share one intervention between the first and last positions of a layer.", "reft")
 
     def __post_init__(self):
-        _require(self.torch_dtype in ("auto", "float32", "bfloat16", "float16"), f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        _require(self.torch_dtype in TORCH_DTYPES, f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
         _require(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"), f"--attn_implementation {self.attn_implementation!r} is not one of auto, sdpa, eager, flash_attention_2, flex_attention")
         _require(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
         _require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")

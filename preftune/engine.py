@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hf_helpers import unwrap_model
 from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
 
 logger = logging.getLogger(__name__)
@@ -68,22 +69,6 @@ class SequenceLogps:
         return self.rejected_sum / self.rejected_count
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip PEFT and DDP/compile wrappers to reach the transformers CausalLM model."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
 def logit_transform_from_config(config) -> LogitTransform:
     """Read the logit post-processing of Gemma 2/3, Cohere and Granite from a model config."""
     scale = 1.0
@@ -100,7 +85,7 @@ _warned_fallback: set[str] = set()
 
 def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     """Return (decoder, LM head, transform) for the fast path, or None when it does not apply."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _PLAIN_HEAD_MODEL_TYPES:
@@ -150,7 +135,7 @@ def _attention_mask_for(
     """
     if mask.dim() != 4:
         return mask
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
 
     def convert(m: torch.Tensor) -> torch.Tensor:
@@ -196,7 +181,7 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
         return None
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    config = _unwrap(model).config
+    config = unwrap_model(model).config
     num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", 2)
     return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask.long())
@@ -228,7 +213,7 @@ def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_S
 
 
 def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float = 0.0):
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
         input_ids=batch["input_ids"],
@@ -240,7 +225,7 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
         kwargs["output_router_logits"] = True
     spec = resolve_lm_head(model)
     # A model may carry a per-batch context (ReFT: the prompt positions its interventions act on).
-    enter_batch = getattr(_unwrap(model), "preftune_batch_context", None)
+    enter_batch = getattr(unwrap_model(model), "preftune_batch_context", None)
     batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
     if spec is not None:
         kwargs["attention_mask"] = _attention_mask_for(

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES, pad_token_id
 from .rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD
 
 __all__ = ["cmd_eval", "build_parser", "preference_metrics", "METRIC_ORDER"]
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--generate", type=int, default=0, metavar="N", help="write N prompts with each model's greedy answer to generations.md/.jsonl")
     a("--max_new_tokens", "--max-new-tokens", type=int, default=128, metavar="N", help="longest generated answer (default 128)")
     a("--output_dir", "--output-dir", default=None, metavar="DIR", help="where eval.json goes (default: MODEL's folder)")
-    a("--torch_dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
+    a("--torch_dtype", "--torch-dtype", default="auto", choices=TORCH_DTYPES, help="weights dtype")
     a("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
     return p
 
@@ -195,13 +196,6 @@ def preference_metrics(model, pairs, pad_id: int, beta: float, batch_size: int =
     }
 
 
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 # -- generations --------------------------------------------------------------------------------
 
 def _text(content) -> str:
@@ -230,7 +224,7 @@ def greedy_answers(loaded, pairs, n: int, max_new_tokens: int) -> dict[int, str]
         room = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
         with torch.no_grad():
             gen = loaded.generate_ids(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, do_sample=False,
-                                      eos_token_id=eos, pad_token_id=_pad_id(tok))
+                                      eos_token_id=eos, pad_token_id=pad_token_id(tok))
         out[pair.example_id] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
     return out
 
@@ -340,7 +334,7 @@ def _evaluate(args) -> int:
     results, answers = [], []
     for loaded in models:
         pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)
-        metrics = preference_metrics(loaded.model, pairs, _pad_id(loaded.tokenizer), settings.beta, settings.batch_size, settings.nll_on_prompt)
+        metrics = preference_metrics(loaded.model, pairs, pad_token_id(loaded.tokenizer), settings.beta, settings.batch_size, settings.nll_on_prompt)
         results.append({"name": loaded.label, "kind": loaded.kind, "notes": loaded.notes, "pairs": len(pairs),
                         "tokenization": report.summary(), "metrics": metrics})
         if args.generate:

@@ -24,11 +24,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES, torch_dtype_of
 from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REFT_CONFIG_FILE
 
 __all__ = ["cmd_merge", "merge_adapter"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _read_json(path: Path) -> dict:
@@ -72,7 +72,7 @@ def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
 
     from .modeling import causal_lm_from_pretrained
 
-    dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    dtype = torch_dtype_of(torch_dtype) or "auto"
     return causal_lm_from_pretrained(name, kind="base model", dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -80,8 +80,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
                   torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base model and save the result to ``output_dir``."""
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
-    if torch_dtype not in DTYPES:
-        raise PreftuneError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
+    if torch_dtype not in TORCH_DTYPES:
+        raise PreftuneError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     adapter_config = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
@@ -134,7 +134,7 @@ def cmd_merge(argv: list[str]) -> int:
     parser.add_argument("--output_dir", "--output-dir", required=True, metavar="OUT", help="folder to write the merged model to")
     parser.add_argument("--base_model", "--base-model", default=None, metavar="PATH", help="base model to merge into (default: base_model_name_or_path in adapter_config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
-    parser.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=DTYPES, help="dtype of the merged model (auto: the base checkpoint's)")
+    parser.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=TORCH_DTYPES, help="dtype of the merged model (auto: the base checkpoint's)")
     parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the base model's folder")
     args = parser.parse_args(argv)
     out = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, args.overwrite, args.torch_dtype, args.trust_remote_code)

@@ -58,7 +58,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .engine import _unwrap, sequence_logps
+from .engine import sequence_logps
+from .hf_helpers import find_peft_model, pad_token_id, unwrap_model
 from .layout import PairTokens, batch_to, collate_pairs
 from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REF_CACHE_DIR
 
@@ -80,24 +81,6 @@ ReferenceFn = Callable[[nn.Module | None, dict], tuple[torch.Tensor, torch.Tenso
 
 
 # --- on-the-fly references ----------------------------------------------------------------------
-def _find_peft_model(model: nn.Module | None):
-    """The ``peft.PeftModel`` inside DDP / torch.compile wrappers, or None."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    for _ in range(8):
-        if model is None or isinstance(model, PeftModel):
-            return model
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            return None
-    return None
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Eval mode (no dropout) for the reference pass, then the caller's mode back."""
@@ -112,7 +95,7 @@ def _eval_mode(model: nn.Module):
 
 
 def _is_quantized_or_dispatched(model: nn.Module) -> bool:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     return bool(
         getattr(inner, "is_loaded_in_4bit", False)
         or getattr(inner, "is_loaded_in_8bit", False)
@@ -157,7 +140,7 @@ class ModelReference:
     def __call__(self, policy: nn.Module | None, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         if self.adapters_off:
-            model = _find_peft_model(policy) or self.model
+            model = find_peft_model(policy) or self.model
         elif self.follow_batch_device:
             _move_to(model, batch["input_ids"].device)
         adapters = model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
@@ -281,7 +264,7 @@ def _tensor_sample_bytes(t: torch.Tensor, k: int) -> bytes:
 
 
 def _config_json(model: nn.Module) -> str:
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     if config is None:
         return ""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
@@ -391,14 +374,6 @@ def _engine_settings(args, choice, model_args) -> dict:
     }
 
 
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _load_separate(path: str, model_args, choice) -> nn.Module:
     from .modeling import choose_device, load_model
 
@@ -410,7 +385,7 @@ def _on_the_fly(model, model_args, args, choice) -> ModelReference:
     if args.ref_model_name_or_path:
         ref = _load_separate(args.ref_model_name_or_path, model_args, choice)
         return ModelReference(ref, chunk, f"separate frozen model {args.ref_model_name_or_path!r}, on the fly")
-    peft_model = _find_peft_model(model)
+    peft_model = find_peft_model(model)
     if peft_model is not None:
         return ModelReference(peft_model, chunk, "the base model with adapters disabled (no second copy), on the fly",
                               adapters_off=True, follow_batch_device=False)
@@ -420,7 +395,7 @@ def _on_the_fly(model, model_args, args, choice) -> ModelReference:
 def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], tokenizer) -> PrecomputedReference:
     chunk = args.logprob_chunk_size
     ref_path = args.ref_model_name_or_path
-    peft_model = _find_peft_model(model)
+    peft_model = find_peft_model(model)
     if ref_path:
         folder = Path(ref_path).expanduser()
         loaded = None
@@ -459,7 +434,7 @@ def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], token
     device = _model_device(ref_model)
     started = time.perf_counter()
     ids, chosen, rejected = compute_reference_table(
-        reference, pairs, _pad_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget
+        reference, pairs, pad_token_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget
     )
     seconds = time.perf_counter() - started
     written = getattr(args, "process_index", 0) == 0 and _write_cache(path, fingerprint, ids, chosen, rejected, description)

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from .errors import PreftuneError
+from .hf_helpers import unwrap_model
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
@@ -287,9 +288,7 @@ class ReftInterventions(nn.Module):
 
 # --- attaching to a model ----------------------------------------------------------------------
 def _inner(model: nn.Module) -> nn.Module:
-    from .engine import _unwrap
-
-    return _unwrap(model)
+    return unwrap_model(model)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
-from .engine import _unwrap, sequence_logps
+from .engine import sequence_logps
+from .hf_helpers import pad_token_id as pad_id_of, unwrap_model
 from .layout import PairTokens, PreferenceCollator, attention_cost_for
 from .objective import Window, compute_objective, nll_weight
 
@@ -90,15 +91,13 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None, **kwargs):
         if pad_token_id is None:
-            pad_token_id = getattr(processing_class, "pad_token_id", None)
-            if pad_token_id is None:
-                pad_token_id = getattr(processing_class, "eos_token_id", None) or 0
+            pad_token_id = pad_id_of(processing_class)
         collator = PreferenceCollator(
             pad_id=pad_token_id,
             layout=args.batch_layout,
             score_prompt=args.nll_on_prompt,
             row_budget=args.row_budget,
-            attention_cost=attention_cost_for(getattr(_unwrap(model), "config", None)),
+            attention_cost=attention_cost_for(getattr(unwrap_model(model), "config", None)),
         )
         if args.disable_dropout:
             for module in model.modules():
@@ -212,7 +211,7 @@ class PreferenceTrainer(Trainer):
 
         Checkpoints (``_internal_call``) keep the full Trainer format so resuming works.
         """
-        save_own = getattr(_unwrap(self.model), "preftune_save_pretrained", None)
+        save_own = getattr(unwrap_model(self.model), "preftune_save_pretrained", None)
         if save_own is None or _internal_call:
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():
