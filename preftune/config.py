@@ -93,7 +93,7 @@ class ModelArguments:
             self.use_peft = True
         _require(not (self.use_peft and self.reft_layers), "ReFT and LoRA are separate methods here: pass --reft_layers or --use_peft, not both")
         if self.reft_layers:  # fail before loading the model
-            from .reft import parse_layers, parse_positions
+            from .reft.spec import parse_layers, parse_positions
 
             parse_layers(self.reft_layers), parse_positions(self.reft_positions)
 

@@ -169,13 +169,18 @@ def _held_out_examples(run_config: dict | None, model_name: str):
 
 # -- metrics ------------------------------------------------------------------------------------
 
-def preference_metrics(model, pairs, pad_id: int, beta: float, batch_size: int = 8, nll_on_prompt: bool = False) -> dict[str, float]:
-    """The metrics of the module docstring for ``pairs``, through the training engine."""
-    from .engine import score_pairs
+def preference_metrics(model, pairs, pad_id: int, beta: float, batch_size: int = 8, nll_on_prompt: bool = False,
+                       batch_context=None) -> dict[str, float]:
+    """The metrics of the module docstring for ``pairs``, through the training engine.
+
+    ``batch_context``: the model's (see :class:`preftune.model_hooks.ModelHooks`; ReFT needs it).
+    """
+    from .engine import forward_scorer, score_pairs
     from .losses import orpo_loss
 
     model.eval()
-    seq = score_pairs(model, pairs, pad_id, batch_size, score_prompt=nll_on_prompt)  # every field (N,)
+    device = next(model.parameters()).device
+    seq = score_pairs(forward_scorer(model, batch_context), pairs, pad_id, batch_size, device, score_prompt=nll_on_prompt)  # (N,) each
     nll_sum, nll_tokens = seq.nll_sum.double().sum().item(), seq.nll_count.double().sum().item()
     lc, lr = seq.chosen_avg, seq.rejected_avg  # (N,)
     pref = orpo_loss(lc, lr, beta)
@@ -334,7 +339,8 @@ def _evaluate(args) -> int:
     results, answers = [], []
     for loaded in models:
         pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)
-        metrics = preference_metrics(loaded.model, pairs, pad_token_id(loaded.tokenizer), settings.beta, settings.batch_size, settings.nll_on_prompt)
+        metrics = preference_metrics(loaded.model, pairs, pad_token_id(loaded.tokenizer), settings.beta, settings.batch_size,
+                                     settings.nll_on_prompt, loaded.hooks.batch_context)
         results.append({"name": loaded.label, "kind": loaded.kind, "notes": loaded.notes, "pairs": len(pairs),
                         "tokenization": report.summary(), "metrics": metrics})
         if args.generate:

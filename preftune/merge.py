@@ -68,7 +68,6 @@ def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 
 def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
     """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
-    import torch
 
     from .modeling import causal_lm_from_pretrained
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
+from .model_hooks import model_hooks_for
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
 from .reliability import CheckpointMarkerCallback, InterruptCallback
@@ -144,7 +145,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
+        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs, model_hooks_for(model))
 
     interrupt = InterruptCallback()
     trainer = PreferenceTrainer(
@@ -185,7 +186,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs)
+        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs, trainer.hooks)
         demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
         final.update({f"demo_{k}": v for k, v in after.items()})
     seconds = time.perf_counter() - started

@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from preftune.model_hooks import ModelHooks
+
 from _trained_runs import demo_run
 from preftune.cli import main
 
@@ -125,7 +127,7 @@ def test_ctrl_c_during_an_answer_keeps_what_was_written(loaded):
             streamer.put(torch.tensor([tok.convert_tokens_to_ids(word)]))
         raise KeyboardInterrupt
 
-    s = session(dataclasses.replace(loaded, generate=interrupted_generate))
+    s = session(dataclasses.replace(loaded, hooks=ModelHooks(generate=interrupted_generate)))
     answer, interrupted = s.reply("Q: copy 7 8 9 A:")
     assert interrupted and answer == "7 8 9"
     assert s.out.text.rstrip().endswith("[stopped]")
@@ -215,7 +217,7 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     (folder / "run_config.json").write_text((run / "run_config.json").read_text())
 
     loaded = load_pretrained(str(folder))
-    assert loaded.kind == "ReFT" and loaded.generate is not None
+    assert loaded.kind == "ReFT" and loaded.hooks.generate is not None and loaded.hooks.batch_context is not None
     ids = torch.tensor([loaded.tokenizer("Q: copy 1 2 A:").input_ids])
     want = reft.reft_generate(model, ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     s = session(loaded, max_new_tokens=6)

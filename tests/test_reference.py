@@ -344,7 +344,7 @@ def test_dpo_step0_is_log2_with_zero_rewards(tmp_path, kind):
 def test_run_training_dpo_precompute_cache_reused_on_resume(tmp_path, monkeypatch):
     import json
 
-    import preftune.reference as reference_module
+    import preftune.reference.build as reference_module
     from preftune.demo import build_demo_model, build_demo_tokenizer
     from preftune.run import run_training
 
