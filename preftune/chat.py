@@ -146,7 +146,7 @@ def _make_streamer(tokenizer, out):
 class ChatSession:
     """The conversation and how it becomes a prompt; generation streams to ``out``."""
 
-    loaded: object  # preftune.pretrained.LoadedModel
+    loaded: object  # preftune.inference_model.LoadedModel
     fmt: str
     settings: GenerationSettings
     system: str | None = None
@@ -176,7 +176,7 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str) -> tuple[list[int], int]:
         """Prompt ids for the history plus ``user_text``, and how many new tokens still fit."""
-        from .pretrained import encode_prompt
+        from .inference_model import encode_prompt
 
         turns = ([] if self.fmt == "raw" else self.messages) + [{"role": "user", "content": user_text}]
         limit = self._context_limit()
@@ -327,14 +327,14 @@ def cmd_chat(argv: list[str]) -> int:
     settings = GenerationSettings.from_args(args)
     if args.chat_template_file and not Path(args.chat_template_file).is_file():
         raise PreftuneError(f"--chat_template_file {args.chat_template_file!r} not found")
-    from .pretrained import quiet_transformers
+    from .inference_model import quiet_transformers
 
     with quiet_transformers():
         return _chat(args, settings)
 
 
 def _chat(args, settings: GenerationSettings) -> int:
-    from .pretrained import load_pretrained
+    from .inference_model import load_pretrained
 
     if args.seed is not None:
         from transformers import set_seed

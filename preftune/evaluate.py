@@ -297,7 +297,7 @@ def _output_dir(args) -> Path:
 
 
 def _load_compare(args, chat_template_file):
-    from .pretrained import load_base, load_pretrained
+    from .inference_model import load_base, load_pretrained
 
     if args.compare == "base" and not Path("base").exists():
         return load_base(args.model, args.torch_dtype, args.trust_remote_code, chat_template_file)
@@ -312,7 +312,7 @@ def cmd_eval(argv: list[str]) -> int:
         raise PreftuneError(f"--max_samples must be at least 1, got {args.max_samples}")
     if args.chat_template_file and not Path(args.chat_template_file).is_file():
         raise PreftuneError(f"--chat_template_file {args.chat_template_file!r} not found")
-    from .pretrained import quiet_transformers
+    from .inference_model import quiet_transformers
 
     with quiet_transformers():
         return _evaluate(args)
@@ -320,7 +320,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 def _evaluate(args) -> int:
     from .data.splits import tokenize_split
-    from .pretrained import check_model_arg, load_pretrained, read_run_config
+    from .inference_model import check_model_arg, load_pretrained, read_run_config
 
     started = time.perf_counter()
     folder = check_model_arg(args.model)

@@ -69,7 +69,7 @@ def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
     """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
 
-    from .modeling import causal_lm_from_pretrained
+    from .training_model import causal_lm_from_pretrained
 
     dtype = torch_dtype_of(torch_dtype) or "auto"
     return causal_lm_from_pretrained(name, kind="base model", dtype=dtype, trust_remote_code=trust_remote_code)
@@ -84,7 +84,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     adapter_config = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
-    from .pretrained import demo_init_model, load_run_tokenizer, read_run_config
+    from .inference_model import demo_init_model, load_run_tokenizer, read_run_config
 
     tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code)
     if base_name is not None:

@@ -13,7 +13,7 @@ from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
 from .model_hooks import model_hooks_for
-from .modeling import apply_peft, choose_device, load_model, load_tokenizer
+from .training_model import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
 from .reliability import CheckpointMarkerCallback, InterruptCallback
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     return load_pretrained(str(run))
 
@@ -135,7 +135,7 @@ def test_ctrl_c_during_an_answer_keeps_what_was_written(loaded):
 
 
 def test_chat_format_keeps_history_and_trims_it_to_the_context(loaded):
-    from preftune.pretrained import encode_prompt
+    from preftune.inference_model import encode_prompt
 
     s = session(loaded, fmt="chatml", system="be exact")
     s.messages += [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"}]
@@ -201,7 +201,7 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     from transformers import AutoTokenizer
 
     from preftune.demo import build_demo_model
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     tok = AutoTokenizer.from_pretrained(str(run))
     seed = json.loads((run / "run_config.json").read_text())["training"]["seed"]

@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.engine import sequence_logps
 from preftune.layout import PairTokens, collate_pairs
-from preftune.modeling import choose_device
+from preftune.training_model import choose_device
 from preftune.reference import ModelReference, PrecomputedReference, build_reference
 from preftune.rundir import REF_CACHE_DIR
 

@@ -5,7 +5,7 @@
 :class:`preftune.trainer.PreferenceTrainer` calls after the policy forward. Which one it builds:
 
 1. **A separate frozen model** (:class:`ModelReference`). ``--ref_model_name_or_path`` is loaded
-   with :func:`preftune.modeling.load_model` (same dtype and quantization as the policy); without
+   with :func:`preftune.training_model.load_model` (same dtype and quantization as the policy); without
    it, a full fine-tune uses a deep copy of the *starting* policy. Eval mode,
    ``requires_grad=False``, run under ``torch.no_grad()``. Costs one more copy of the weights.
 2. **The PEFT base with adapters disabled** (:class:`ModelReference` with ``adapters_off``). When

@@ -35,7 +35,7 @@ def _engine_settings(args, choice, model_args) -> dict:
 
 
 def _load_separate(path: str, model_args, choice) -> nn.Module:
-    from ..modeling import choose_device, load_model
+    from ..training_model import choose_device, load_model
 
     return frozen(load_model(path, model_args, choice or choose_device()))
 

@@ -48,7 +48,7 @@ def load_reft(run_dir: str | Path, base_model: nn.Module | str | None = None) ->
         if not name:
             raise PreftuneError(f"{str(run_dir)!r}: the ReFT config names no base model (built-in demo?); pass base_model")
         from ..config import ModelArguments
-        from ..modeling import choose_device, load_model
+        from ..training_model import choose_device, load_model
 
         base_model = load_model(name, ModelArguments(model_name_or_path=name), choose_device())
     if hidden_size_of(base_model) != config.hidden_size:

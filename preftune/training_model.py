@@ -1,4 +1,6 @@
-"""Loading models and tokenizers, choosing device/precision defaults, wrapping with PEFT.
+"""The model a training run starts from: device and precision choice, loading the base model and
+tokenizer (with quantization), wrapping with PEFT. (Loading a *finished* run for chat, eval or
+export is :mod:`preftune.inference_model`.)
 
 The defaults the seeds compute by hand, done once for everyone:
 

@@ -1,4 +1,5 @@
-"""Loading what a run saved, for inference (``preftune chat`` and ``preftune eval``).
+"""Loading what a run saved, for inference (``preftune chat``, ``eval``, ``merge``, ``report``).
+(The model a training run starts from is :mod:`preftune.training_model`.)
 
 A model argument may be:
 
@@ -110,7 +111,7 @@ def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
 
 def load_run_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None = None):
     """The tokenizer saved with the run; else the base model's."""
-    from .modeling import load_tokenizer
+    from .training_model import load_tokenizer
 
     if isinstance(primary, Path) and not any((primary / f).exists() for f in TOKENIZER_FILES):
         if fallback is None:
@@ -128,7 +129,7 @@ def demo_init_model(tokenizer, run_config: dict | None):
 
 
 def _load_full(name: str, torch_dtype: str, trust_remote_code: bool):
-    from .modeling import choose_device, load_model
+    from .training_model import choose_device, load_model
 
     choice = choose_device(torch_dtype)
     return load_model(name, _model_args(name, torch_dtype, trust_remote_code), choice)
@@ -157,7 +158,7 @@ def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str
 
 
 def _finish(model):
-    from .modeling import choose_device
+    from .training_model import choose_device
 
     model.to(choose_device().device)
     model.eval()
