@@ -109,7 +109,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         train_ex, eval_ex, demo_eval_rows = demo_examples()
         dataset_label = "built-in demo task (add one / copy)"
     else:
-        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
+        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, model_args.chat_template_file)
         train_ex, eval_ex, _ = load_train_eval(data_args, args.seed)
         dataset_label = data_args.dataset_name
     settings = tokenize_settings_of(data_args)

@@ -62,9 +62,10 @@ class Recorder:
 
 
 def session(loaded, fmt="raw", max_new_tokens=12, system=None):
-    from preftune.chat import ChatSession, GenerationSettings
+    from preftune.chat import ChatSession
+    from preftune.config import GenerationArguments
 
-    return ChatSession(loaded, fmt, GenerationSettings(max_new_tokens=max_new_tokens), system=system, out=Recorder())
+    return ChatSession(loaded, fmt, GenerationArguments(max_new_tokens=max_new_tokens), system=system, out=Recorder())
 
 
 def test_chat_in_a_terminal(run, tmp_path):

@@ -1,4 +1,4 @@
-"""``preftune eval MODEL``: preference metrics on held-out pairs, optionally two models side by side.
+"""Preference metrics of a model on held-out pairs (what ``preftune eval`` computes and prints).
 
 The pairs go through the same path as training: :func:`preftune.data.load_examples`,
 :func:`preftune.data.tokenize.tokenize_examples` (with the run's own ``max_length``,
@@ -32,18 +32,20 @@ answer to ``generations.md`` and ``generations.jsonl``. Results go to ``eval.jso
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PreftuneError
-from .hf_helpers import TORCH_DTYPES, pad_token_id
-from .rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD
+from .hf_helpers import pad_token_id
+from .rundir import GENERATIONS_JSONL, GENERATIONS_MD
 
-__all__ = ["cmd_eval", "build_parser", "preference_metrics", "METRIC_ORDER"]
+__all__ = [
+    "EvalSettings", "resolve_settings", "load_eval_examples", "preference_metrics", "generate_answers", "write_generations",
+    "format_table", "METRIC_ORDER", "REWARD_DEFINITION",
+]
 
 METRIC_ORDER = [
     "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
@@ -52,36 +54,13 @@ METRIC_ORDER = [
 REWARD_DEFINITION = "reference-free: reward = beta * mean per-token log-prob of the completion (ORPO/SimPO)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune eval",
-        description="Preference metrics of a model on held-out pairs (reward accuracy, margins, log-probs, log odds, NLL), "
-        "optionally beside a second model. Writes eval.json (and generations.md/.jsonl with --generate).",
-    )
-    a = p.add_argument
-    a("model", metavar="MODEL", help="run folder of `preftune train` (full model, LoRA adapter or ReFT), save_pretrained folder, or hub name")
-    a("--dataset_name", "--dataset-name", default=None, metavar="D",
-      help="preference data (file, folder or hub name); default for a run folder: the pairs its training held out")
-    a("--dataset_split", "--dataset-split", default="train", metavar="SPLIT", help="split of D (a single file is its own split; default train)")
-    a("--dataset_format", "--dataset-format", default=None, metavar="FORMAT", help="auto or truthfulqa (default: the run's, else auto)")
-    for col, what in (("prompt", "prompt"), ("chosen", "preferred answer"), ("rejected", "dispreferred answer"), ("system", "optional system prompt")):
-        a(f"--{col}_column", f"--{col}-column", default=None, metavar="NAME", help=f"column with the {what} (default: the run's, else {col})")
-    a("--on_bad_row", "--on-bad-row", default="error", choices=["error", "skip"], help="error (default) or skip bad rows")
-    a("--max_samples", "--max-samples", type=int, default=None, metavar="N", help="evaluate only the first N pairs")
-    a("--max_length", "--max-length", type=int, default=None, metavar="N", help="max prompt + completion tokens (default: the run's, else 1024)")
-    a("--max_prompt_length", "--max-prompt-length", type=int, default=None, metavar="N", help="max prompt tokens (default: the run's, else 512)")
-    a("--truncation_mode", "--truncation-mode", default=None, choices=["keep_end", "keep_start"], help="how to cut long prompts (default: the run's)")
-    a("--chat_template", "--chat-template", default=None, choices=["auto", "always", "never"], help="when to apply the chat template (default: the run's)")
-    a("--chat_template_file", "--chat-template-file", default=None, metavar="FILE", help="Jinja chat template instead of the tokenizer's")
-    a("--beta", type=float, default=None, help="reward scale beta (default: the run's, else 0.1)")
-    a("--batch_size", "--batch-size", type=int, default=8, metavar="N", help="pairs per forward pass (default 8)")
-    a("--compare", default=None, metavar="OTHER_MODEL", help="a second model to put side by side; `base` = the model the run started from")
-    a("--generate", type=int, default=0, metavar="N", help="write N prompts with each model's greedy answer to generations.md/.jsonl")
-    a("--max_new_tokens", "--max-new-tokens", type=int, default=128, metavar="N", help="longest generated answer (default 128)")
-    a("--output_dir", "--output-dir", default=None, metavar="DIR", help="where eval.json goes (default: MODEL's folder)")
-    a("--torch_dtype", "--torch-dtype", default="auto", choices=TORCH_DTYPES, help="weights dtype")
-    a("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
-    return p
+def with_run_defaults(options, run_section: dict, given: set[str], only: tuple[str, ...] | None = None):
+    """``options`` (a config dataclass) with every field the user did not pass on the command line
+    (``given``) taken from ``run_section`` of the run's ``run_config.json``, when it has it.
+    ``only`` limits which fields may come from the run. Validation runs again on the result."""
+    names = [f.name for f in dataclasses.fields(options) if only is None or f.name in only]
+    from_run = {k: run_section[k] for k in names if k not in given and k in run_section}
+    return dataclasses.replace(options, **from_run) if from_run else options
 
 
 @dataclass
@@ -99,47 +78,36 @@ class EvalSettings:
                 "chat_template": t.chat_template, "beta": self.beta, "nll_on_prompt": self.nll_on_prompt, "batch_size": self.batch_size}
 
 
-def _pick(flag, run_section: dict, key: str, default):
-    if flag is not None:
-        return flag
-    value = run_section.get(key)
-    return default if value is None and key not in run_section else value
+def resolve_settings(tokenize_args, eval_args, given: set[str], run_config: dict | None) -> EvalSettings:
+    """Tokenization and beta: the flags given, else the run's own values, else the defaults."""
+    from .data.splits import tokenize_settings_of
 
-
-def resolve_settings(args, run_config: dict | None) -> EvalSettings:
-    from .data.tokenize import TokenizeSettings
-
-    data = (run_config or {}).get("data") or {}
     training = (run_config or {}).get("training") or {}
-    settings = TokenizeSettings(
-        max_length=_pick(args.max_length, data, "max_length", 1024),
-        max_prompt_length=_pick(args.max_prompt_length, data, "max_prompt_length", 512),
-        truncation_mode=_pick(args.truncation_mode, data, "truncation_mode", "keep_end"),
-        chat_template=_pick(args.chat_template, data, "chat_template", "auto"),
-    )
-    beta = float(_pick(args.beta, training, "beta", 0.1))
-    if beta <= 0:
-        raise PreftuneError(f"--beta must be positive, got {beta}")
-    if args.batch_size < 1:
-        raise PreftuneError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if settings.max_length is not None and settings.max_length < 2:
-        raise PreftuneError(f"--max_length must be at least 2, got {settings.max_length}")
-    return EvalSettings(settings, beta, bool(training.get("nll_on_prompt", False)), args.batch_size)
+    tokenize_args = with_run_defaults(tokenize_args, (run_config or {}).get("data") or {}, given)
+    beta = eval_args.beta if eval_args.beta is not None else float(training.get("beta", 0.1))
+    return EvalSettings(tokenize_settings_of(tokenize_args), beta, bool(training.get("nll_on_prompt", False)), eval_args.batch_size)
 
 
 # -- data ---------------------------------------------------------------------------------------
 
-def load_eval_examples(args, run_config: dict | None, model_name: str):
-    """(examples, description) for the pairs to evaluate on."""
-    from .data import ColumnMap, load_examples
+_FROM_RUN_WITH_NEW_DATA = ("dataset_format", "prompt_column", "chosen_column", "rejected_column", "system_column")
 
-    data = (run_config or {}).get("data") or {}
-    if args.dataset_name is None:
+
+def load_eval_examples(source_args, given: set[str], run_config: dict | None, model_name: str):
+    """(examples, description) for the pairs to evaluate on.
+
+    With ``--dataset_name``: that data, read with the run's column names and format unless given.
+    Without: the pairs the run held out (``--eval_split`` / ``--eval_fraction``, or the demo's).
+    """
+    from .data import load_examples
+    from .data.splits import columns_of
+
+    if "dataset_name" not in given or not source_args.dataset_name:
         return _held_out_examples(run_config, model_name)
-    columns = ColumnMap(*(getattr(args, f"{c}_column") or data.get(f"{c}_column") or c for c in ("prompt", "chosen", "rejected", "system")))
-    fmt = args.dataset_format or data.get("dataset_format") or "auto"
-    loaded = load_examples(args.dataset_name, args.dataset_split, columns, args.on_bad_row, fmt)
-    label = args.dataset_name + (f" [{args.dataset_split}]" if args.dataset_split != "train" else "")
+    source_args = with_run_defaults(source_args, (run_config or {}).get("data") or {}, given, only=_FROM_RUN_WITH_NEW_DATA)
+    loaded = load_examples(source_args.dataset_name, source_args.dataset_split, columns_of(source_args), source_args.on_bad_row,
+                           source_args.dataset_format)
+    label = source_args.dataset_name + (f" [{source_args.dataset_split}]" if source_args.dataset_split != "train" else "")
     if loaded.skipped:
         label += f" ({loaded.skip_summary()})"
     return loaded.examples, label
@@ -215,8 +183,11 @@ def _prompt_text(ex) -> str:
     return f"system: {ex.system}\n\n{prompt}" if ex.system else prompt
 
 
-def greedy_answers(loaded, pairs, n: int, max_new_tokens: int) -> dict[int, str]:
-    """example_id -> greedy answer for the first ``n`` pairs, from the exact training prompt tokens."""
+def generate_answers(loaded, pairs, n: int, generation) -> dict[int, str]:
+    """example_id -> answer for the first ``n`` pairs, from the exact training prompt tokens.
+
+    ``generation``: a :class:`preftune.config.GenerationArguments` (greedy unless it asks to sample).
+    """
     import torch
 
     model, tok = loaded.model, loaded.tokenizer
@@ -226,9 +197,9 @@ def greedy_answers(loaded, pairs, n: int, max_new_tokens: int) -> dict[int, str]
     out = {}
     for pair in pairs[:n]:
         ids = torch.tensor([pair.prompt], device=device)
-        room = max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - ids.shape[1]))
+        room = generation.max_new_tokens if limit is None else max(1, min(generation.max_new_tokens, limit - ids.shape[1]))
         with torch.no_grad():
-            gen = loaded.generate_ids(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, do_sample=False,
+            gen = loaded.generate_ids(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, **generation.generate_kwargs(),
                                       eos_token_id=eos, pad_token_id=pad_token_id(tok))
         out[pair.example_id] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
     return out
@@ -282,82 +253,3 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
-def _output_dir(args) -> Path:
-    if args.output_dir:
-        out = Path(args.output_dir).expanduser()
-    else:
-        out = Path(args.model).expanduser()
-        if not out.is_dir():
-            raise PreftuneError(f"{args.model!r} is not a local folder; pass --output_dir for eval.json")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PreftuneError(f"cannot create --output_dir {str(out)!r}: {e.strerror or e}") from None
-    return out
-
-
-def _load_compare(args, chat_template_file):
-    from .inference_model import load_base, load_pretrained
-
-    if args.compare == "base" and not Path("base").exists():
-        return load_base(args.model, args.torch_dtype, args.trust_remote_code, chat_template_file)
-    return load_pretrained(args.compare, args.torch_dtype, args.trust_remote_code, chat_template_file)
-
-
-def cmd_eval(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.generate < 0 or args.max_new_tokens < 1:
-        raise PreftuneError("--generate must be >= 0 and --max_new_tokens >= 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise PreftuneError(f"--max_samples must be at least 1, got {args.max_samples}")
-    if args.chat_template_file and not Path(args.chat_template_file).is_file():
-        raise PreftuneError(f"--chat_template_file {args.chat_template_file!r} not found")
-    from .inference_model import quiet_transformers
-
-    with quiet_transformers():
-        return _evaluate(args)
-
-
-def _evaluate(args) -> int:
-    from .data.splits import tokenize_split
-    from .inference_model import check_model_arg, load_pretrained, read_run_config
-
-    started = time.perf_counter()
-    folder = check_model_arg(args.model)
-    if args.compare and args.compare != "base":
-        check_model_arg(args.compare)
-    out_dir = _output_dir(args)
-    run_config = read_run_config(folder)
-    settings = resolve_settings(args, run_config)
-    examples, data_label = load_eval_examples(args, run_config, args.model)
-    if args.max_samples is not None:
-        examples = examples[: args.max_samples]
-
-    models = [load_pretrained(args.model, args.torch_dtype, args.trust_remote_code, args.chat_template_file)]
-    if args.compare:
-        models.append(_load_compare(args, args.chat_template_file))
-    results, answers = [], []
-    for loaded in models:
-        pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)
-        metrics = preference_metrics(loaded.model, pairs, pad_token_id(loaded.tokenizer), settings.beta, settings.batch_size,
-                                     settings.nll_on_prompt, loaded.hooks.batch_context)
-        results.append({"name": loaded.label, "kind": loaded.kind, "notes": loaded.notes, "pairs": len(pairs),
-                        "tokenization": report.summary(), "metrics": metrics})
-        if args.generate:
-            answers.append((loaded.label, greedy_answers(loaded, pairs, args.generate, args.max_new_tokens)))
-
-    print(f"preftune eval: {len(examples)} pairs from {data_label}; beta {settings.beta:g}, "
-          f"max_length {settings.tokenize.max_length}, max_prompt_length {settings.tokenize.max_prompt_length}\n")
-    print(format_table(results))
-    record = {
-        "dataset": data_label, "examples": len(examples), "settings": settings.as_dict(), "reward_definition": REWARD_DEFINITION,
-        "models": results, "seconds": round(time.perf_counter() - started, 2),
-    }
-    written = [out_dir / EVAL_FILE]
-    if args.generate:
-        rows = write_generations(out_dir, examples, answers, args.generate)
-        record["generations"] = {"count": len(rows), "jsonl": GENERATIONS_JSONL, "markdown": GENERATIONS_MD}
-        written += [out_dir / GENERATIONS_MD, out_dir / GENERATIONS_JSONL]
-    (out_dir / EVAL_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"\nwrote {', '.join(str(p) for p in written)}")
-    return 0
