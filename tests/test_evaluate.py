@@ -113,7 +113,7 @@ def test_compare_base_and_generate(run, tmp_path, capsys):
     # run's seed; the reference is the weights recorded when that training began
     init_model, tok = _demo_init(run)
     assert_close(base["metrics"], reference_metrics(init_model, tok, demo_eval_rows()[:16], beta=0.2))
-    from preftune.pretrained import load_base
+    from preftune.inference_model import load_base
 
     rebuilt = load_base(str(run)).model.state_dict()  # what `--compare base` evaluates: bit for bit the start
     assert all(torch.equal(rebuilt[k], v) for k, v in init_model.state_dict().items())

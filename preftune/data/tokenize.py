@@ -31,12 +31,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..hf_helpers import has_chat_template
 from ..layout import PairTokens
 from .formats import PreferenceExample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example", "prompt_bos_id"]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -79,13 +80,9 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: TokenizeReport) -> str:
     template = None
-    if not _has_template(tokenizer):
+    if not has_chat_template(tokenizer):
         template = DEFAULT_CHAT_TEMPLATE
         if not report.used_default_template:
             report.used_default_template = True
@@ -98,7 +95,7 @@ def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: To
 def render_example(tokenizer, ex: PreferenceExample, mode: str, report: TokenizeReport) -> tuple[str, str, str, bool]:
     """Return (prompt_text, chosen_text, rejected_text, templated)."""
     use_template = mode == "always" or (
-        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and _has_template(tokenizer)))
+        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and has_chat_template(tokenizer)))
     )
     if mode == "never" and (ex.conversational or isinstance(ex.prompt, list)):
         raise ValueError("conversational data needs a chat template; use --chat_template auto")
@@ -122,7 +119,7 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str, report: Tokenize
     return prompt_text, texts[0], texts[1], True
 
 
-def _bos_policy(tokenizer) -> int | None:
+def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
     Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
@@ -146,7 +143,7 @@ def tokenize_examples(tokenizer, examples: list[PreferenceExample], settings: To
     if settings.truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {settings.truncation_mode!r}")
     report = TokenizeReport()
-    bos = _bos_policy(tokenizer)
+    bos = prompt_bos_id(tokenizer)
     eos = tokenizer.eos_token_id
     rendered = [render_example(tokenizer, ex, settings.chat_template, report) for ex in examples]
     prompts = [r[0] for r in rendered]
