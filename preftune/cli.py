@@ -1,4 +1,4 @@
-"""``preftune`` command line: train, merge, convert (and the after-training commands).
+"""``preftune`` command line: train, merge, export, convert (and the after-training commands).
 
 A user mistake (bad flag value, bad data row, missing file, unreachable hub) ends in one line
 ``preftune: error: ...`` and exit code 2, never a traceback. ``PREFTUNE_DEBUG=1`` shows the
@@ -170,6 +170,7 @@ COMMANDS = {
     "chat": ("preftune.chat", "cmd_chat", "chat with a model in the terminal"),
     "report": ("preftune.report", "cmd_report", "write a self-contained HTML report of a run"),
     "merge": ("preftune.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
+    "export": ("preftune.export.command", "cmd_export", "write a model as a GGUF file for llama.cpp / Ollama / LM Studio"),
     "convert": ("preftune.cli", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
 }
 
