@@ -158,6 +158,9 @@ class PreftuneConfig(TrainingArguments):
     max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
+    eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
+                            "written to samples.jsonl and shown by `preftune report` (0: off; needs held-out pairs).", "training")
+    eval_generate_max_new_tokens: int = _f(64, "Longest --eval_generate answer, in tokens.", "training")
     # TrainingArguments defaults better suited to preference tuning
     learning_rate: float = _f(8e-6, "Peak learning rate (ORPO paper: 8e-6 for 7B full fine-tunes; use ~1e-4 to 5e-4 for LoRA).", "training")
     logging_steps: float = _f(10, "Log metrics every N steps.", "training")
@@ -189,6 +192,8 @@ class PreftuneConfig(TrainingArguments):
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+        _require(self.eval_generate >= 0, f"--eval_generate must be >= 0 (0 turns it off), got {self.eval_generate}")
+        _require(self.eval_generate_max_new_tokens >= 1, f"--eval_generate_max_new_tokens must be at least 1, got {self.eval_generate_max_new_tokens}")
 
     @property
     def needs_reference(self) -> bool:

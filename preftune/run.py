@@ -19,6 +19,7 @@ from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
 from .reliability import CheckpointMarkerCallback, InterruptCallback, find_latest_checkpoint
+from .samples import SampleAnswersCallback
 from .trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
@@ -196,6 +197,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         dataset_label = data_args.dataset_name
     train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data")
     eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)
+    if args.eval_generate and not eval_pairs:
+        raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
 
     if is_demo:
         model = build_demo_model(len(tokenizer), seed=args.seed)
@@ -229,9 +232,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
 
     interrupt = InterruptCallback()
+    callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
+    if args.eval_generate:
+        callbacks.append(SampleAnswersCallback(out, tokenizer, eval_pairs[: args.eval_generate], args.eval_generate_max_new_tokens))
     trainer = PreferenceTrainer(
         model=model, args=args, train_pairs=train_pairs, eval_pairs=eval_pairs, processing_class=tokenizer,
-        reference=reference, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
+        reference=reference, callbacks=callbacks,
     )
     if args.process_index == 0:
         (out / RUN_CONFIG_FILE).write_text(json.dumps({
