@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,23 +10,19 @@ from pathlib import Path
 
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data import ColumnMap, load_examples, split_eval
-from .data.formats import normalize_record
-from .data.io import Record
-from .data.tokenize import TokenizeSettings, tokenize_examples
+from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
-from .modeling import apply_peft, choose_device, load_model, load_tokenizer
+from .model_hooks import model_hooks_for
+from .training_model import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
-from .reliability import CheckpointMarkerCallback, InterruptCallback, find_latest_checkpoint
+from .reliability import CheckpointMarkerCallback, InterruptCallback
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
 from .samples import SampleAnswersCallback
 from .trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
 
-__all__ = ["run_training", "RunResult", "RunInterrupted", "check_output_dir", "RUN_COMPLETE_FILE", "RUN_CONFIG_FILE"]
-
-RUN_COMPLETE_FILE = "run_complete.json"
-RUN_CONFIG_FILE = "run_config.json"
+__all__ = ["run_training", "RunResult", "RunInterrupted"]
 
 
 class RunInterrupted(PreftuneError):
@@ -46,85 +41,6 @@ class RunResult:
     eval_pairs: int
     seconds: float
     demo_table: list[tuple[str, float, float]] | None = None
-
-
-def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool = False) -> Path:
-    """Refuse unusable or finished output folders before any work is done."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PreftuneError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
-    if (out / RUN_COMPLETE_FILE).exists() and not (overwrite or resuming):
-        info = {}
-        try:
-            info = json.loads((out / RUN_COMPLETE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-        if not (is_demo and info.get("demo")):
-            raise PreftuneError(
-                f"output_dir {str(out)!r} already holds a finished run; pass --overwrite_output_dir to replace it, or choose another --output_dir"
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".preftune_write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PreftuneError(f"cannot write to output_dir {str(out)!r}: {e.strerror or e}") from None
-    return out
-
-
-def _columns(data_args: DataArguments) -> ColumnMap:
-    return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column)
-
-
-def load_train_eval(data_args: DataArguments, args: PreftuneConfig):
-    """Training and held-out examples exactly as a run splits them (also used by ``preftune eval``)."""
-    loaded = load_examples(
-        data_args.dataset_name, data_args.dataset_split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format
-    )
-    if loaded.skipped:
-        logger.warning("%s: %s", data_args.dataset_name, loaded.skip_summary())
-    train = loaded.examples
-    if data_args.max_train_samples is not None:
-        train = train[: data_args.max_train_samples]
-    evals: list = []
-    if data_args.eval_fraction:
-        train, evals = split_eval(train, data_args.eval_fraction, args.seed)
-    elif data_args.eval_split:
-        is_path = Path(data_args.eval_split).expanduser().exists()
-        source = data_args.eval_split if is_path else data_args.dataset_name
-        split = "train" if is_path else data_args.eval_split
-        ev = load_examples(source, split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format, id_offset=10**9)
-        evals = ev.examples
-    return train, evals, loaded
-
-
-def demo_data():
-    """The built-in demo's training and held-out examples, and the held-out raw rows."""
-    from .demo import demo_rows
-
-    train_rows, eval_rows = demo_rows()
-    columns = ColumnMap()
-    train = [normalize_record(Record(r, f"demo row {i}"), columns, i) for i, r in enumerate(train_rows)]
-    evals = [normalize_record(Record(r, f"demo eval row {i}"), columns, 10**9 + i) for i, r in enumerate(eval_rows)]
-    return train, evals, eval_rows
-
-
-def _tokenize(tokenizer, examples, data_args: DataArguments, label: str):
-    settings = TokenizeSettings(
-        max_length=data_args.max_length,
-        max_prompt_length=data_args.max_prompt_length,
-        truncation_mode=data_args.truncation_mode,
-        chat_template=data_args.chat_template,
-    )
-    try:
-        pairs, report = tokenize_examples(tokenizer, examples, settings)
-    except ValueError as e:
-        raise PreftuneError(f"{label}: {e}") from None
-    logger.info("%s: %s", label, report.summary())
-    if not pairs and examples:
-        raise PreftuneError(f"{label}: every pair was dropped during tokenization ({report.summary()}); raise --max_length")
-    return pairs, report
 
 
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
@@ -189,14 +105,17 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         from .demo import build_demo_model, build_demo_tokenizer
 
         tokenizer = build_demo_tokenizer()
-        train_ex, eval_ex, demo_eval_rows = demo_data()
+        from .demo import demo_examples
+
+        train_ex, eval_ex, demo_eval_rows = demo_examples()
         dataset_label = "built-in demo task (add one / copy)"
     else:
-        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
-        train_ex, eval_ex, _ = load_train_eval(data_args, args)
+        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, model_args.chat_template_file)
+        train_ex, eval_ex, _ = load_train_eval(data_args, args.seed)
         dataset_label = data_args.dataset_name
-    train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data")
-    eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)
+    settings = tokenize_settings_of(data_args)
+    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
+    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
     if args.eval_generate and not eval_pairs:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
 
@@ -214,7 +133,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         from .reft import attach_reft
 
         model = attach_reft(model, model_args)
-        saved_kind = "ReFT interventions (reft_interventions.safetensors + reft_config.json)"
+        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
@@ -229,7 +148,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
+        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs, model_hooks_for(model))
 
     interrupt = InterruptCallback()
     callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
@@ -240,12 +159,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         reference=reference, callbacks=callbacks,
     )
     if args.process_index == 0:
-        (out / RUN_CONFIG_FILE).write_text(json.dumps({
+        write_json(out / RUN_CONFIG_FILE, {
             "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
             "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
-        }, indent=2))
-    train_output = trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint, out))
+        })
+    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
     if interrupt.received is not None:
         import signal
 
@@ -273,7 +192,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs)
+        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs, trainer.hooks)
         demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
         final.update({f"demo_{k}": v for k, v in after.items()})
     seconds = time.perf_counter() - started
@@ -284,20 +203,5 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
             "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
             "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
         })
-        (out / RUN_COMPLETE_FILE).write_text(json.dumps({"final_metrics": final, "seconds": seconds, "demo": is_demo}, indent=2))
+        write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": is_demo})
     return RunResult(out, final, len(train_pairs), len(eval_pairs), seconds, demo_table)
-
-
-def _resume_arg(value, out: Path):
-    if not value:
-        return None
-    if str(value) == "latest":
-        last = find_latest_checkpoint(out)
-        if last is None:
-            raise PreftuneError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {str(out)!r}")
-        logger.info("resuming from %s", last)
-        return str(last)
-    path = Path(value)
-    if not (path.is_dir() and (path / "trainer_state.json").exists()):
-        raise PreftuneError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (no trainer_state.json)")
-    return str(path)

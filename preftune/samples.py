@@ -24,9 +24,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-__all__ = ["SampleAnswersCallback", "read_samples", "SAMPLES_FILE"]
+from .rundir import SAMPLES_FILE
 
-SAMPLES_FILE = "samples.jsonl"
+__all__ = ["SampleAnswersCallback", "read_samples"]
 
 logger = logging.getLogger("preftune")
 
@@ -55,17 +55,17 @@ class SampleAnswersCallback(TrainerCallback):
         self._record(state, model)
 
     def _answers(self, model) -> dict[int, str]:
-        from .evaluate import greedy_answers
-        from .pretrained import LoadedModel
-        from .reft import get_reft, reft_generate
+        from .config import GenerationArguments
+        from .evaluation import generate_answers
+        from .inference_model import LoadedModel
+        from .model_hooks import model_hooks_for
 
-        # a ReFT model acts on its prompt only through reft_generate (plain generate is the base model)
-        generate = (lambda ids, **kw: reft_generate(model, ids, **kw)) if get_reft(model) is not None else None
         was_training = model.training
         model.eval()
         try:
-            loaded = LoadedModel(model, self.tokenizer, "training", "model in training", None, generate=generate)
-            return greedy_answers(loaded, self.pairs, len(self.pairs), self.max_new_tokens)
+            # a ReFT model acts on its prompt only through its generation hook (plain generate is the base model)
+            loaded = LoadedModel(model, self.tokenizer, "training", "model in training", None, hooks=model_hooks_for(model))
+            return generate_answers(loaded, self.pairs, len(self.pairs), GenerationArguments(max_new_tokens=self.max_new_tokens))
         finally:
             model.train(was_training)
 

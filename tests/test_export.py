@@ -106,7 +106,7 @@ def rounded_copy(model, quant: str):
 def load_gguf(path):
     from transformers import AutoModelForCausalLM
 
-    from preftune.pretrained import quiet_transformers
+    from preftune.inference_model import quiet_transformers
 
     with quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
@@ -232,7 +232,7 @@ def test_llama2_lora_run_exports_merged_f32_and_q8_0_and_transformers_reads_them
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     base_dir, run = llama2_lora_run
     source = load_pretrained(str(run), torch_dtype="float32")  # the adapter merged into its base, as chat/eval load it
@@ -254,7 +254,7 @@ def test_llama2_lora_run_exports_merged_f32_and_q8_0_and_transformers_reads_them
 def test_llama2_tokenizer_read_from_gguf_gives_the_run_tokenizer_ids(llama2_lora_run, llama2_exports):
     from transformers import AutoTokenizer
 
-    from preftune.pretrained import encode_prompt, load_run_tokenizer
+    from preftune.inference_model import encode_prompt, load_run_tokenizer
 
     _, run = llama2_lora_run
     mine = load_run_tokenizer(run, None, False)
@@ -286,7 +286,8 @@ def test_qwen2_f32_f16_bf16_q8_0_read_back_and_byte_level_tokenizer_ids(qwen2_to
         to_rounded, to_exact = check_read_back(source, out, quant, ids)
         measured[quant] = to_exact
         assert to_rounded <= 1e-5, quant
-    print("\nQwen2 max |logit diff| to the source: " + ", ".join(f"{q} {d:.2e}" for q, d in measured.items()))
+    with capsys.disabled():
+        print("\nQwen2 max |logit diff| to the source: " + ", ".join(f"{q} {d:.2e}" for q, d in measured.items()))
     assert measured["f32"] <= 1e-5 and 0 < measured["f16"] < measured["bf16"]  # bf16 keeps 8 mantissa bits, f16 11
     assert "normalization" in capsys.readouterr().out  # NFC is said, since GGUF cannot carry it
 

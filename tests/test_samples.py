@@ -33,7 +33,7 @@ def test_samples_are_the_same_prompts_at_each_evaluation_and_the_last_equal_plai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.data.tokenize import TokenizeSettings, tokenize_examples
-    from preftune.run import demo_data
+    from preftune.demo import demo_examples
 
     lines = [json.loads(line) for line in (sampled_run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in lines] == [0, EVERY, STEPS]  # before training, each evaluation, the end (once)
@@ -46,7 +46,7 @@ def test_samples_are_the_same_prompts_at_each_evaluation_and_the_last_equal_plai
     # the last answers are what the saved model generates greedily from the same prompt tokens
     model = AutoModelForCausalLM.from_pretrained(str(sampled_run)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(sampled_run))
-    _, evals, _ = demo_data()
+    _, evals, _ = demo_examples()
     pairs, _ = tokenize_examples(tokenizer, evals[:N], TokenizeSettings(max_length=32, max_prompt_length=16))
     for pair, sample in zip(pairs, lines[-1]["samples"]):
         assert sample["example_id"] == pair.example_id

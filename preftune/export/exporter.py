@@ -1,6 +1,6 @@
-"""``preftune export RUN_OR_MODEL --gguf OUT.gguf [--quant q8_0] [--ollama]``.
+"""What ``preftune export RUN_OR_MODEL --gguf OUT.gguf [--quant q8_0] [--ollama]`` does.
 
-Loads what the run saved the way ``preftune chat`` does (:func:`preftune.pretrained.load_pretrained`:
+Loads what the run saved the way ``preftune chat`` does (:func:`preftune.inference_model.load_pretrained`:
 a full model as is, a LoRA/DoRA adapter merged into its base on the fly), checks that llama.cpp can
 run it (family: :mod:`.architectures`, tokenizer: :mod:`.vocab`) and writes one GGUF file
 (:mod:`.gguf_file`). ``--ollama`` also writes ``OUT.Modelfile`` (:mod:`.ollama`). ReFT runs are
@@ -9,17 +9,15 @@ refused: their interventions act on activations at chosen prompt positions and a
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PreftuneError
+from ..hf_helpers import TORCH_DTYPES
 from .gguf_file import QUANT_TYPES
 
-__all__ = ["cmd_export", "export_gguf", "build_parser", "ExportResult"]
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+__all__ = ["export_gguf", "ExportResult", "modelfile_path"]
 
 
 @dataclass
@@ -31,26 +29,6 @@ class ExportResult:
     chat_template: bool
     modelfile: Path | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune export",
-        description="Write a trained model as one GGUF file for llama.cpp, Ollama and LM Studio: a run folder of "
-        "`preftune train` (full model, or LoRA adapter merged on the fly) or any save_pretrained folder of the "
-        "Llama, Mistral or Qwen2 families. Weights, tokenizer and chat template go into the file.",
-    )
-    p.add_argument("model", metavar="RUN_OR_MODEL", help="run folder of `preftune train`, save_pretrained folder, or hub name")
-    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    p.add_argument("--quant", default="q8_0", choices=list(QUANT_TYPES),
-                   help="type of the weight matrices: q8_0 (default; 8-bit blocks, about half the size of f16), f16, bf16, or f32 (exact)")
-    p.add_argument("--ollama", action="store_true", help="also write OUT.Modelfile for `ollama create` (chat template translated, stop tokens set)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT.gguf (and OUT.Modelfile) if they exist")
-    p.add_argument("--chat_template_file", "--chat-template-file", default=None, metavar="FILE", help="Jinja chat template to write instead of the tokenizer's")
-    p.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=DTYPES,
-                   help="dtype to load (and merge an adapter) in before writing (auto: the checkpoint's)")
-    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
-    return p
 
 
 def modelfile_path(gguf_path: Path) -> Path:
@@ -70,7 +48,8 @@ def _check_output(out: Path, ollama: bool, overwrite: bool) -> None:
 
 def _check_kind(name: str) -> None:
     """Refuse what cannot become weights before anything heavy is loaded."""
-    from ..pretrained import check_model_arg, model_kind
+    from ..inference_model import check_model_arg
+    from ..rundir import model_kind
 
     path = check_model_arg(name)
     if path is None:
@@ -93,7 +72,7 @@ def _check_kind(name: str) -> None:
 def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool = False, overwrite: bool = False,
                 chat_template_file: str | None = None, torch_dtype: str = "auto", trust_remote_code: bool = False) -> ExportResult:
     """Write ``model`` (run folder, model folder or hub name) to the GGUF file ``out``; see the module docstring."""
-    from ..pretrained import load_pretrained, quiet_transformers
+    from ..inference_model import load_pretrained, quiet_transformers
     from .architectures import family_for
     from .gguf_file import write_gguf
     from .vocab import gguf_vocab
@@ -103,10 +82,8 @@ def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool =
         raise PreftuneError("GGUF export needs the gguf package (llama.cpp's format library): pip install 'preftune[gguf]'")
     if quant not in QUANT_TYPES:
         raise PreftuneError(f"--quant must be one of {', '.join(QUANT_TYPES)}, got {quant!r}")
-    if torch_dtype not in DTYPES:
-        raise PreftuneError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
-    if chat_template_file and not Path(chat_template_file).is_file():
-        raise PreftuneError(f"--chat_template_file {chat_template_file!r} not found")
+    if torch_dtype not in TORCH_DTYPES:
+        raise PreftuneError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     _check_output(out, ollama, overwrite)
     _check_kind(model)
     with quiet_transformers():
@@ -138,19 +115,3 @@ def _family_notes(config) -> list[str]:
         return [f"the model attends within a sliding window of {window} tokens; llama.cpp attends to the whole context "
                 "(identical for prompts shorter than the window)"]
     return []
-
-
-def cmd_export(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    result = export_gguf(args.model, args.gguf, args.quant, args.ollama, args.overwrite, args.chat_template_file,
-                         args.torch_dtype, args.trust_remote_code)
-    size = result.gguf.stat().st_size / 2**20
-    template = "with its chat template" if result.chat_template else "without a chat template (prompts are sent as typed)"
-    print(f"wrote {result.gguf} ({size:.1f} MiB, {result.family}, {result.quant}, {result.tokens} tokens, {template})")
-    for note in result.notes:
-        print(f"note: {note}")
-    if result.modelfile is not None:
-        print(f"wrote {result.modelfile}; load it into Ollama with: ollama create NAME -f {result.modelfile}")
-    else:
-        print(f"run it with: llama-cli -m {result.gguf}   (or LM Studio: import the file)")
-    return 0
