@@ -4,9 +4,7 @@
   model: logits equal within 1e-5 for f32; for f16 / bf16 / q8_0 the weights it reads must equal
   the source weights rounded to that format by an independent reference (below), so the logits equal
   that rounded model's within 1e-5, and the distance to the unrounded model is printed;
-* the tokenizer transformers builds from the GGUF metadata must give the run tokenizer's ids;
-* the Ollama TEMPLATE is executed by Go's ``text/template`` (Ollama's engine) and must equal the
-  Jinja chat template's rendering (skipped without a ``go`` toolchain; ``.ci/run`` installs one).
+* the tokenizer transformers builds from the GGUF metadata must give the run tokenizer's ids.
 
 Q8_0, as ggml's reference quantizer defines it: each row is cut into blocks of 32 values;
 ``d = max|x| / 127`` (float32, stored as float16), ``q = round(x * (1/d))`` rounded half away
@@ -15,66 +13,16 @@ from zero, read back as ``q * float16(d)``.
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
-from conftest import HH_RLHF, LLAMA2_TOKENIZER, tiny_llama
 
+from _gguf_models import EDGE_TEXTS, LLAMA2_CHAT, hh_texts, one_line_error, qwen2_style_tokenizer, save_model, tiny
+from conftest import LLAMA2_TOKENIZER
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
-
-LLAMA2_CHAT = (  # Llama-2-chat's template: BOS before every user turn, the system prompt inside the first one
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-QWEN2_CHAT = (  # Qwen2's shape: ChatML with a default system prompt
-    "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA3_CHAT = (  # Llama-3's shape: BOS once, header tokens per role, separate system block
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-MISTRAL_CHAT = (  # no system role: the template raises on one
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-
-EDGE_TEXTS = [
-    "Hello world", "  two leading spaces\n\nnew lines\ttab", "don't stop: it's 3.14159 and 1,000,000!",
-    "Ünïcödé, 日本語のテキスト, emoji 😀👍🏽, accents é è", "tabs\t\tand trailing space ", "", "a",
-]
-
-
-def hh_texts(n: int) -> list[str]:
-    """Real dialogue text: the first ``n`` HH-RLHF chosen conversations (when ../shared is present)."""
-    if not HH_RLHF.is_file():
-        return []
-    with gzip.open(HH_RLHF, "rt", encoding="utf-8") as f:
-        return [json.loads(next(f))["chosen"] for _ in range(n)]
-
-
-def one_line_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("preftune: error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 # --- references --------------------------------------------------------------------------------------
@@ -129,69 +77,9 @@ def check_read_back(source, path, quant: str, ids: torch.Tensor) -> tuple[float,
     return (got - logits(reference, ids)).abs().max().item(), (got - logits(source, ids)).abs().max().item()
 
 
-# --- a small byte-level BPE tokenizer in Qwen2's style (the Hub is unreachable) -------------------------
-def qwen2_style_tokenizer():
-    from conftest import REPO
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
-
-    from preftune.export.vocab import PRE_TOKENIZER_REGEXES
-
-    core = Tokenizer(models.BPE())
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEXES["qwen2"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    core.train_from_iterator((REPO / "README.md").read_text(encoding="utf-8").splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN2_CHAT)
-
-
-def tiny(kind: str, vocab_size: int, seed: int = 0, **overrides):
-    from transformers import (
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    if kind == "llama":
-        return tiny_llama(vocab_size=vocab_size, seed=seed, hidden_size=64, intermediate_size=128, **overrides)
-    cls, config_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "mistral": (MistralForCausalLM, MistralConfig)}[kind]
-    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = cls(config_cls(**cfg)).float().eval()
-    if kind == "qwen2":
-        with torch.no_grad():  # Qwen2's q/k/v biases start at zero; make them matter
-            for name, p in model.named_parameters():
-                if name.endswith("proj.bias"):
-                    p.normal_(0, 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def qwen2_tok():
     return qwen2_style_tokenizer()
-
-
-def save_model(tmp_path, model, tokenizer, name="model"):
-    folder = tmp_path / name
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 # --- Llama + the real Llama-2 tokenizer, a LoRA run exported merged --------------------------------------
@@ -358,117 +246,3 @@ def test_demo_reft_other_families_and_bad_outputs_are_refused_in_one_line(tmp_pa
     (tmp_path / "taken.gguf").write_text("keep me")
     assert "--overwrite" in one_line_error(capsys, ["export", str(qwen2), "--gguf", str(tmp_path / "taken.gguf")])
     assert (tmp_path / "taken.gguf").read_text() == "keep me"
-
-
-# --- Ollama: the Go template, executed by Go's text/template --------------------------------------------
-GO_RENDER = """package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct{ Role, Content string }
-
-type Case struct {
-	Template string
-	System   string
-	Messages []*Message
-}
-
-// Renders each case the way Ollama calls its templates: .System (the system messages, joined)
-// and .Messages (all messages, system ones included).
-func main() {
-	var cases []Case
-	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
-		panic(err)
-	}
-	out := []string{}
-	for _, c := range cases {
-		t := template.Must(template.New("prompt").Parse(c.Template))
-		var b jsonBuffer
-		if err := t.Execute(&b, map[string]any{"System": c.System, "Messages": c.Messages}); err != nil {
-			panic(err)
-		}
-		out = append(out, string(b))
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-
-type jsonBuffer []byte
-
-func (b *jsonBuffer) Write(p []byte) (int, error) { *b = append(*b, p...); return len(p), nil }
-"""
-
-
-@pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    """render(template, messages) -> text, through a compiled Go program (skips without go)."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("no Go toolchain (apt-get install golang-go); .ci/run installs it")
-    folder = tmp_path_factory.mktemp("go")
-    (folder / "main.go").write_text(GO_RENDER, encoding="utf-8")
-    built = subprocess.run([go, "build", "-o", str(folder / "render"), str(folder / "main.go")], capture_output=True, text=True,
-                           cwd=folder, env={**os.environ, "GOCACHE": str(folder / "cache"), "GO111MODULE": "off"})
-    assert built.returncode == 0, built.stderr
-
-    def render(template: str, conversations: list[list[dict]]) -> list[str]:
-        cases = [{"Template": template, "System": "\n\n".join(m["content"] for m in msgs if m["role"] == "system"),
-                  "Messages": [{"Role": m["role"], "Content": m["content"]} for m in msgs]} for msgs in conversations]
-        done = subprocess.run([str(folder / "render")], input=json.dumps(cases), capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    return render
-
-
-CONVERSATIONS = [
-    [("user", "Hi")],
-    [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Add 2 and 3.")],
-    [("system", "Answer in one word."), ("user", "Sky colour?")],
-    [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Why is {{ this }} here?")],
-]
-
-
-@pytest.mark.parametrize("template", [QWEN2_CHAT, LLAMA2_CHAT, LLAMA3_CHAT, MISTRAL_CHAT], ids=["qwen2", "llama2", "llama3", "mistral"])
-def test_ollama_go_template_renders_what_the_jinja_template_renders(template, go_render):
-    from preftune.export.ollama import go_template, turn_format_of
-
-    tok = qwen2_style_tokenizer()
-    tok.add_special_tokens({"bos_token": "<|startoftext|>", "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
-    fmt = turn_format_of(tok, template)
-    conversations, expected = [], []
-    for chat in CONVERSATIONS:
-        messages = [{"role": role, "content": text} for role, text in chat]
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
-        except Exception:
-            assert template is MISTRAL_CHAT and chat[0][0] == "system"  # the only template without a system role
-            messages = messages[1:]  # Ollama would still send the conversation; the system prompt has nowhere to go
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
-        conversations.append(messages)
-        expected.append(text.removeprefix(tok.bos_token))  # Ollama adds BOS itself
-    got = go_render(go_template(fmt, tok.bos_token), conversations)
-    assert got == expected
-    assert any("{{ this }}" in text for text in got)  # message text is data, never template code
-
-
-def test_ollama_modelfile_and_untranslatable_templates(qwen2_tok, tmp_path, capsys):
-    folder = save_model(tmp_path, tiny("qwen2", len(qwen2_tok)), qwen2_tok)
-    out = tmp_path / "chat.gguf"
-    assert main(["export", str(folder), "--gguf", str(out), "--ollama"]) == 0
-    printed = capsys.readouterr().out
-    modelfile = tmp_path / "chat.Modelfile"
-    assert f"ollama create NAME -f {modelfile}" in printed
-    text = modelfile.read_text(encoding="utf-8")
-    assert text.startswith('FROM ./chat.gguf\nTEMPLATE """{{ if .System }}<|im_start|>system\n')
-    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
-
-    counting = qwen2_style_tokenizer()
-    counting.chat_template = "{% for message in messages %}{{ 'Turn ' ~ loop.index ~ ': ' ~ message['content'] ~ '\\n' }}{% endfor %}"
-    other = save_model(tmp_path, tiny("qwen2", len(counting)), counting, "counting")
-    err = one_line_error(capsys, ["export", str(other), "--gguf", str(tmp_path / "counting.gguf"), "--ollama"])
-    assert "TEMPLATE by hand" in err
-    assert not (tmp_path / "counting.gguf").exists()  # refused before the big file is written
