@@ -34,8 +34,11 @@ logger = logging.getLogger("preftune")
 class SampleAnswersCallback(TrainerCallback):
     """Writes greedy answers to fixed prompts at step 0, each evaluation and the end (module docstring)."""
 
-    def __init__(self, output_dir: str | Path, tokenizer, pairs, max_new_tokens: int):
+    def __init__(self, output_dir: str | Path, tokenizer, pairs, max_new_tokens: int, hooks=None):
+        from .model_hooks import NO_HOOKS
+
         self.path = Path(output_dir) / SAMPLES_FILE
+        self.hooks = hooks or NO_HOOKS  # a ReFT model generates through its hooks (plain generate is the base model)
         self.tokenizer = tokenizer
         self.pairs = list(pairs)
         self.max_new_tokens = max_new_tokens
@@ -58,13 +61,11 @@ class SampleAnswersCallback(TrainerCallback):
         from .config import GenerationArguments
         from .evaluation import generate_answers
         from .inference_model import LoadedModel
-        from .model_hooks import model_hooks_for
 
         was_training = model.training
         model.eval()
         try:
-            # a ReFT model acts on its prompt only through its generation hook (plain generate is the base model)
-            loaded = LoadedModel(model, self.tokenizer, "training", "model in training", None, hooks=model_hooks_for(model))
+            loaded = LoadedModel(model, self.tokenizer, "training", "model in training", None, hooks=self.hooks)
             return generate_answers(loaded, self.pairs, len(self.pairs), GenerationArguments(max_new_tokens=self.max_new_tokens))
         finally:
             model.train(was_training)
