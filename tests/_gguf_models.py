@@ -1,5 +1,5 @@
-"""Tiny models, tokenizers and chat templates shared by the export tests (and
-``benchmarks/gguf_llama_cpp.py``): the Hub is unreachable, so everything is built here."""
+"""Tiny models, tokenizers and chat templates shared by the export tests: the Hub is
+unreachable, so everything is built here."""
 
 from __future__ import annotations
 
