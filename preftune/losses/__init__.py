@@ -1,0 +1,26 @@
+"""Preference losses as pure functions of per-sequence log-probabilities.
+
+Every function here takes tensors of shape ``(B,)`` (one value per preference pair) and returns a
+:class:`PreferenceLoss` whose ``losses`` field is the per-pair loss ``(B,)``. Reduction over the
+batch (and over gradient-accumulation windows) is the trainer's job, so that accumulating ``k``
+micro-batches gives exactly the update of one ``k``-times larger batch.
+
+Notation used throughout (ORPO paper, Hong et al. 2024, arXiv:2403.07691):
+
+* ``x`` prompt, ``y_w`` chosen ("winning") completion, ``y_l`` rejected ("losing") completion;
+* ``lc = (1/|y_w|) sum_t log P(y_w,t | x, y_w,<t)``: length-averaged log-prob of the chosen
+  completion (``policy_chosen_logps`` when ``average=True`` in the engine); ``lr`` likewise for
+  the rejected completion;
+* ``sigma`` is the logistic function.
+
+No function here touches a model, tokenizer or config.
+"""
+
+from __future__ import annotations
+
+from .base import PreferenceLoss, log1mexp
+from .dpo import DPO_LOSS_TYPES, dpo_loss
+from .orpo import orpo_loss
+from .reference_free import cpo_loss, simpo_loss
+
+__all__ = ["PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "DPO_LOSS_TYPES"]
