@@ -15,9 +15,7 @@ from transformers import TrainingArguments
 
 from .errors import PreftuneError
 
-__all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "METHODS", "field_groups"]
-
-METHODS = ("orpo", "dpo", "simpo", "cpo", "sft")
+__all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "field_groups"]
 
 
 # Help group of every field, filled by @_grouped (argparse rejects unknown metadata keys, so the
@@ -45,6 +43,12 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _method_help() -> str:
+    from .methods import METHODS
+
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items()) + "."
 
 
 def _require(cond: bool, msg: str):
@@ -140,7 +144,7 @@ class DataArguments:
 class PreftuneConfig(TrainingArguments):
     """``TrainingArguments`` plus the preference-method settings. ``ORPOConfig`` is the same class."""
 
-    method: str = _f("orpo", "Alignment method: orpo (default), dpo, simpo, cpo, sft.", "method")
+    method: str = _f("orpo", "Alignment method: " + _method_help(), "method")
     beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO: inverse temperature beta.", "method")
     loss_type: str = _f("sigmoid", "DPO loss variant (TRL names): sigmoid, ipo, hinge, robust.", "method")
     label_smoothing: float = _f(0.0, "DPO robust: assumed label-noise rate eps in [0, 0.5).", "method")
@@ -178,10 +182,11 @@ class PreftuneConfig(TrainingArguments):
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
-        _require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        from .losses import DPO_LOSS_TYPES
+        from .methods import get_method
 
-        _require(self.loss_type in DPO_LOSS_TYPES, f"--loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
+        spec = get_method(self.method)
+        if spec.loss_types:
+            _require(self.loss_type in spec.loss_types, f"--loss_type must be one of {', '.join(spec.loss_types)} for --method {spec.name}, got {self.loss_type!r}")
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
         _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
@@ -189,10 +194,14 @@ class PreftuneConfig(TrainingArguments):
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+        if spec.validate is not None:
+            spec.validate(self)
 
     @property
     def needs_reference(self) -> bool:
-        return self.method == "dpo"
+        from .methods import get_method
+
+        return get_method(self.method).needs_reference
 
 
 ORPOConfig = PreftuneConfig

@@ -127,15 +127,14 @@ def _tokenize(tokenizer, examples, data_args: DataArguments, label: str):
 
 
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
-    keys = ["method", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout", "nll_on_prompt"]
+    from .methods import get_method
+
+    keys = ["method", *get_method(args.method).hyperparameters, "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout",
+            "nll_on_prompt"]
     out = {k: getattr(args, k) for k in keys}
     out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     out["optim"] = str(getattr(args.optim, "value", args.optim))
-    if args.method == "dpo":
-        out["loss_type"] = args.loss_type
-    if args.method == "simpo":
-        out["simpo_gamma"] = args.simpo_gamma
     out.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
     return out
 

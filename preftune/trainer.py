@@ -22,7 +22,8 @@ from transformers import Trainer
 
 from .engine import _unwrap, sequence_logps
 from .layout import PairTokens, PreferenceCollator, attention_cost_for
-from .objective import Window, compute_objective, nll_weight
+from .methods import Hyperparameters, get_method
+from .objective import Window, compute_objective
 
 logger = logging.getLogger(__name__)
 
@@ -50,30 +51,37 @@ class PairDataset(Dataset):
 
 
 class _MetricBank:
-    """Running sums of metrics between two log calls (one bank for train, one for eval)."""
+    """Running (sum, count) of every metric between two log calls (one bank for train, one for eval).
+
+    ``loss_sum`` is the sum over micro-batches of (micro-batch loss x its pairs), for the eval
+    loss: in evaluation each batch is its own window, so its loss is the objective's own value.
+    """
 
     def __init__(self):
         self.reset()
 
     def reset(self):
         self.sums = defaultdict(float)
+        self.counts = defaultdict(float)
         self.pairs = 0.0
         self.nll_sum = 0.0
         self.nll_tokens = 0.0
-        self.pref_sum = 0.0
+        self.loss_sum = 0.0
         self.tokens = 0.0
 
     def add(self, result, tokens: float):
-        for k, v in result.metric_sums.items():
-            self.sums[k] += v
+        for k, (total, count) in result.metric_sums.items():
+            self.sums[k] += total
+            self.counts[k] += count
         self.pairs += result.pairs
         self.nll_sum += result.nll_sum
         self.nll_tokens += result.nll_tokens
-        self.pref_sum += result.pref_sum
+        self.loss_sum += result.loss.detach().item() * result.pairs
         self.tokens += tokens
 
     def as_tensor(self, keys: list[str], device) -> torch.Tensor:
-        vals = [self.sums.get(k, 0.0) for k in keys] + [self.pairs, self.nll_sum, self.nll_tokens, self.pref_sum, self.tokens]
+        vals = [self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0.0) for k in keys]
+        vals += [self.pairs, self.nll_sum, self.nll_tokens, self.loss_sum, self.tokens]
         return torch.tensor(vals, dtype=torch.float64, device=device)
 
 
@@ -114,6 +122,8 @@ class PreferenceTrainer(Trainer):
             **kwargs,
         )
         self.reference = reference
+        self.method = get_method(args.method)
+        self.hyperparameters = Hyperparameters.from_config(args)
         # compute_loss already returns this micro-batch's share of the window loss
         self.loss_is_scaled_for_ga = True
         self._window: Window | None = None
@@ -173,7 +183,7 @@ class PreferenceTrainer(Trainer):
     def _objective(self, model, inputs, window: Window):
         seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb)
         ref = self.reference(model, inputs) if self.reference is not None else None
-        return compute_objective(self.args, seq, window, ref=ref, aux_coef=self.aux_coef)
+        return compute_objective(self.method, self.hyperparameters, seq, window, ref=ref, aux_coef=self.aux_coef)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -226,14 +236,16 @@ class PreferenceTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         values = values.tolist()
-        sums = dict(zip(keys, values[: len(keys)]))
-        pairs, nll_sum, nll_tokens, pref_sum, tokens = values[len(keys):]
+        n = len(keys)
+        sums, counts = values[:n], values[n : 2 * n]
+        pairs, nll_sum, nll_tokens, loss_sum, tokens = values[2 * n :]
         bank.reset()
         if pairs == 0:
             return {}
-        out = {k: v / pairs for k, v in sums.items()}
-        out["nll_loss"] = nll_sum / max(nll_tokens, 1.0)
-        out["_loss"] = pref_sum / pairs + nll_weight(self.args) * out["nll_loss"]
+        out = {k: total / count for k, total, count in zip(keys, sums, counts) if count > 0}
+        if "nll_loss" in self.method.metrics:
+            out["nll_loss"] = nll_sum / max(nll_tokens, 1.0)
+        out["_loss"] = loss_sum / pairs
         out["_tokens"] = tokens
         return out
 
