@@ -142,7 +142,7 @@ def run_layout(model, pairs, layout, score_prompt=False, row_budget=None, chunk_
     """Collate ``pairs`` and run the engine; with ``per_token`` also return the per-token
     log-probs ordered by (sequence, position), which is comparable across layouts."""
     batch = collate_pairs(pairs, pad_id=0, layout=layout, score_prompt=score_prompt, row_budget=row_budget)
-    logps, aux = token_logps(model, batch, chunk_size=chunk_size)
+    logps, aux, _ = token_logps(model, batch, chunk_size=chunk_size)
     seq = reduce_sequence_logps(batch, logps, aux)
     if per_token:
         order = torch.sort(batch["score_seq"], stable=True).indices
