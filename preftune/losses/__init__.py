@@ -1,7 +1,9 @@
 """Preference losses as pure functions of per-sequence log-probabilities.
 
-Every function here takes tensors of shape ``(B,)`` (one value per preference pair) and returns a
-:class:`PreferenceLoss` whose ``losses`` field is the per-pair loss ``(B,)``. Reduction over the
+Every function here takes tensors of shape ``(B,)`` (one value per preference pair, or per
+example for the unpaired KTO) and returns a small named result whose ``losses`` field is the
+per-pair loss ``(B,)``: ``orpo`` (ORPO), ``dpo`` (DPO and TRL's fifteen loss types, f-DPO, WPO
+weights), ``reference_free`` (SimPO, CPO), ``kto`` (KTO, unpaired APO-zero). Reduction over the
 batch (and over gradient-accumulation windows) is the trainer's job, so that accumulating ``k``
 micro-batches gives exactly the update of one ``k``-times larger batch.
 
@@ -19,8 +21,23 @@ No function here touches a model, tokenizer or config.
 from __future__ import annotations
 
 from .base import PreferenceLoss, log1mexp
-from .dpo import DPO_LOSS_TYPES, dpo_loss
+from .dpo import (
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    RANK_MATCHED_LOSS_TYPES,
+    RankPartners,
+    dpo_loss,
+    f_divergence_scores,
+    rank_partners,
+    wpo_weights,
+)
+from .kto import KTO_LOSS_TYPES, KTOLoss, kl_estimate, kto_loss
 from .orpo import orpo_loss
 from .reference_free import cpo_loss, simpo_loss
 
-__all__ = ["PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "DPO_LOSS_TYPES"]
+__all__ = [
+    "PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "kto_loss", "kl_estimate", "KTOLoss",
+    "f_divergence_scores", "wpo_weights", "rank_partners", "RankPartners",
+    "DPO_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "RANK_MATCHED_LOSS_TYPES", "KTO_LOSS_TYPES",
+]
