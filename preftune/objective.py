@@ -16,13 +16,22 @@ exactly the loss of one large batch holding the whole window. The NLL is a token
 window's chosen sequences, as in the ORPO authors' code and TRL (``CrossEntropyLoss`` over the
 batch). "Pairs" are preference pairs, or unpaired examples for unpaired methods.
 
+Window-wide values. A few losses need a detached quantity over the whole window, not just the
+micro-batch: KTO's KL estimate (a mean over every example), the rank matching of ``aot`` (sorted
+over every pair), WPO's mean weight for an ``sft`` term, BCO's reward shift. A method declares
+them (``MethodSpec.window_values``): per-pair values ``(B,)`` that the trainer gathers over the
+window (in the same forward when each process holds one micro-batch, else with one no-grad pass
+before the window) into :attr:`Window.values`; :attr:`Window.index` tells each micro-batch where
+its pairs are. Without them (evaluation, a direct call) the micro-batch is its own window, which
+is TRL's per-batch behaviour.
+
 Metrics are returned as ``name -> (sum, count)`` over the micro-batch, so the trainer can report
 exact means over any number of micro-batches and processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -32,7 +41,7 @@ from .engine import SequenceLogps
 if TYPE_CHECKING:  # pragma: no cover
     from .methods import Hyperparameters, MethodSpec
 
-__all__ = ["Window", "LossContext", "MethodLoss", "ObjectiveResult", "compute_objective", "pair_metrics", "METRIC_DOCS"]
+__all__ = ["Window", "LossContext", "MethodLoss", "ObjectiveResult", "compute_objective", "window_values", "pair_metrics", "METRIC_DOCS"]
 
 # What each logged metric means; also rendered into docs/metrics.md.
 METRIC_DOCS = {
@@ -58,11 +67,17 @@ class Window:
     """Totals over the micro-batches of one optimizer step (summed over processes).
 
     ``pairs`` and ``nll_tokens`` are divided by the number of processes when DDP averages
-    gradients (each process's share is then scaled up by that number).
+    gradients (each process's share is then scaled up by that number). ``values``: the method's
+    window-wide values ``name -> (N,)`` over all ``N`` pairs of the window (None: this micro-batch
+    is the window); ``index`` ``(B,)``: where this micro-batch's pairs are in them. ``state``: the
+    method's running state (e.g. BCO's reward shift), already advanced by this window.
     """
 
     pairs: float
     nll_tokens: float
+    values: dict[str, torch.Tensor] | None = None
+    index: torch.Tensor | None = None
+    state: dict[str, float] = field(default_factory=dict)
 
 
 class LossContext(NamedTuple):
@@ -71,7 +86,9 @@ class LossContext(NamedTuple):
     ``chosen``/``rejected``: policy log-probs ``(B,)``, length-averaged or summed as the method
     declares (``MethodSpec.logps``); ``ref_chosen``/``ref_rejected`` the reference's, in the same
     form (None for reference-free methods). ``seq`` holds everything else the engine measured
-    (token counts, summed log-probs, the NLL).
+    (token counts, summed log-probs, the NLL, WPO's aligned sums). ``desirable`` ``(B,)`` bool:
+    the labels of unpaired examples. ``window_values``/``window_index``/``state``: see
+    :class:`Window` (the values are this micro-batch's own when it is the window).
     """
 
     chosen: torch.Tensor
@@ -79,6 +96,10 @@ class LossContext(NamedTuple):
     ref_chosen: torch.Tensor | None
     ref_rejected: torch.Tensor | None
     seq: SequenceLogps
+    desirable: torch.Tensor | None = None
+    window_values: dict[str, torch.Tensor] | None = None
+    window_index: torch.Tensor | None = None
+    state: dict[str, float] = {}
 
 
 class MethodLoss(NamedTuple):
@@ -118,22 +139,11 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards=No
     return out
 
 
-def compute_objective(
-    method: MethodSpec,
-    hp: Hyperparameters,
-    seq: SequenceLogps,
-    window: Window,
-    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
-    aux_coef: float = 0.0,
-) -> ObjectiveResult:
-    """``method``'s loss share for one micro-batch (see the module docstring).
-
-    ``ref``: the reference's **summed** completion log-probs ``(chosen, rejected)``, each ``(B,)``,
-    for methods that need a reference; averaged here by the completion lengths when the method
-    reads averaged log-probs.
-    """
+def _context(method: MethodSpec, seq: SequenceLogps, ref, desirable) -> LossContext:
     if method.needs_reference and ref is None:
         raise ValueError(f"{method.name} needs reference log-probs")
+    if method.unpaired and desirable is None:
+        raise ValueError(f"{method.name} needs the examples' labels (desirable)")
     average = method.logps == "average"
     chosen = seq.chosen_avg if average else seq.chosen_sum
     rejected = seq.rejected_avg if average else seq.rejected_sum
@@ -142,8 +152,43 @@ def compute_objective(
         ref_chosen, ref_rejected = ref
         if average:
             ref_chosen, ref_rejected = ref_chosen / seq.chosen_count, ref_rejected / seq.rejected_count
-    terms = method.loss(LossContext(chosen, rejected, ref_chosen, ref_rejected, seq), hp)
-    b = int(chosen.shape[0])
+    return LossContext(chosen, rejected, ref_chosen, ref_rejected, seq, desirable)
+
+
+def window_values(method: MethodSpec, hp: Hyperparameters, seq: SequenceLogps, ref=None, desirable=None) -> dict[str, torch.Tensor]:
+    """This micro-batch's contribution to the method's window-wide values (``name -> (B,)``,
+    detached; empty when the method needs none with these hyper-parameters)."""
+    if method.window_values is None or not method.needs_window(hp):
+        return {}
+    values = method.window_values(_context(method, seq, ref, desirable), hp)
+    return {k: v.detach() for k, v in values.items()}
+
+
+def compute_objective(
+    method: MethodSpec,
+    hp: Hyperparameters,
+    seq: SequenceLogps,
+    window: Window,
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None,
+    aux_coef: float = 0.0,
+    desirable: torch.Tensor | None = None,
+) -> ObjectiveResult:
+    """``method``'s loss share for one micro-batch (see the module docstring).
+
+    ``ref``: the reference's **summed** completion log-probs ``(chosen, rejected)``, each ``(B,)``,
+    for methods that need a reference; averaged here by the completion lengths when the method
+    reads averaged log-probs. ``desirable``: ``(B,)`` labels of unpaired examples.
+    """
+    ctx = _context(method, seq, ref, desirable)
+    b = int(ctx.chosen.shape[0])
+    if window.values is not None:
+        ctx = ctx._replace(window_values=window.values, window_index=window.index, state=window.state)
+    else:  # this micro-batch is the window
+        local = window_values(method, hp, seq, ref, desirable)
+        index = torch.arange(b, device=ctx.chosen.device)
+        ctx = ctx._replace(window_values=local, window_index=index, state=window.state)
+    terms = method.loss(ctx, hp)
+    chosen = ctx.chosen
     loss = chosen.new_zeros(())
     if terms.losses is not None:
         loss = loss + terms.losses.sum() / window.pairs

@@ -217,7 +217,7 @@ def _unique_pairs(pairs: list[PairTokens]) -> list[PairTokens]:
         q = seen.get(p.example_id)
         if q is None:
             seen[p.example_id] = p
-        elif (q.prompt, q.chosen, q.rejected) != (p.prompt, p.chosen, p.rejected):
+        elif (q.prompt, q.chosen, q.rejected, q.label) != (p.prompt, p.chosen, p.rejected, p.label):
             raise ValueError(
                 f"example id {p.example_id} names two different pairs; precomputed reference log-probs are keyed by "
                 "example id, so train and eval pairs need distinct ids (preftune's loader offsets eval ids by 10**9)"
@@ -233,12 +233,13 @@ def compute_reference_table(
     device: torch.device | str,
     layout: str = "packed",
     row_budget: int | None = None,
+    tail_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward-only pass of ``reference`` over ``pairs``.
 
     Returns ``(example_ids, chosen, rejected)``, each ``(N,)``, sorted by example id (ids must be
     unique). Pairs are batched in order of length, ``batch_size`` per batch, so packed rows and
-    padded rows stay dense.
+    padded rows stay dense. ``tail_weight``: LD-DPO's α (see :func:`preftune.layout.collate_pairs`).
     """
     pairs = _unique_pairs(pairs)
     n = len(pairs)
@@ -247,7 +248,7 @@ def compute_reference_table(
     order = sorted(range(n), key=lambda i: (pairs[i].packed_length, i))
     for start in range(0, n, max(1, batch_size)):
         idx = order[start : start + max(1, batch_size)]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=False, row_budget=row_budget)
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=False, row_budget=row_budget, tail_weight=tail_weight)
         batch = batch_to(batch, device)
         c, r = reference(None, batch)
         rows = torch.tensor(idx, dtype=torch.long)
@@ -385,6 +386,7 @@ def _engine_settings(args, choice, model_args) -> dict:
         "dtype": str(getattr(choice, "dtype", None)),
         "attn_implementation": getattr(choice, "attn_implementation", None),
         "layout": getattr(args, "batch_layout", "packed"),
+        "ld_alpha": getattr(args, "ld_alpha", None),  # LD-DPO weights the summed log-probs
         "load_in_4bit": bool(getattr(model_args, "load_in_4bit", False)),
         "load_in_8bit": bool(getattr(model_args, "load_in_8bit", False)),
         "bnb_4bit_quant_type": getattr(model_args, "bnb_4bit_quant_type", None),
@@ -460,7 +462,8 @@ def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], token
     device = _model_device(ref_model)
     started = time.perf_counter()
     ids, chosen, rejected = compute_reference_table(
-        reference, pairs, _pad_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget
+        reference, pairs, _pad_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget,
+        getattr(args, "ld_alpha", None),
     )
     seconds = time.perf_counter() - started
     written = getattr(args, "process_index", 0) == 0 and _write_cache(path, fingerprint, ids, chosen, rejected, description)
@@ -477,7 +480,9 @@ def build_reference(model, model_args, args, choice, train_pairs, eval_pairs, to
     reference is the *starting* policy (see the module docstring for the three kinds).
     Returns None for methods that need no reference.
     """
-    if not getattr(args, "needs_reference", args.method == "dpo"):
+    from .methods import get_method
+
+    if not get_method(args.method).needs_reference:
         return None
     if args.precompute_ref_log_probs:
         pairs = list(train_pairs or []) + list(eval_pairs or [])
