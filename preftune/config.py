@@ -122,6 +122,8 @@ class DataArguments:
     chosen_column: str = _f("chosen", "Column with the preferred answer.", "data")
     rejected_column: str = _f("rejected", "Column with the dispreferred answer.", "data")
     system_column: str = _f("system", "Column with an optional system prompt.", "data")
+    completion_column: str = _f("completion", "Unpaired data (--method kto): column with the completion.", "data")
+    label_column: str = _f("label", "Unpaired data (--method kto): column with the label, true (desirable) or false (undesirable).", "data")
     on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
     max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
     max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")

@@ -73,13 +73,17 @@ def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool =
 
 
 def _columns(data_args: DataArguments) -> ColumnMap:
-    return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column)
+    return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column,
+                     data_args.completion_column, data_args.label_column)
 
 
 def load_train_eval(data_args: DataArguments, args: PreftuneConfig):
     """Training and held-out examples exactly as a run splits them (also used by ``preftune eval``)."""
+    from .methods import get_method
+
+    unpaired = get_method(args.method).unpaired
     loaded = load_examples(
-        data_args.dataset_name, data_args.dataset_split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format
+        data_args.dataset_name, data_args.dataset_split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format, unpaired=unpaired
     )
     if loaded.skipped:
         logger.warning("%s: %s", data_args.dataset_name, loaded.skip_summary())
@@ -93,7 +97,7 @@ def load_train_eval(data_args: DataArguments, args: PreftuneConfig):
         is_path = Path(data_args.eval_split).expanduser().exists()
         source = data_args.eval_split if is_path else data_args.dataset_name
         split = "train" if is_path else data_args.eval_split
-        ev = load_examples(source, split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format, id_offset=10**9)
+        ev = load_examples(source, split, _columns(data_args), data_args.on_bad_row, data_args.dataset_format, id_offset=10**9, unpaired=unpaired)
         evals = ev.examples
     return train, evals, loaded
 
@@ -109,20 +113,33 @@ def demo_data():
     return train, evals, eval_rows
 
 
-def _tokenize(tokenizer, examples, data_args: DataArguments, label: str):
+def _tokenize(tokenizer, examples, data_args: DataArguments, label: str, args: PreftuneConfig | None = None):
+    """Tokenized pairs; for an unpaired method (``args``), labelled examples with their KL completions."""
+    from .methods import Hyperparameters, get_method
+
     settings = TokenizeSettings(
         max_length=data_args.max_length,
         max_prompt_length=data_args.max_prompt_length,
         truncation_mode=data_args.truncation_mode,
         chat_template=data_args.chat_template,
     )
+    spec = get_method(args.method) if args is not None else None
     try:
-        pairs, report = tokenize_examples(tokenizer, examples, settings)
+        if spec is not None and spec.unpaired:
+            from .data.unpaired import tokenize_unpaired
+
+            kl_group = args.per_device_train_batch_size if spec.mismatched_completions(Hyperparameters.from_config(args)) else None
+            pairs, report = tokenize_unpaired(tokenizer, examples, settings, kl_group)
+        else:
+            pairs, report = tokenize_examples(tokenizer, examples, settings)
     except ValueError as e:
         raise PreftuneError(f"{label}: {e}") from None
     logger.info("%s: %s", label, report.summary())
     if not pairs and examples:
-        raise PreftuneError(f"{label}: every pair was dropped during tokenization ({report.summary()}); raise --max_length")
+        raise PreftuneError(f"{label}: every example was dropped during tokenization ({report.summary()}); raise --max_length")
+    if spec is not None and spec.mismatched_completions(Hyperparameters.from_config(args)) and len(pairs) == 1:
+        raise PreftuneError(f"{label}: one example left after tokenization; --method {spec.name}'s KL term needs at least two "
+                            "(each example is scored with another example's completion)")
     return pairs, report
 
 
@@ -133,6 +150,7 @@ def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
             "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout",
             "nll_on_prompt"]
     out = {k: getattr(args, k) for k in keys}
+    out.update({k: " ".join(map(str, v)) for k, v in out.items() if isinstance(v, list)})  # loss_type, loss_weights
     out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     out["optim"] = str(getattr(args.optim, "value", args.optim))
     out.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
@@ -193,8 +211,11 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
         train_ex, eval_ex, _ = load_train_eval(data_args, args)
         dataset_label = data_args.dataset_name
-    train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data")
-    eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data") if eval_ex else ([], None)
+    train_pairs, _ = _tokenize(tokenizer, train_ex, data_args, "train data", args)
+    eval_pairs, _ = _tokenize(tokenizer, eval_ex, data_args, "eval data", args) if eval_ex else ([], None)
+    # the demo's before/after table compares chosen with rejected answers: it needs pairs
+    demo_pairs = (_tokenize(tokenizer, eval_ex, data_args, "demo eval pairs")[0] if train_pairs and train_pairs[0].label is not None
+                  else eval_pairs) if is_demo else None
 
     if is_demo:
         model = build_demo_model(len(tokenizer), seed=args.seed)
@@ -225,7 +246,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
+        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, demo_pairs)
 
     interrupt = InterruptCallback()
     trainer = PreferenceTrainer(
@@ -266,7 +287,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs)
+        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, demo_pairs)
         demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
         final.update({f"demo_{k}": v for k, v in after.items()})
     seconds = time.perf_counter() - started
