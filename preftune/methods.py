@@ -23,6 +23,7 @@ from .losses import (
     F_DIVERGENCE_LOSS_TYPES,
     KTO_LOSS_TYPES,
     RANK_MATCHED_LOSS_TYPES,
+    class_weight_advice,
     cpo_loss,
     dpo_loss,
     kl_estimate,
@@ -100,6 +101,7 @@ class MethodSpec:
         advance_state: ``(state, window values, hp) -> state``, once per optimizer step, for
             losses with running statistics (saved in checkpoints).
         derived_metrics: ``means -> extra metrics`` computed from the logged means (e.g. KTO's margin).
+        data_warnings: ``(train pairs, hp) -> messages`` to log about the training data (e.g. KTO's class balance).
     """
 
     name: str
@@ -118,10 +120,16 @@ class MethodSpec:
     needs_window: Callable[[Hyperparameters], bool] = lambda hp: False
     advance_state: Callable[[dict, dict, Hyperparameters], dict] | None = None
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+    data_warnings: Callable[[list, Hyperparameters], list[str]] | None = None
 
 
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 _LOGP_METRICS = ("logps/chosen", "logps/rejected")
+
+
+def _with_pair_metrics(ctx: LossContext, out) -> MethodLoss:
+    """A paired loss's result with the usual logps/* and rewards/* metrics."""
+    return MethodLoss(out.losses, pair_metrics(ctx.chosen, ctx.rejected, out.chosen_rewards, out.rejected_rewards))
 
 
 def _no_nll(hp: Hyperparameters) -> float:
@@ -135,11 +143,11 @@ def _unit_nll(hp: Hyperparameters) -> float:
 # --- ORPO ---------------------------------------------------------------------------------------
 def _orpo(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
     out = orpo_loss(ctx.chosen, ctx.rejected, hp.beta)
-    metrics = pair_metrics(ctx.chosen, ctx.rejected, out.chosen_rewards, out.rejected_rewards)
+    result = _with_pair_metrics(ctx, out)
     b = float(ctx.chosen.shape[0])
-    metrics["log_odds_ratio"] = (out.log_odds_ratio.sum().item(), b)
-    metrics["log_odds_chosen"] = (out.log_odds.sum().item(), b)
-    return MethodLoss(out.losses, metrics)
+    result.metrics["log_odds_ratio"] = (out.log_odds_ratio.sum().item(), b)
+    result.metrics["log_odds_chosen"] = (out.log_odds.sum().item(), b)
+    return result
 
 
 ORPO = MethodSpec(
@@ -261,8 +269,7 @@ DPO = MethodSpec(
 
 # --- SimPO and CPO --------------------------------------------------------------------------------
 def _simpo(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
-    out = simpo_loss(ctx.chosen, ctx.rejected, hp.beta, hp.simpo_gamma)
-    return MethodLoss(out.losses, pair_metrics(ctx.chosen, ctx.rejected, out.chosen_rewards, out.rejected_rewards))
+    return _with_pair_metrics(ctx, simpo_loss(ctx.chosen, ctx.rejected, hp.beta, hp.simpo_gamma))
 
 
 SIMPO = MethodSpec(
@@ -278,8 +285,7 @@ SIMPO = MethodSpec(
 
 
 def _cpo(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
-    out = cpo_loss(ctx.chosen, ctx.rejected, hp.beta)
-    return MethodLoss(out.losses, pair_metrics(ctx.chosen, ctx.rejected, out.chosen_rewards, out.rejected_rewards))
+    return _with_pair_metrics(ctx, cpo_loss(ctx.chosen, ctx.rejected, hp.beta))
 
 
 CPO = MethodSpec(
@@ -344,6 +350,12 @@ def _kto_margins(means: dict[str, float]) -> dict[str, float]:
     return {}
 
 
+def _kto_data_warnings(pairs: list, hp: Hyperparameters) -> list[str]:
+    desirable = sum(1 for p in pairs if p.label)
+    advice = class_weight_advice(desirable, len(pairs), hp.desirable_weight, hp.undesirable_weight)
+    return [advice] if advice else []
+
+
 def _validate_kto(config) -> None:
     _require(len(config.loss_type) == 1, f"--method kto takes one --loss_type ({' or '.join(KTO_LOSS_TYPES)}), got {' '.join(config.loss_type)}")
     if config.loss_type == ["kto"]:
@@ -369,6 +381,7 @@ KTO = MethodSpec(
     window_values=_kto_window_values,
     needs_window=_kto_uses_kl,
     derived_metrics=_kto_margins,
+    data_warnings=_kto_data_warnings,
 )
 
 

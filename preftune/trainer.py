@@ -149,6 +149,9 @@ class PreferenceTrainer(Trainer):
         self.reference = reference
         self.method = get_method(args.method)
         self.hyperparameters = Hyperparameters.from_config(args)
+        if self.method.data_warnings is not None and train_pairs:
+            for message in self.method.data_warnings(train_pairs, self.hyperparameters):
+                logger.warning("%s", message)
         # whether this loss needs window-wide values (see preftune.objective)
         self._uses_window = self.method.needs_window(self.hyperparameters)
         # compute_loss already returns this micro-batch's share of the window loss

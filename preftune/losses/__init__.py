@@ -32,12 +32,12 @@ from .dpo import (
     rank_partners,
     wpo_weights,
 )
-from .kto import KTO_LOSS_TYPES, KTOLoss, kl_estimate, kto_loss
+from .kto import KTO_LOSS_TYPES, KTOLoss, class_weight_advice, kl_estimate, kto_loss
 from .orpo import orpo_loss
 from .reference_free import cpo_loss, simpo_loss
 
 __all__ = [
-    "PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "kto_loss", "kl_estimate", "KTOLoss",
+    "PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "kto_loss", "kl_estimate", "KTOLoss", "class_weight_advice",
     "f_divergence_scores", "wpo_weights", "rank_partners", "RankPartners",
     "DPO_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "RANK_MATCHED_LOSS_TYPES", "KTO_LOSS_TYPES",
 ]

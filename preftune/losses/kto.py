@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["KTOLoss", "KTO_LOSS_TYPES", "kto_loss", "kl_estimate"]
+__all__ = ["KTOLoss", "KTO_LOSS_TYPES", "kto_loss", "kl_estimate", "class_weight_advice"]
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -80,3 +80,24 @@ def kto_loss(
         bad = torch.sigmoid(beta * logratio)
     losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
     return KTOLoss(losses=losses, rewards=(beta * logratio).detach())
+
+
+def class_weight_advice(num_desirable: int, num_examples: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A warning when the class balance calls for other weights, else None (TRL 1.16's rule).
+
+    KTO paper eq. 8 suggests ``λ_D n_D / (λ_U n_U)`` in ``[1, 4/3]``. With ``n_D != n_U`` and
+    neither weight in its range (the other held fixed), the advice is either
+    ``λ_D ∈ [n_U λ_U / n_D, 1.33 n_U λ_U / n_D]`` or ``λ_U ∈ [n_D λ_D / (1.33 n_U), n_D λ_D / n_U]``,
+    rounded to 2 decimals. As in TRL, ``n_D = max(desirable, 1)`` and ``n_U = max(examples − n_D, 1)``.
+    """
+    n_d = max(num_desirable, 1)
+    n_u = max(num_examples - n_d, 1)
+    if n_d == n_u:
+        return None
+    d_lo, d_hi = round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2)
+    u_lo, u_hi = round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2)
+    if d_lo <= desirable_weight <= d_hi or u_lo <= undesirable_weight <= u_hi:
+        return None
+    return (f"KTO: {n_d} desirable vs {n_u} undesirable examples, and --desirable_weight {desirable_weight:g} / --undesirable_weight "
+            f"{undesirable_weight:g} do not balance them (KTO paper eq. 8); set either --desirable_weight in [{d_lo}, {d_hi}] "
+            f"or --undesirable_weight in [{u_lo}, {u_hi}], not both")
