@@ -23,7 +23,7 @@ from typing import Any
 
 from .io import BadRecord, Record
 
-__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "check_messages", "ASSISTANT_MARKERS"]
+__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "check_messages", "as_text", "ASSISTANT_MARKERS"]
 
 Message = dict[str, str]
 Content = str | list[Message]
@@ -129,7 +129,7 @@ def extract_string_prompt(chosen: str, rejected: str) -> int:
     return cut + 1 if cut >= 0 else 0
 
 
-def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
+def as_text(value: Any, field: str) -> tuple[str | None, str | None]:
     if value is None:
         return None, f"{field!r} is missing (null)"
     if not isinstance(value, str):
@@ -205,10 +205,10 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         return PreferenceExample(prompt_msgs, chosen_c, rejected_c, system, where, example_id)
 
-    chosen, problem = _as_text(chosen, columns.chosen)
+    chosen, problem = as_text(chosen, columns.chosen)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
-    rejected, problem = _as_text(rejected, columns.rejected)
+    rejected, problem = as_text(rejected, columns.rejected)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
     if prompt is None and columns.prompt in row:
@@ -221,7 +221,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
         if not chosen.strip() or not rejected.strip():
             return BadRow(where, "chosen equals rejected" if chosen == rejected else "empty field", "a completion is empty after removing the shared prompt")
     else:
-        prompt, problem = _as_text(prompt, columns.prompt)
+        prompt, problem = as_text(prompt, columns.prompt)
         if problem:
             return BadRow(where, "empty field" if "empty" in problem else "wrong type", problem)
     if chosen == rejected:

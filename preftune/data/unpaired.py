@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..layout import PairTokens
-from .formats import BadRow, ColumnMap, PreferenceExample, check_messages
+from .formats import BadRow, ColumnMap, PreferenceExample, as_text, check_messages
 from .io import BadRecord, Record
 from .tokenize import (
     TRUNCATION_MODES,
@@ -79,16 +79,11 @@ def _label(value) -> bool | None:
 
 
 def _content(value, field: str) -> tuple[Any, str | None]:
+    """A string or message-list field, normalised, or the problem with it."""
     if isinstance(value, list):
         problem = check_messages(value, field)
         return ([{"role": m["role"], "content": m["content"]} for m in value], None) if problem is None else (None, problem)
-    if value is None:
-        return None, f"{field!r} is missing (null)"
-    if not isinstance(value, str):
-        return None, f"{field!r} must be a string or a message list, got {type(value).__name__}"
-    if not value.strip():
-        return None, f"{field!r} is empty"
-    return value, None
+    return as_text(value, field)
 
 
 def normalize_unpaired_record(record: Record | BadRecord, columns: ColumnMap, example_id: int) -> UnpairedExample | BadRow:
