@@ -370,3 +370,24 @@ def test_tr_dpo_mixes_the_policy_into_the_reference():
         torch.testing.assert_close(r, 0.6 * p + 0.4 * b)
     with pytest.raises(PreftuneError, match="same parameters and shapes"):
         mix_into(ref, tiny_llama(seed=2, hidden_size=48), 0.5)
+
+
+def test_precomputed_reference_for_kto_and_ld_dpo_equals_on_the_fly(tmp_path):
+    """The precomputed table holds what the on-the-fly reference returns: KTO's completion and KL
+    completion log-probs, LD-DPO's weighted sums (its alpha is part of the cache fingerprint)."""
+    from preftune.modeling import choose_device
+    from preftune.reference import build_reference
+
+    model = tiny_llama(seed=5)
+    for case, pairs in ((dict(method="kto"), random_pairs(10, labelled=True)), (dict(method="dpo", ld_alpha=0.3), random_pairs(10))):
+        def reference(precompute):
+            args = PreftuneConfig(output_dir=str(tmp_path / case["method"]), use_cpu=True, precompute_ref_log_probs=precompute, **case)
+            return build_reference(model, ModelArguments(), args, choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
+
+        batch = collate_pairs(pairs, 0, tail_weight=case.get("ld_alpha"))
+        on_the_fly, table = reference(False)(model, batch), reference(True)(model, batch)
+        for a, b in zip(on_the_fly, table):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    unweighted = build_reference(model, ModelArguments(), PreftuneConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, method="dpo",
+                                 precompute_ref_log_probs=True), choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
+    assert unweighted.fingerprint != reference(True).fingerprint
