@@ -151,19 +151,24 @@ def run_trl(method: str, settings: dict, rows: list[dict], model_dir: Path, ns, 
 def run_preftune(method: str, settings: dict, rows: list[dict], model_dir: Path, ns, out: Path):
     from types import SimpleNamespace
 
-    from preftune.config import DataArguments, ModelArguments, PreftuneConfig
+    from preftune.config import ModelArguments, PreftuneConfig
     from preftune.data.formats import ColumnMap, normalize_record
     from preftune.data.io import Record
-    from preftune.modeling import choose_device
+    from preftune.data.splits import tokenize_split
+    from preftune.data.tokenize import TokenizeSettings
+    from preftune.methods import Hyperparameters, get_method
     from preftune.reference import build_reference
-    from preftune.run import _tokenize
     from preftune.trainer import PreferenceTrainer
+    from preftune.training_model import choose_device
 
     batch = len(rows) * (2 if method == "kto" else 1)
     training = {k: v for k, v in common_training(ns, out, batch).items() if k not in ("bf16", "gradient_checkpointing")}
     args = PreftuneConfig(**training, method=method, beta=ns.beta, memory_preflight=False, **settings)
     examples = [normalize_record(Record(r, f"row {i}"), ColumnMap(), i) for i, r in enumerate(rows)]
-    pairs, _ = _tokenize(build_tokenizer(), examples, DataArguments(max_length=None, max_prompt_length=None, chat_template="never"), "train", args)
+    spec = get_method(method)  # KTO: labelled examples with KL completions from groups of one batch
+    kl_group = batch if spec.mismatched_completions(Hyperparameters.from_config(args)) else None
+    settings = TokenizeSettings(max_length=None, max_prompt_length=None, chat_template="never")
+    pairs, _ = tokenize_split(build_tokenizer(), examples, settings, "train", unpaired=spec.unpaired, kl_group=kl_group)
     model = load_model(model_dir)
     reference = build_reference(model, ModelArguments(), args, choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, reference=reference, pad_token_id=0)

@@ -14,7 +14,6 @@ Every piece of text from those files goes through :func:`html.escape`.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
@@ -23,10 +22,9 @@ import math
 from pathlib import Path
 
 from .errors import PreftuneError
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
 
-__all__ = ["cmd_report", "build_parser", "write_report", "render_report", "REPORT_FILE"]
-
-REPORT_FILE = "report.html"
+__all__ = ["write_report", "render_report"]
 
 # Hyper-parameters shown in the summary table, by run_config.json section (others: "full configuration").
 # The method's own hyper-parameters come from its declaration (preftune.methods), after "method".
@@ -74,18 +72,6 @@ pre{white-space:pre-wrap;word-break:break-word;background:#f6f7f9;border-radius:
 .warn{background:#fff4e5;border-color:#f5c27a}
 footer{color:#8a91a1;font-size:.8rem;text-align:center;padding:12px}
 """
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune report",
-        description="Write RUN_DIR/report.html: one self-contained page with the training curves, configuration, "
-        "final metrics, and (after `preftune eval`) evaluation metrics and sample generations. Opens in any browser, no server.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `preftune train`")
-    p.add_argument("--output", default=None, metavar="FILE", help="where to write the page (default RUN_DIR/report.html)")
-    p.add_argument("--max_generations", "--max-generations", type=int, default=20, metavar="N", help="show at most N sample generations (default 20)")
-    return p
 
 
 def _read_json(path: Path):
@@ -287,10 +273,10 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
     from . import __version__
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "run_config.json")
-    complete = _read_json(run_dir / "run_complete.json")
-    ev = _read_json(run_dir / "eval.json")
-    gens = _read_jsonl(run_dir / "generations.jsonl", max_generations)
+    config = _read_json(run_dir / RUN_CONFIG_FILE)
+    complete = _read_json(run_dir / RUN_COMPLETE_FILE)
+    ev = _read_json(run_dir / EVAL_FILE)
+    gens = _read_jsonl(run_dir / GENERATIONS_JSONL, max_generations)
     if isinstance(ev, dict) and "generations" not in ev:
         gens = []  # left over from an earlier `preftune eval --generate`; the latest eval wrote none
     config = config if isinstance(config, dict) else None
@@ -343,7 +329,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise PreftuneError(f"run folder {str(run_dir)!r} not found" if not run_dir.exists() else f"{str(run_dir)!r} is a file; pass the run folder")
-    known = ("run_config.json", "run_complete.json", "metrics.jsonl", "eval.json")
+    known = (RUN_CONFIG_FILE, RUN_COMPLETE_FILE, METRICS_FILE, EVAL_FILE)
     if not any((run_dir / f).is_file() for f in known):
         raise PreftuneError(f"{str(run_dir)!r} is not a run folder of `preftune train` (it has none of {', '.join(known)})")
     page = render_report(run_dir, max_generations)
@@ -355,13 +341,3 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     except OSError as e:
         raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     return out
-
-
-def cmd_report(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_generations < 0:
-        raise PreftuneError(f"--max_generations must be >= 0, got {args.max_generations}")
-    out = write_report(args.run_dir, args.output, args.max_generations)
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 1024:.0f} KB, self-contained: open it in any browser)")
-    return 0

@@ -22,9 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
-from .engine import _unwrap, sequence_logps
+from .engine import sequence_logps
 from .errors import PreftuneError
-from .layout import PairTokens, PreferenceCollator, attention_cost_for
+from .hf_helpers import pad_token_id as pad_id_of, unwrap_model
+from .model_hooks import NO_HOOKS, ModelHooks
+from .reft import reft_hooks
+from .layout import PairTokens, PreferenceCollator, attention_cost_for, batch_to
 from .methods import Hyperparameters, get_method
 from .objective import Window, compute_objective, window_values
 from .window import MethodStateCallback, gather_window_values, read_method_state
@@ -105,19 +108,22 @@ class PreferenceTrainer(Trainer):
         processing_class: the tokenizer (saved with the model).
         reference: callable ``(model, batch) -> (chosen_sum, rejected_sum)`` for methods that need
             one (:func:`preftune.reference.build_reference`), else None.
+        pad_token_id: the id batches are padded with (default: from ``processing_class``).
+        hooks: what the model needs done around it (:class:`preftune.model_hooks.ModelHooks`:
+            ReFT's batch context and interventions-only saving); default: derived from ``model``
+            from the ReFT interventions it carries, if any (:func:`preftune.reft.reft_hooks`).
     """
 
-    def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None, **kwargs):
+    def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None,
+                 hooks: ModelHooks | None = None, **kwargs):
         if pad_token_id is None:
-            pad_token_id = getattr(processing_class, "pad_token_id", None)
-            if pad_token_id is None:
-                pad_token_id = getattr(processing_class, "eos_token_id", None) or 0
+            pad_token_id = pad_id_of(processing_class)
         collator = PreferenceCollator(
             pad_id=pad_token_id,
             layout=args.batch_layout,
             score_prompt=args.nll_on_prompt,
             row_budget=args.row_budget,
-            attention_cost=attention_cost_for(getattr(_unwrap(model), "config", None)),
+            attention_cost=attention_cost_for(getattr(unwrap_model(model), "config", None)),
             tail_weight=args.ld_alpha,
         )
         if args.disable_dropout:
@@ -154,6 +160,7 @@ class PreferenceTrainer(Trainer):
                 logger.warning("%s", message)
         # whether this loss needs window-wide values (see preftune.objective)
         self._uses_window = self.method.needs_window(self.hyperparameters)
+        self.hooks = hooks if hooks is not None else (reft_hooks(model) or NO_HOOKS)
         # compute_loss already returns this micro-batch's share of the window loss
         self.loss_is_scaled_for_ga = True
         self._window: Window | None = None
@@ -235,7 +242,7 @@ class PreferenceTrainer(Trainer):
     def _forward(self, model, inputs, ref=None):
         """Policy statistics and (unless given) the reference's log-probs of one batch."""
         seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb,
-                             with_aligned=self.hyperparameters.use_weighting)
+                             batch_context=self.hooks.batch_context, with_aligned=self.hyperparameters.use_weighting)
         if ref is None and self.reference is not None:
             ref = self.reference(model, inputs)
         return seq, ref
@@ -248,7 +255,7 @@ class PreferenceTrainer(Trainer):
         model.train()  # the same mode, and so the same numbers, as the training forward
         with torch.no_grad(), torch.random.fork_rng(devices=[self.args.device] if self.args.device.type == "cuda" else []):
             for batch in batch_samples:
-                inputs = self._prepare_inputs(batch)
+                inputs = batch_to(batch, self.args.device)
                 seq, ref = self._forward(model, inputs)
                 self._prepass_refs.append(ref)
                 local.append(window_values(self.method, self.hyperparameters, seq, ref, inputs.get("desirable")))
@@ -316,7 +323,7 @@ class PreferenceTrainer(Trainer):
 
         Checkpoints (``_internal_call``) keep the full Trainer format so resuming works.
         """
-        save_own = getattr(_unwrap(self.model), "preftune_save_pretrained", None)
+        save_own = self.hooks.save_pretrained
         if save_own is None or _internal_call:
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():

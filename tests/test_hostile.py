@@ -147,9 +147,10 @@ def test_cli_argv_fuzz_never_tracebacks(tmp_path, monkeypatch, argv):
     by a stub (real runs are covered in test_cli.py and test_reliability.py).
     """
     import preftune.run as run
+    from preftune.rundir import check_output_dir
 
     def validate_only(model_args, data_args, args):
-        out = run.check_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint), model_args.is_demo)
+        out = check_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint), model_args.is_demo)
         if data_args.dataset_name:
             load_examples(data_args.dataset_name, data_args.dataset_split, on_bad_row=data_args.on_bad_row)
         return run.RunResult(out, {}, 0, 0, 0.0)

@@ -64,7 +64,7 @@ def test_configuration_mistakes_are_one_line_errors(settings, message):
 
 
 def test_loss_type_lists_on_the_command_line_and_in_yaml(tmp_path):
-    from preftune.cli import build_train_parser, parse_train_args
+    from preftune.commands.train import build_train_parser, parse_train_args
 
     _, _, args = parse_train_args(["--method", "dpo", "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"])
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
@@ -238,7 +238,7 @@ def case_id(case):
 
 def train_case(out_dir, case, batch_size, accumulation, steps=1, pairs=None):
     """Train tiny_llama(seed=3) with SGD on 16 pairs (labelled for KTO); return the weights."""
-    from preftune.modeling import choose_device
+    from preftune.training_model import choose_device
     from preftune.reference import build_reference
     from preftune.trainer import PreferenceTrainer
 
@@ -322,7 +322,7 @@ def test_two_processes_equal_one_for_every_method_and_loss_type(tmp_path):
 def test_resume_restores_bco_running_mean_and_tr_dpo_reference(tmp_path):
     """A run resumed from step 2 ends where the uninterrupted run ends: the BCO reward shift and the
     TR-DPO reference (synced at step 2) come back from the checkpoint."""
-    from preftune.modeling import choose_device
+    from preftune.training_model import choose_device
     from preftune.reference import build_reference
     from preftune.ref_sync import REF_MODEL_FILE
     from preftune.trainer import PreferenceTrainer
@@ -375,7 +375,7 @@ def test_tr_dpo_mixes_the_policy_into_the_reference():
 def test_precomputed_reference_for_kto_and_ld_dpo_equals_on_the_fly(tmp_path):
     """The precomputed table holds what the on-the-fly reference returns: KTO's completion and KL
     completion log-probs, LD-DPO's weighted sums (its alpha is part of the cache fingerprint)."""
-    from preftune.modeling import choose_device
+    from preftune.training_model import choose_device
     from preftune.reference import build_reference
 
     model = tiny_llama(seed=5)

@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_llama
 from preftune.config import ModelArguments, PreftuneConfig
 from preftune.layout import PairTokens
-from preftune.modeling import choose_device
+from preftune.training_model import choose_device
 
 STEPS = 30
 
@@ -54,7 +54,7 @@ def labelled(pairs: list[PairTokens], batch_size: int = 16) -> list[PairTokens]:
 
 
 def train_tiny(tmp_path, method: str, use_peft: bool = False, **overrides):
-    from preftune.modeling import apply_peft
+    from preftune.training_model import apply_peft
     from preftune.reference import build_reference
     from preftune.trainer import PreferenceTrainer
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.errors import PreftuneError
-from preftune.reliability import COMPLETE_MARKER, find_latest_checkpoint, largest_batch, memory_preflight
+from preftune.reliability import largest_batch, memory_preflight
+from preftune.rundir import CHECKPOINT_COMPLETE_MARKER as COMPLETE_MARKER, find_latest_checkpoint
 
 from conftest import REPO, free_port
 
@@ -102,7 +103,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 
 
 def test_same_seed_same_weights(tmp_path):
-    from preftune.cli import parse_train_args
+    from preftune.commands.train import parse_train_args
     from preftune.run import run_training
 
     outs = []
@@ -134,12 +135,12 @@ def test_latest_ignores_half_written_checkpoint(tmp_path):
 
 
 def test_resume_latest_without_checkpoint_is_clear(tmp_path):
-    from preftune.run import _resume_arg
+    from preftune.rundir import resolve_resume
 
     with pytest.raises(PreftuneError, match="no complete checkpoint"):
-        _resume_arg("latest", tmp_path)
+        resolve_resume("latest", tmp_path)
     with pytest.raises(PreftuneError, match="not a complete checkpoint folder"):
-        _resume_arg(str(tmp_path), tmp_path)
+        resolve_resume(str(tmp_path), tmp_path)
 
 
 def _tiny_trainer(tmp_path, **kw):

@@ -31,13 +31,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..hf_helpers import has_chat_template
 from ..layout import PairTokens
 from .formats import PreferenceExample
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example", "render_completions",
-           "encode_texts", "split_at_prompt", "truncate_prompt", "completion_room"]
+           "prompt_bos_id", "encode_texts", "split_at_prompt", "truncate_prompt", "completion_room"]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -81,13 +82,9 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: TokenizeReport) -> str:
     template = None
-    if not _has_template(tokenizer):
+    if not has_chat_template(tokenizer):
         template = DEFAULT_CHAT_TEMPLATE
         if not report.used_default_template:
             report.used_default_template = True
@@ -111,7 +108,7 @@ def render_completions(tokenizer, prompt, system: str | None, completions: list,
     the template adds after the prompt.
     """
     conversational = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
-    use_template = mode == "always" or (mode == "auto" and (conversational or (system is not None and _has_template(tokenizer))))
+    use_template = mode == "always" or (mode == "auto" and (conversational or (system is not None and has_chat_template(tokenizer))))
     if mode == "never" and conversational:
         raise ValueError("conversational data needs a chat template; use --chat_template auto")
     if not use_template:
@@ -133,7 +130,7 @@ def render_completions(tokenizer, prompt, system: str | None, completions: list,
     return prompt_text, texts, True
 
 
-def _bos_policy(tokenizer) -> int | None:
+def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
     Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
@@ -164,7 +161,7 @@ def split_at_prompt(tokenizer, prompt_ids: list[int], full_ids: list[list[int]],
     every ``full_ids`` (after the BOS rule), each full text's tokens after it (EOS appended once),
     and whether a token merged across the boundary.
     """
-    bos, eos = _bos_policy(tokenizer), tokenizer.eos_token_id
+    bos, eos = prompt_bos_id(tokenizer), tokenizer.eos_token_id
     if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
         prompt_ids, full_ids = [bos] + prompt_ids, [[bos] + f for f in full_ids]
     k = min(_common_prefix_len(prompt_ids, f) for f in full_ids)
