@@ -391,3 +391,15 @@ def test_precomputed_reference_for_kto_and_ld_dpo_equals_on_the_fly(tmp_path):
     unweighted = build_reference(model, ModelArguments(), PreftuneConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, method="dpo",
                                  precompute_ref_log_probs=True), choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
     assert unweighted.fingerprint != reference(True).fingerprint
+
+
+def test_tr_dpo_is_refused_without_a_separate_reference(tmp_path):
+    """With PEFT the reference is the policy's own base weights (adapters off): nothing to sync."""
+    from preftune.reference.models import ModelReference
+    from preftune.trainer import PreferenceTrainer
+
+    model = tiny_llama(seed=1)
+    args = PreftuneConfig(output_dir=str(tmp_path), use_cpu=True, method="dpo", sync_ref_model=True, report_to="none")
+    adapters_off = ModelReference(model, 64, "the base model with adapters disabled", adapters_off=True)
+    with pytest.raises(PreftuneError, match="--sync_ref_model needs a separate reference model"):
+        PreferenceTrainer(model=model, args=args, train_pairs=random_pairs(4), reference=adapters_off, pad_token_id=0)
