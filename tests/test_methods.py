@@ -37,7 +37,7 @@ def test_every_declaration_is_complete():
         assert len(set(spec.loss_types)) == len(spec.loss_types)
         args = PreftuneConfig(output_dir="/tmp/unused", method=name, use_cpu=True)
         assert args.needs_reference == spec.needs_reference and args.loss_type == list(spec.loss_types[:1])
-    assert set(METHODS) == {"orpo", "dpo", "simpo", "cpo", "sft", "kto"}
+    assert {"orpo", "dpo", "simpo", "cpo", "sft", "kto"} <= set(METHODS)  # the shipped methods; a new one needs no edit here
 
 
 @pytest.mark.parametrize("settings,message", [
