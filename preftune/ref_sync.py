@@ -12,7 +12,8 @@ architecture): a PEFT run's adapters-off reference is the policy's own base weig
 precomputed reference has no weights at all.
 
 The synced reference is part of the training state: every checkpoint gets
-``ref_model.safetensors`` (written before the checkpoint is marked complete), and a resumed run
+``ref_model.safetensors`` (:data:`preftune.rundir.SYNCED_REF_MODEL_FILE`, written before the
+checkpoint is marked complete), and a resumed run
 loads it, so resuming continues with the same reference.
 """
 
@@ -25,10 +26,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .errors import PreftuneError
+from .rundir import CHECKPOINT_PREFIX, SYNCED_REF_MODEL_FILE
 
-__all__ = ["RefModelSyncCallback", "mix_into", "REF_MODEL_FILE"]
-
-REF_MODEL_FILE = "ref_model.safetensors"
+__all__ = ["RefModelSyncCallback", "mix_into"]
 
 
 @torch.no_grad()
@@ -59,14 +59,14 @@ class RefModelSyncCallback(TrainerCallback):
             return
         from safetensors.torch import save_file
 
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if ckpt.is_dir():
             tensors = {name: p.detach().cpu().contiguous() for name, p in self.reference.state_dict().items()}
-            save_file(_untied(tensors), str(ckpt / REF_MODEL_FILE))
+            save_file(_untied(tensors), str(ckpt / SYNCED_REF_MODEL_FILE))
 
     def load(self, checkpoint: str | Path) -> bool:
         """Load the synced reference saved in ``checkpoint``; False when the checkpoint has none."""
-        path = Path(checkpoint) / REF_MODEL_FILE
+        path = Path(checkpoint) / SYNCED_REF_MODEL_FILE
         if not path.is_file():
             return False
         from safetensors.torch import load_file

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -39,12 +40,6 @@ __all__ = ["PairDataset", "PreferenceTrainer", "NonFiniteLossError"]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _step_of(checkpoint) -> int:
-    """The global step in a ``checkpoint-N`` folder name (0 if it has none)."""
-    tail = str(checkpoint).rstrip("/").rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
 
 
 class PairDataset(Dataset):
@@ -194,9 +189,12 @@ class PreferenceTrainer(Trainer):
 
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if checkpoint:
-            self._method_state().values = read_method_state(checkpoint) or {}
-            if self._ref_sync is not None and not self._ref_sync.load(checkpoint) and _step_of(checkpoint) >= self.args.ref_model_sync_steps:
-                raise PreftuneError(f"{checkpoint} has no {'ref_model.safetensors'}: the TR-DPO reference it trained against is lost; "
+            from .rundir import SYNCED_REF_MODEL_FILE, TRAINER_STATE_FILE, read_json
+
+            saved = read_json(Path(checkpoint) / TRAINER_STATE_FILE) or {}
+            self._method_state().values = read_method_state(saved) or {}
+            if self._ref_sync is not None and not self._ref_sync.load(checkpoint) and saved.get("global_step", 0) >= self.args.ref_model_sync_steps:
+                raise PreftuneError(f"{checkpoint} has no {SYNCED_REF_MODEL_FILE}: the TR-DPO reference it trained against is lost; "
                                     "resume from a checkpoint written with --sync_ref_model, or start again")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

@@ -13,9 +13,6 @@ BCO's reward shift). It is a ``transformers`` ``ExportableState``, so every chec
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -63,12 +60,9 @@ class MethodStateCallback(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"values": dict(self.values)}}
 
 
-def read_method_state(checkpoint: str | Path) -> dict | None:
-    """The method state saved in ``checkpoint/trainer_state.json`` (None if it holds none)."""
-    path = Path(checkpoint) / "trainer_state.json"
-    if not path.is_file():
-        return None
-    saved = (json.loads(path.read_text()).get("stateful_callbacks") or {}).get(MethodStateCallback.__name__)
+def read_method_state(trainer_state: dict) -> dict | None:
+    """The method state saved in a checkpoint's ``trainer_state.json`` (its parsed content); None if it holds none."""
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(MethodStateCallback.__name__)
     if isinstance(saved, list):
         saved = saved[0] if saved else None
     return dict((saved or {}).get("attributes", {}).get("values", {})) if saved else None

@@ -324,7 +324,7 @@ def test_resume_restores_bco_running_mean_and_tr_dpo_reference(tmp_path):
     TR-DPO reference (synced at step 2) come back from the checkpoint."""
     from preftune.training_model import choose_device
     from preftune.reference import build_reference
-    from preftune.ref_sync import REF_MODEL_FILE
+    from preftune.rundir import SYNCED_REF_MODEL_FILE as REF_MODEL_FILE
     from preftune.trainer import PreferenceTrainer
 
     pairs = random_pairs(16)
