@@ -179,7 +179,10 @@ def run_inputs(model_args: ModelArguments, data_args: DataArguments, unpaired: b
 
 def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
     """Read, split and tokenize the examples (one-line errors naming the split); the method's
-    declaration says whether they become pairs or labelled examples with KL completions."""
+    declaration says whether they become pairs or labelled examples with KL completions.
+
+    ``args.eval_generate`` (``--eval_generate``) needs held-out pairs to take its prompts from.
+    """
     from .data.splits import tokenize_settings_of, tokenize_split
     from .methods import Hyperparameters, get_method
 
@@ -190,6 +193,8 @@ def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: P
     kind = dict(unpaired=spec.unpaired, kl_group=kl_group)
     train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data", **kind)
     eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data", **kind) if eval_ex else ([], None)
+    if args.eval_generate and not eval_pairs:
+        raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
     return TrainingData(train_ex, eval_ex, train_pairs, eval_pairs)
 
 
@@ -235,9 +240,15 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
 
     out = setup.output_dir
     interrupt = InterruptCallback()
+    callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
+    if args.eval_generate:
+        from .samples import SampleAnswersCallback
+
+        pairs = data.eval_pairs[: args.eval_generate]
+        callbacks.append(SampleAnswersCallback(out, tokenizer, pairs, args.eval_generate_max_new_tokens, prepared.hooks))
     trainer = PreferenceTrainer(
         model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
-        reference=reference, hooks=prepared.hooks, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
+        reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
     if args.process_index == 0:
         write_json(out / RUN_CONFIG_FILE, run_config)
