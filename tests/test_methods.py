@@ -221,10 +221,11 @@ EQUIVALENCE_CASES = [dict(method=m) for m in ("orpo", "simpo", "cpo", "sft")] + 
 ]
 
 
-# 2 processes: every method, and every setting whose loss needs window-wide values or a running state
-# (the other loss types reduce per pair exactly like dpo sigmoid)
-DDP_CASES = [c for c in EQUIVALENCE_CASES if c.get("loss_type") in (None, "sigmoid", "sft", "aot", "aot_unpaired") or isinstance(c.get("loss_type"), list)
-             or c.get("bco_running_mean") or c.get("ld_alpha") or c["method"] == "kto"]
+# 2 processes: every method, and every setting whose loss gathers window-wide values across processes
+# (aot ranks, WPO's mean weight on an sft term, BCO's reward mean, KTO's KL); the other loss types
+# reduce per pair exactly like dpo sigmoid, which gradient accumulation checks for each of them
+DDP_CASES = [c for c in EQUIVALENCE_CASES if c.get("loss_type") in (None, "sigmoid", "aot", "aot_unpaired") or c.get("use_weighting")
+             or c.get("bco_running_mean")]
 
 
 def steps_for(case) -> int:
