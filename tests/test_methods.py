@@ -300,7 +300,7 @@ for i, case in enumerate(t.DDP_CASES):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_for_every_method_and_loss_type(tmp_path):
+def test_two_processes_equal_one_for_every_method_and_window_loss(tmp_path):
     """2 processes x 4 pairs (gloo DDP, one torchrun launch looping over the cases) == 1 process x 8 pairs."""
     import os
 
