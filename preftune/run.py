@@ -9,7 +9,7 @@ outputs::
                                                           the user's model and data (UserInputs below)
     prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs
     prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
-    prepare_reference model, data       -> reference      the DPO reference (None for reference-free methods)
+    prepare_reference model, data       -> reference      the reference (None for reference-free methods)
     train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
     save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
 
@@ -95,11 +95,16 @@ class RunInputs(Protocol):
 
 @dataclass
 class UserInputs:
-    """The user's model (a folder or hub name) and preference data (``--dataset_name``)."""
+    """The user's model (a folder or hub name) and preference data (``--dataset_name``).
+
+    ``unpaired``: the method trains on labelled single completions (KTO), so rows shaped
+    ``prompt, completion, label`` are read as such (pairs still work: they are split later).
+    """
 
     model_args: ModelArguments
     data_args: DataArguments
     is_demo: bool = False
+    unpaired: bool = False
 
     @property
     def dataset_label(self) -> str:
@@ -118,7 +123,7 @@ class UserInputs:
     def load_examples(self, seed: int):
         from .data.splits import load_train_eval
 
-        train, evals, _ = load_train_eval(self.data_args, seed)
+        train, evals, _ = load_train_eval(self.data_args, seed, unpaired=self.unpaired)
         return train, evals
 
     def load_model(self, tokenizer, device, seed: int):
@@ -163,27 +168,32 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     return RunSetup(out, device, started)
 
 
-def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
+def run_inputs(model_args: ModelArguments, data_args: DataArguments, unpaired: bool = False) -> RunInputs:
     """The built-in demo when no model is named, else the user's model and data."""
     if model_args.is_demo:
         from .demo import DemoInputs
 
         return DemoInputs()
-    return UserInputs(model_args, data_args)
+    return UserInputs(model_args, data_args, unpaired=unpaired)
 
 
-def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, seed: int, sample_prompts: int = 0) -> TrainingData:
-    """Read, split and tokenize the examples (one-line errors naming the split).
+def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
+    """Read, split and tokenize the examples (one-line errors naming the split); the method's
+    declaration says whether they become pairs or labelled examples with KL completions.
 
-    ``sample_prompts``: ``--eval_generate``, which needs held-out pairs to take its prompts from.
+    ``args.eval_generate`` (``--eval_generate``) needs held-out pairs to take its prompts from.
     """
     from .data.splits import tokenize_settings_of, tokenize_split
+    from .methods import Hyperparameters, get_method
 
-    train_ex, eval_ex = inputs.load_examples(seed)
+    spec = get_method(args.method)
+    kl_group = args.per_device_train_batch_size if spec.mismatched_completions(Hyperparameters.from_config(args)) else None
+    train_ex, eval_ex = inputs.load_examples(args.seed)
     settings = tokenize_settings_of(data_args)
-    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
-    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
-    if sample_prompts and not eval_pairs:
+    kind = dict(unpaired=spec.unpaired, kl_group=kl_group)
+    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data", **kind)
+    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data", **kind) if eval_ex else ([], None)
+    if args.eval_generate and not eval_pairs:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
     return TrainingData(train_ex, eval_ex, train_pairs, eval_pairs)
 
@@ -294,9 +304,11 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
 def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
     """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
     setup = setup_run(model_args, data_args, args)
-    inputs = run_inputs(model_args, data_args)
+    from .methods import get_method
+
+    inputs = run_inputs(model_args, data_args, unpaired=get_method(args.method).unpaired)
     tokenizer = inputs.load_tokenizer()
-    data = prepare_data(inputs, tokenizer, data_args, args.seed, args.eval_generate)
+    data = prepare_data(inputs, tokenizer, data_args, args)
     prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
     reference = prepare_reference(prepared, model_args, args, setup, data, tokenizer)
     before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
@@ -322,15 +334,16 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
 # --- what the run config and model card record ------------------------------------------------------
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
-    keys = ["method", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout", "nll_on_prompt"]
+    """The model card's hyper-parameters: the method's own (its declaration lists them) and the run's."""
+    from .methods import get_method
+
+    keys = ["method", *get_method(args.method).hyperparameters, "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout",
+            "nll_on_prompt"]
     out = {k: getattr(args, k) for k in keys}
+    out.update({k: " ".join(map(str, v)) for k, v in out.items() if isinstance(v, list)})  # loss_type, loss_weights
     out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     out["optim"] = str(getattr(args.optim, "value", args.optim))
-    if args.method == "dpo":
-        out["loss_type"] = args.loss_type
-    if args.method == "simpo":
-        out["simpo_gamma"] = args.simpo_gamma
     out.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
     return out
 

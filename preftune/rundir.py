@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RUN_CONFIG_FILE", "RUN_COMPLETE_FILE", "METRICS_FILE", "CURVES_FILE", "MODEL_CARD_FILE", "EVAL_FILE",
     "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
-    "TRAINER_STATE_FILE", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
+    "TRAINER_STATE_FILE", "SYNCED_REF_MODEL_FILE", "CHECKPOINT_PREFIX", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE",
+    "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "check_output_dir", "list_checkpoints", "find_latest_checkpoint", "mark_checkpoint_complete",
     "resolve_resume", "read_json", "write_json", "read_run_config", "model_kind",
 ]
@@ -51,6 +52,7 @@ REF_CACHE_DIR = "ref_logps"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE_MARKER = ".complete"
 TRAINER_STATE_FILE = "trainer_state.json"  # written by transformers.Trainer into every checkpoint
+SYNCED_REF_MODEL_FILE = "ref_model.safetensors"  # TR-DPO's synced reference, in every checkpoint (preftune.ref_sync)
 # --- what the saved model consists of (one of three kinds) -----------------------------------------
 MODEL_CONFIG_FILE = "config.json"  # a full model (save_pretrained)
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA/DoRA adapter (peft)

@@ -74,7 +74,7 @@ def _unique_pairs(pairs: list[PairTokens]) -> list[PairTokens]:
         q = seen.get(p.example_id)
         if q is None:
             seen[p.example_id] = p
-        elif (q.prompt, q.chosen, q.rejected) != (p.prompt, p.chosen, p.rejected):
+        elif (q.prompt, q.chosen, q.rejected, q.label) != (p.prompt, p.chosen, p.rejected, p.label):
             raise ValueError(
                 f"example id {p.example_id} names two different pairs; precomputed reference log-probs are keyed by "
                 "example id, so train and eval pairs need distinct ids (preftune's loader offsets eval ids by 10**9)"
@@ -92,15 +92,19 @@ def compute_reference_table(
     device: torch.device | str,
     layout: str = "packed",
     row_budget: int | None = None,
+    tail_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward-only pass of the reference (``score_batch``, e.g. ``ModelReference.score``) over ``pairs``.
 
     Returns ``(example_ids, chosen, rejected)``, each ``(N,)``, sorted by example id (ids must be
     unique). Pairs are batched in order of length, ``batch_size`` per batch, so packed rows and
-    padded rows stay dense (:func:`preftune.engine.score_pairs`).
+    padded rows stay dense (:func:`preftune.engine.score_pairs`). ``tail_weight``: LD-DPO's α
+    (see :func:`preftune.layout.collate_pairs`). For unpaired examples (KTO) "chosen" is the
+    completion and "rejected" the KL completion.
     """
     pairs = _unique_pairs(pairs)
-    seq = score_pairs(score_batch, pairs, pad_id, batch_size, device, layout=layout, row_budget=row_budget, by_length=True)
+    seq = score_pairs(score_batch, pairs, pad_id, batch_size, device, layout=layout, row_budget=row_budget, by_length=True,
+                      tail_weight=tail_weight)
     ids = torch.tensor([p.example_id for p in pairs], dtype=torch.long)
     return ids, seq.chosen_sum, seq.rejected_sum
 
