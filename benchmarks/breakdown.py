@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     from preftune.config import ModelArguments, PreftuneConfig
     from preftune.data.tokenize import TokenizeSettings, tokenize_examples
     from preftune.data.formats import PreferenceExample
-    from preftune.modeling import DeviceChoice, apply_peft, choose_device, load_model, load_tokenizer
+    from preftune.training_model import DeviceChoice, apply_peft, choose_device, load_model, load_tokenizer
     from preftune.trainer import PreferenceTrainer
 
     rss_runtime = common.current_rss_mb()

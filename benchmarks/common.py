@@ -374,8 +374,8 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
     from preftune.config import ModelArguments, PreftuneConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import TokenizeSettings, tokenize_examples
-    from preftune.modeling import DeviceChoice, apply_peft, choose_device, load_model
-    from preftune.modeling import load_tokenizer as preftune_tokenizer
+    from preftune.training_model import DeviceChoice, apply_peft, choose_device, load_model
+    from preftune.training_model import load_tokenizer as preftune_tokenizer
     from preftune.trainer import PreferenceTrainer
 
     tok = preftune_tokenizer(str(models.tokenizer_dir(spec["model_dir"])))
@@ -401,7 +401,6 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
         memory_preflight=spec["preflight"],
         method=method,
         beta=spec["beta"],
-        loss_type="sigmoid",
         nll_on_prompt=spec.get("nll_on_prompt", False),
         batch_layout=spec["layout"],
         logprob_chunk_size=spec["chunk_size"],

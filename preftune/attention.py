@@ -96,7 +96,8 @@ class SegmentPlan:
         runs = []
         for row, off, n_p, n_c, n_r in segments.tolist():
             runs.append(QueryRun(row, off, n_p + n_c, ((off, off + n_p + n_c),)))
-            runs.append(QueryRun(row, off + n_p + n_c, n_r, ((off, off + n_p), (off + n_p + n_c, off + n_p + n_c + n_r))))
+            if n_r:  # an unpaired example (KTO) has no rejected run
+                runs.append(QueryRun(row, off + n_p + n_c, n_r, ((off, off + n_p), (off + n_p + n_c, off + n_p + n_c + n_r))))
         runs.sort(key=lambda u: (u.row, u.q_start))
         return cls(rows, row_len, runs, torch.device(device) if device is not None else segments.device)
 

@@ -14,15 +14,19 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES
+from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_LOSS_TYPES
 
-__all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "METHODS", "field_groups"]
+__all__ = [
+    "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "field_groups",
+    "TRAIN_OPTIONS", "GROUP_TITLES",
+]
 
-METHODS = ("orpo", "dpo", "simpo", "cpo", "sft")
 
-
-# Help group of every field, filled by @_grouped (argparse rejects unknown metadata keys, so the
-# group cannot live in the field's metadata).
-FIELD_GROUPS: dict[str, str] = {}
+# Help group of every field, per options class, filled by @_grouped (argparse rejects unknown
+# metadata keys, so the group cannot live in the field's metadata).
+FIELD_GROUPS: dict[type, dict[str, str]] = {}
 _pending_groups: list[str] = []
 
 
@@ -36,7 +40,7 @@ def _grouped(cls):
     names = list(inspect.get_annotations(cls))
     if len(names) != len(_pending_groups):
         raise RuntimeError(f"{cls.__name__}: every field must be declared with _f()")
-    FIELD_GROUPS.update(zip(names, _pending_groups))
+    FIELD_GROUPS[cls] = dict(zip(names, _pending_groups))
     _pending_groups.clear()
     return cls
 
@@ -47,6 +51,16 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def _method_help() -> str:
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in _methods().items()) + "."
+
+
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
+
+
 def _require(cond: bool, msg: str):
     if not cond:
         raise PreftuneError(msg)
@@ -54,14 +68,29 @@ def _require(cond: bool, msg: str):
 
 @_grouped
 @dataclass
-class ModelArguments:
+class LoadArguments:
+    """How to load a model: shared by training and every command that loads one (chat, eval, merge)."""
+
+    torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
+    trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
+    chat_template_file: str | None = _f(None, "Jinja chat template file to use instead of the tokenizer's.", "model")
+
+    def __post_init__(self):
+        from pathlib import Path
+
+        _require(not self.chat_template_file or Path(self.chat_template_file).expanduser().is_file(),
+                 f"--chat_template_file {self.chat_template_file!r} not found")
+        _require(self.torch_dtype in TORCH_DTYPES, f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+
+
+@_grouped
+@dataclass
+class ModelArguments(LoadArguments):
     model_name_or_path: str | None = _f(
         None, "Model to align: a local folder or a hub name. Omit it (and --dataset_name) to run the built-in demo.", "model"
     )
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use, if not the model's own.", "model")
-    torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
     attn_implementation: str = _f("auto", "Attention kernel: auto (flash_attention_2 on GPUs with flash_attn, else sdpa), sdpa, eager; the packed layout runs it per segment (no T x T mask).", "model")
-    trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
     # PEFT
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights (saves only the adapter).", "peft")
     lora_r: int = _f(16, "LoRA rank r.", "peft")
@@ -81,7 +110,7 @@ class ModelArguments:
     reft_share_weights: bool = _f(True, "ReFT: share one intervention between the first and last positions of a layer.", "reft")
 
     def __post_init__(self):
-        _require(self.torch_dtype in ("auto", "float32", "bfloat16", "float16"), f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        super().__post_init__()
         _require(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"), f"--attn_implementation {self.attn_implementation!r} is not one of auto, sdpa, eager, flash_attention_2, flex_attention")
         _require(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
         _require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -92,7 +121,7 @@ class ModelArguments:
             self.use_peft = True
         _require(not (self.use_peft and self.reft_layers), "ReFT and LoRA are separate methods here: pass --reft_layers or --use_peft, not both")
         if self.reft_layers:  # fail before loading the model
-            from .reft import parse_layers, parse_positions
+            from .reft.spec import parse_layers, parse_positions
 
             parse_layers(self.reft_layers), parse_positions(self.reft_positions)
 
@@ -103,33 +132,56 @@ class ModelArguments:
 
 @_grouped
 @dataclass
-class DataArguments:
+class DataSourceArguments:
+    """Which preference data to read and how its rows map to prompt/chosen/rejected (train, eval)."""
+
     dataset_name: str | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name.", "data")
     dataset_split: str = _f("train", "Split to train on (for folders, DatasetDicts and hub datasets).", "data")
-    eval_split: str | None = _f(None, "Split (or file path) to evaluate on.", "data")
-    eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
     dataset_format: str = _f("auto", "auto (prompt/chosen/rejected, messages, implicit prompt) or truthfulqa (Question, Best Answer, Incorrect Answers).", "data")
     prompt_column: str = _f("prompt", "Column with the prompt (string or messages). Absent: the prompt is the shared prefix of chosen and rejected.", "data")
     chosen_column: str = _f("chosen", "Column with the preferred answer.", "data")
     rejected_column: str = _f("rejected", "Column with the dispreferred answer.", "data")
     system_column: str = _f("system", "Column with an optional system prompt.", "data")
+    completion_column: str = _f("completion", "Unpaired data (--method kto): column with the completion.", "data")
+    label_column: str = _f("label", "Unpaired data (--method kto): column with the label, true (desirable) or false (undesirable).", "data")
     on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
-    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
-    max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")
-    truncation_mode: str = _f("keep_end", "How to cut long prompts: keep_end (keep the last tokens) or keep_start.", "data")
-    chat_template: str = _f("auto", "auto: template conversational data (and string data with a system column); always; never.", "data")
-    chat_template_file: str | None = _f(None, "Jinja chat template file to use instead of the tokenizer's.", "data")
-    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments).", "data")
 
     def __post_init__(self):
         from .data import BAD_ROW_POLICIES, DATASET_FORMATS
 
         _require(self.on_bad_row in BAD_ROW_POLICIES, f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {self.on_bad_row!r}")
         _require(self.dataset_format in DATASET_FORMATS, f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {self.dataset_format!r}")
+
+
+@_grouped
+@dataclass
+class TokenizeArguments:
+    """How rows become tokens: length limits, truncation and the chat template (train, eval)."""
+
+    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
+    max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")
+    truncation_mode: str = _f("keep_end", "How to cut long prompts: keep_end (keep the last tokens) or keep_start.", "data")
+    chat_template: str = _f("auto", "auto: template conversational data (and string data with a system column); always; never.", "data")
+
+    def __post_init__(self):
         _require(self.truncation_mode in ("keep_end", "keep_start"), f"--truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
         _require(self.chat_template in ("auto", "always", "never"), f"--chat_template must be auto, always or never, got {self.chat_template!r}")
         _require(self.max_length is None or self.max_length >= 2, f"--max_length must be at least 2, got {self.max_length}")
         _require(self.max_prompt_length is None or self.max_prompt_length >= 1, f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
+
+
+@_grouped
+@dataclass
+class DataArguments(DataSourceArguments, TokenizeArguments):
+    """Everything a training run needs about its data: source, tokenization and the held-out split."""
+
+    eval_split: str | None = _f(None, "Split (or file path) to evaluate on.", "data")
+    eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
+    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments).", "data")
+
+    def __post_init__(self):
+        DataSourceArguments.__post_init__(self)
+        TokenizeArguments.__post_init__(self)
         _require(not (self.eval_split and self.eval_fraction), "pass either --eval_split or --eval_fraction, not both")
         if self.eval_fraction is not None:
             _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
@@ -140,16 +192,34 @@ class DataArguments:
 class PreftuneConfig(TrainingArguments):
     """``TrainingArguments`` plus the preference-method settings. ``ORPOConfig`` is the same class."""
 
-    method: str = _f("orpo", "Alignment method: orpo (default), dpo, simpo, cpo, sft.", "method")
-    beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO: inverse temperature beta.", "method")
-    loss_type: str = _f("sigmoid", "DPO loss variant (TRL names): sigmoid, ipo, hinge, robust.", "method")
-    label_smoothing: float = _f(0.0, "DPO robust: assumed label-noise rate eps in [0, 0.5).", "method")
+    method: str = _f("orpo", "Alignment method: " + _method_help(), "method")
+    beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO/KTO: inverse temperature beta (IPO's tau).", "method")
+    loss_type: list[str] | None = _f(
+        None,
+        "Loss variant(s), TRL's names. dpo: " + ", ".join(DPO_LOSS_TYPES) + " (default sigmoid); several at once are summed "
+        "with --loss_weights, e.g. --loss_type sigmoid sft --loss_weights 1.0 0.5 (RPO) or a YAML list. kto: " + ", ".join(KTO_LOSS_TYPES) + " (default kto).",
+        "method",
+    )
+    loss_weights: list[float] | None = _f(None, "DPO: one weight per --loss_type (default 1.0 each).", "method")
+    label_smoothing: float = _f(0.0, "DPO: label-noise rate eps in [0, 0.5): robust, exo_pair (needs > 0), aot, aot_unpaired, and conservative DPO for sigmoid.", "method")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.", "method")
     cpo_alpha: float = _f(1.0, "CPO: weight of the NLL term.", "method")
+    ld_alpha: float | None = _f(None, "DPO (LD-DPO): weight alpha in [0, 1] of completion tokens beyond the shorter completion of each pair (1: plain DPO, 0: shared length only).", "method")
+    f_divergence_type: str = _f("reverse_kl", "DPO (f-DPO): " + ", ".join(F_DIVERGENCES) + "; a non-default one needs loss types built on the reward difference: "
+                                + ", ".join(F_DIVERGENCE_LOSS_TYPES) + ".", "method")
+    f_alpha_divergence_coef: float = _f(0.5, "DPO: alpha of --f_divergence_type alpha_divergence.", "method")
+    discopop_tau: float = _f(0.05, "DPO: temperature tau of --loss_type discopop.", "method")
+    use_weighting: bool = _f(False, "DPO (WPO): weight each pair by its length-normalised policy probabilities.", "method")
+    bco_running_mean: bool = _f(False, "DPO bco_pair: shift rewards by their running mean over optimizer steps (the BCO paper's delta; TRL 1.16 uses none). Saved in checkpoints.", "method")
+    desirable_weight: float = _f(1.0, "KTO: weight of the desirable examples' losses (lambda_D).", "method")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the undesirable examples' losses (lambda_U).", "method")
     nll_on_prompt: bool = _f(False, "Include prompt tokens in the NLL (TRL's ORPO behaviour); the paper uses completion tokens only.", "method")
     router_aux_loss_coef: float | None = _f(None, "MoE: weight of the router load-balancing loss (default: the model config's, when it sets output_router_logits).", "method")
-    ref_model_name_or_path: str | None = _f(None, "DPO: reference model (default: the starting policy; for PEFT runs, the base model with adapters disabled).", "method")
-    precompute_ref_log_probs: bool = _f(False, "DPO: compute reference log-probs once before training, cached on disk under output_dir.", "method")
+    ref_model_name_or_path: str | None = _f(None, "DPO/KTO: reference model (default: the starting policy; for PEFT runs, the base model with adapters disabled).", "method")
+    precompute_ref_log_probs: bool = _f(False, "DPO/KTO: compute reference log-probs once before training, cached on disk under output_dir.", "method")
+    sync_ref_model: bool = _f(False, "DPO/KTO (TR-DPO): every --ref_model_sync_steps steps set the reference to alpha * policy + (1 - alpha) * reference. Needs a separate reference model (not PEFT adapters-off, not precomputed).", "method")
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO: alpha in [0, 1] of --sync_ref_model.", "method")
+    ref_model_sync_steps: int = _f(512, "TR-DPO: optimizer steps between reference updates (the paper's tau).", "method")
     batch_layout: str = _f("packed", "packed: prefix-shared, padding-free (default); padded: TRL-style reference layout.", "engine")
     row_budget: int | None = _f(None, "packed layout: tokens per packed row (default: chosen per batch by a cost model of padding vs attention).", "engine")
     max_tokens_per_batch: int | None = _f(None, "Form batches by token count instead of pair count (steady memory peak).", "engine")
@@ -159,6 +229,9 @@ class PreftuneConfig(TrainingArguments):
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
     reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
+    eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
+                            "written to samples.jsonl and shown by `preftune report` (0: off; needs held-out pairs).", "training")
+    eval_generate_max_new_tokens: int = _f(64, "Longest --eval_generate answer, in tokens.", "training")
     # TrainingArguments defaults better suited to preference tuning
     learning_rate: float = _f(8e-6, "Peak learning rate (ORPO paper: 8e-6 for 7B full fine-tunes; use ~1e-4 to 5e-4 for LoRA).", "training")
     logging_steps: float = _f(10, "Log metrics every N steps.", "training")
@@ -178,7 +251,7 @@ class PreftuneConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "preftune-output"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-            # Multi-process on CPU (torchrun / accelerate launch): transformers only sets up
+            # Multi-process on CPU (torchrun, examples/cpu_2proc.sh): transformers only sets up
             # gloo DDP when use_cpu is set; without it every process trains alone.
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -186,17 +259,59 @@ class PreftuneConfig(TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         self._resolve_precision()
         super().__post_init__()
-        _require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        from .losses import DPO_LOSS_TYPES
-
-        _require(self.loss_type in DPO_LOSS_TYPES, f"--loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
-        _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        self._check_method()
         _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
         _require(self.logprob_chunk_size >= 1, f"--logprob_chunk_size must be at least 1, got {self.logprob_chunk_size}")
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+        _require(self.eval_generate >= 0, f"--eval_generate must be >= 0 (0 turns it off), got {self.eval_generate}")
+        _require(self.eval_generate_max_new_tokens >= 1, f"--eval_generate_max_new_tokens must be at least 1, got {self.eval_generate_max_new_tokens}")
+
+    def _check_method(self) -> None:
+        """Resolve ``loss_type`` and check every method setting against the method's declaration."""
+        from .methods import Hyperparameters, get_method
+
+        spec = get_method(self.method)
+        if isinstance(self.loss_type, str):  # a YAML scalar or a Python string
+            self.loss_type = [self.loss_type]
+        if isinstance(self.loss_weights, (int, float)):
+            self.loss_weights = [self.loss_weights]
+        if self.loss_type is None:
+            self.loss_type = list(spec.loss_types[:1])
+        _require(bool(spec.loss_types) or not self.loss_type, f"--loss_type chooses a variant of dpo or kto; --method {spec.name} has none (drop --loss_type)")
+        for name in self.loss_type:
+            _require(name in spec.loss_types, f"--loss_type must be one of {', '.join(spec.loss_types)} for --method {spec.name}, got {name!r}")
+        _require(self.loss_type or not spec.loss_types, f"--loss_type needs at least one of {', '.join(spec.loss_types)}")
+        if self.loss_weights is not None:
+            _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.loss_weights), f"--loss_weights must be numbers, got {self.loss_weights}")
+            self.loss_weights = [float(w) for w in self.loss_weights]
+        # another method's optional knob is a mistake, not something to ignore silently
+        defaults = Hyperparameters(loss_type=tuple(self.loss_type))
+        for name in ("loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type", "use_weighting", "bco_running_mean",
+                     "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) != getattr(defaults, name) and name not in spec.hyperparameters:
+                users = ", ".join(m for m, s in _methods().items() if name in s.hyperparameters)
+                raise PreftuneError(f"--{name} does not apply to --method {spec.name} (it is a setting of {users}); drop it")
+        _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        _require(self.f_divergence_type in F_DIVERGENCES, f"--f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {self.f_divergence_type!r}")
+        _require(self.discopop_tau > 0, f"--discopop_tau must be positive, got {self.discopop_tau}")
+        _require(self.desirable_weight >= 0 and self.undesirable_weight >= 0, "--desirable_weight and --undesirable_weight must be >= 0")
+        _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
+        _require(self.ref_model_sync_steps >= 1, f"--ref_model_sync_steps must be at least 1, got {self.ref_model_sync_steps}")
+        if self.sync_ref_model:
+            _require(spec.needs_reference, f"--sync_ref_model updates a reference model; --method {spec.name} has none")
+            _require(not self.precompute_ref_log_probs, "--sync_ref_model updates the reference during training, so its log-probs cannot be "
+                     "precomputed: drop --precompute_ref_log_probs or --sync_ref_model")
+        if spec.validate is not None:
+            spec.validate(self)
+        if spec.mismatched_completions(Hyperparameters.from_config(self)):
+            # each example's KL completion comes from its batch neighbours in data order (TRL's rule)
+            _require(self.train_sampling_strategy in ("random", "sequential"), f"--method {spec.name} takes batches in data order (its KL completions "
+                     f"come from each batch's neighbours); --train_sampling_strategy {self.train_sampling_strategy} would break that pairing")
+            self.train_sampling_strategy = "sequential"
 
     def _resolve_precision(self):
         """``--bf16 true|false|auto`` -> a bool for TrainingArguments, and the reason, kept in
@@ -215,10 +330,131 @@ class PreftuneConfig(TrainingArguments):
 
     @property
     def needs_reference(self) -> bool:
-        return self.method == "dpo"
+        from .methods import get_method
+
+        return get_method(self.method).needs_reference
 
 
 ORPOConfig = PreftuneConfig
+
+# --- options of the after-training commands ------------------------------------------------------
+@_grouped
+@dataclass
+class GenerationArguments:
+    """How answers are generated (``preftune chat``; ``preftune eval --generate``)."""
+
+    max_new_tokens: int = _f(256, "Longest answer in tokens.", "generation")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding (implied by --temperature or --top_p).", "generation")
+    temperature: float | None = _f(None, "Sampling temperature (implies --do_sample; 0 means greedy).", "generation")
+    top_p: float | None = _f(None, "Nucleus sampling threshold (implies --do_sample).", "generation")
+    seed: int | None = _f(None, "Random seed for sampling.", "generation")
+
+    def __post_init__(self):
+        _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _require(self.temperature is None or self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        _require(self.top_p is None or 0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether to sample: asked for, or implied by a positive temperature or a top_p."""
+        if self.temperature == 0:
+            return False
+        return self.do_sample or self.top_p is not None or (self.temperature is not None and self.temperature > 0)
+
+    def describe(self) -> str:
+        if not self.sampling:
+            return "greedy"
+        return f"sampling (temperature {self.temperature if self.temperature is not None else 1.0}, top_p {self.top_p if self.top_p is not None else 1.0})"
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``model.generate`` (besides token limits and special ids)."""
+        out = {"do_sample": self.sampling}
+        if self.sampling:
+            out["temperature"] = self.temperature if self.temperature is not None else 1.0
+            out["top_p"] = self.top_p if self.top_p is not None else 1.0
+            out["top_k"] = 0
+        return out
+
+
+CHAT_FORMATS = ("auto", "chat", "chatml", "raw")
+
+
+@_grouped
+@dataclass
+class ChatArguments:
+    """``preftune chat`` options besides the model and generation settings."""
+
+    format: str = _f("auto", "Prompt format: auto (default), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed).", "chat")
+    system_prompt: str | None = _f(None, "System prompt for the conversation.", "chat")
+
+    def __post_init__(self):
+        _require(self.format in CHAT_FORMATS, f"--format must be one of {', '.join(CHAT_FORMATS)}, got {self.format!r}")
+
+
+@_grouped
+@dataclass
+class EvalArguments:
+    """``preftune eval`` options besides the model, data and tokenization settings.
+
+    Data and tokenization flags left out take the run's own values (``run_config.json``), so a
+    run folder is evaluated exactly as it was trained; flags given override them.
+    """
+
+    compare: str | None = _f(None, "A second model to put side by side; `base` = the model the run started from.", "eval")
+    generate: int = _f(0, "Write N prompts with each model's answer to generations.md/.jsonl.", "eval")
+    max_samples: int | None = _f(None, "Evaluate only the first N pairs.", "eval")
+    batch_size: int = _f(8, "Pairs per forward pass.", "eval")
+    beta: float | None = _f(None, "Reward scale beta (default: the run's, else 0.1).", "eval")
+    output_dir: str | None = _f(None, "Where eval.json goes (default: MODEL's folder).", "eval")
+
+    def __post_init__(self):
+        _require(self.generate >= 0, f"--generate must be >= 0, got {self.generate}")
+        _require(self.max_samples is None or self.max_samples >= 1, f"--max_samples must be at least 1, got {self.max_samples}")
+        _require(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        _require(self.beta is None or self.beta > 0, f"--beta must be positive, got {self.beta}")
+
+
+@_grouped
+@dataclass
+class MergeArguments:
+    """``preftune merge`` options besides the adapter folder and how to load the base model."""
+
+    output_dir: str | None = _f(None, "Folder to write the merged model to (required).", "merge")
+    base_model: str | None = _f(None, "Base model to merge into (default: base_model_name_or_path in adapter_config.json).", "merge")
+    overwrite: bool = _f(False, "Replace OUTPUT_DIR if it exists and is not empty.", "merge")
+
+    def __post_init__(self):
+        _require(bool(self.output_dir), "--output_dir is required: the folder to write the merged model to")
+
+
+@_grouped
+@dataclass
+class ReportArguments:
+    """``preftune report`` options besides the run folder."""
+
+    output: str | None = _f(None, "Where to write the page (default RUN_DIR/report.html).", "report")
+    max_generations: int = _f(20, "Show at most N sample generations.", "report")
+
+    def __post_init__(self):
+        _require(self.max_generations >= 0, f"--max_generations must be >= 0, got {self.max_generations}")
+
+
+@_grouped
+@dataclass
+class ExportArguments:
+    """``preftune export`` options besides the model and how to load it."""
+
+    gguf: str | None = _f(None, "The GGUF file to write, e.g. model.gguf (required).", "export")
+    quant: str = _f("q8_0", "Type of the weight matrices: q8_0 (8-bit blocks, about half the size of f16), f16, bf16, or f32 (exact).", "export")
+    ollama: bool = _f(False, "Also write OUT.Modelfile for `ollama create` (chat template translated to Ollama's, stop tokens set).", "export")
+    overwrite: bool = _f(False, "Replace the GGUF file (and its Modelfile) if they exist.", "export")
+
+    def __post_init__(self):
+        from .export.gguf_file import QUANT_TYPES
+
+        _require(bool(self.gguf), "--gguf is required: the GGUF file to write, e.g. --gguf model.gguf")
+        _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
+
 
 GROUP_TITLES = {
     "model": "Model",
@@ -228,13 +464,26 @@ GROUP_TITLES = {
     "method": "Method and loss",
     "engine": "Engine and reliability",
     "training": "Training (transformers TrainingArguments; every familiar flag works)",
+    "generation": "Generation",
+    "chat": "Chat",
+    "eval": "Evaluation",
+    "merge": "Merge",
+    "export": "Export (GGUF)",
+    "report": "Report",
 }
 
+TRAIN_OPTIONS = (ModelArguments, DataArguments, PreftuneConfig)
 
-def field_groups() -> dict[str, str]:
-    """Map every config field name to its help group."""
+
+def field_groups(classes: tuple[type, ...] = TRAIN_OPTIONS) -> dict[str, str]:
+    """Map every field of ``classes`` (default: the training options) to its help group.
+
+    A field declared in a base class keeps that class's group; fields of classes that do not
+    declare groups (transformers' ``TrainingArguments``) are "training".
+    """
     out = {}
-    for cls in (ModelArguments, DataArguments, PreftuneConfig):
+    for cls in classes:
         for f in fields(cls):
-            out[f.name] = FIELD_GROUPS.get(f.name, "training")
+            declared = next((FIELD_GROUPS[c][f.name] for c in cls.__mro__ if f.name in FIELD_GROUPS.get(c, {})), "training")
+            out[f.name] = declared
     return out

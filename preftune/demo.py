@@ -18,7 +18,9 @@ import random
 
 import torch
 
-__all__ = ["DEMO_VOCAB", "build_demo_tokenizer", "build_demo_model", "demo_rows", "evaluate_demo", "DEMO_TRAINING"]
+from .model_hooks import NO_HOOKS, ModelHooks
+
+__all__ = ["DEMO_VOCAB", "DEMO_TRAINING", "DemoInputs", "build_demo_tokenizer", "build_demo_model", "demo_rows", "demo_examples", "evaluate_demo"]
 
 DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Q:", "A:", "add", "one", "to", "copy"] + [str(d) for d in range(10)]
 
@@ -109,18 +111,66 @@ def demo_rows(n_train: int = 2000, n_eval: int = 64, seed: int = 1234) -> tuple[
     return train, [_row(op, list(d)) for op, d in held]
 
 
+def demo_examples():
+    """The built-in demo's training and held-out examples (normalised like any data file), and
+    the held-out raw rows (for the exact-answer check of :func:`evaluate_demo`)."""
+    from .data import ColumnMap
+    from .data.formats import normalize_record
+    from .data.io import Record
+    from .data.splits import EVAL_ID_OFFSET
+
+    train_rows, eval_rows = demo_rows()
+    columns = ColumnMap()
+    train = [normalize_record(Record(r, f"demo row {i}"), columns, i) for i, r in enumerate(train_rows)]
+    evals = [normalize_record(Record(r, f"demo eval row {i}"), columns, EVAL_ID_OFFSET + i) for i, r in enumerate(eval_rows)]
+    return train, evals, eval_rows
+
+
+class DemoInputs:
+    """The built-in demo as a run's inputs (see :class:`preftune.run.RunInputs`): a word-level
+    tokenizer, the add-one/copy task, a randomly initialised tiny Llama, and the before/after
+    table on held-out prompts."""
+
+    is_demo = True
+    dataset_label = "built-in demo task (add one / copy)"
+    base_model_label = "built-in demo model (random init)"
+
+    def __init__(self):
+        self._eval_rows: list[dict] = []
+        self._eval_examples: list = []
+
+    def load_tokenizer(self):
+        return build_demo_tokenizer()
+
+    def load_examples(self, seed: int):
+        train, self._eval_examples, self._eval_rows = demo_examples()
+        return train, self._eval_examples
+
+    def load_model(self, tokenizer, device, seed: int):
+        return build_demo_model(len(tokenizer), seed=seed, attn_implementation=device.attn_implementation)
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float]:
+        if eval_pairs and eval_pairs[0].label is not None:  # an unpaired method (KTO): the table compares pairs
+            from .data.tokenize import TokenizeSettings, tokenize_examples
+
+            settings = TokenizeSettings(max_length=DEMO_TRAINING["max_length"], max_prompt_length=DEMO_TRAINING["max_prompt_length"])
+            eval_pairs = tokenize_examples(tokenizer, self._eval_examples, settings)[0]
+        return evaluate_demo(model, tokenizer, self._eval_rows, eval_pairs, hooks)
+
+
 @torch.no_grad()
-def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
-    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""
-    from .engine import score_pairs
+def evaluate_demo(model, tokenizer, rows: list[dict], pairs, hooks: ModelHooks = NO_HOOKS) -> dict[str, float]:
+    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers.
+
+    ``hooks``: the model's :class:`preftune.model_hooks.ModelHooks` (a ReFT model scores and
+    generates through them; plain ``generate`` would be the base model).
+    """
+    from .engine import forward_scorer, score_pairs
 
     model.eval()
-    seq = score_pairs(model, pairs, tokenizer.pad_token_id, batch_size=len(pairs))
+    seq = score_pairs(forward_scorer(model, hooks.batch_context), pairs, tokenizer.pad_token_id, len(pairs), model.device)
     pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
-    from .reft import get_reft, reft_generate
-
-    # a ReFT model acts on its prompt only through reft_generate (plain generate is the base model)
-    generate = (lambda ids, **kw: reft_generate(model, ids, **kw)) if get_reft(model) is not None else model.generate
+    generate = hooks.generate or model.generate
     correct = 0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)

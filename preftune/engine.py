@@ -5,7 +5,9 @@
 into per-token log-probs through the LM head in chunks (:mod:`preftune.logprobs`). It returns
 per-sequence sums and counts, from which every loss takes what it needs: length-averaged
 log-probs (ORPO, SimPO), summed log-probs (DPO, CPO) and the chosen NLL, all from the same
-per-token values in one pass.
+per-token values in one pass. On request it also returns WPO's per-sequence "aligned" sums
+(``Σ_t log p(y_t) − log Σ_v p_v²``, no gradient), and a batch may weight completion tokens
+(LD-DPO's ``score_weight``, see :mod:`preftune.layout`).
 
 For model families whose logits are not simply ``lm_head(hidden)`` up to a known transform,
 the engine falls back to the full model forward (all logits) with a one-line warning.
@@ -16,15 +18,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Callable, ContextManager, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
-from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
+from .hf_helpers import unwrap_model
+from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps, log_sum_sq_probs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "score_pairs", "LMHeadSpec"]
+T = TypeVar("T")
+
+__all__ = ["SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
+           "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
@@ -46,9 +53,12 @@ class LMHeadSpec:
 class SequenceLogps:
     """Per-sequence statistics of one batch of ``B`` pairs. Shapes ``(B,)``.
 
-    ``*_sum``: summed completion log-probs; ``*_count``: completion tokens;
-    ``nll_sum``/``nll_count``: summed negative log-likelihood and token count of the chosen
-    sequence (completion only, or prompt + completion when prompt tokens were scored).
+    ``*_sum``: summed completion log-probs (each token times its ``score_weight`` when the batch
+    has one: LD-DPO); ``*_count``: completion tokens; ``nll_sum``/``nll_count``: summed negative
+    log-likelihood (unweighted) and token count of the chosen sequence (completion only, or
+    prompt + completion when prompt tokens were scored). ``*_aligned_sum`` (only when asked
+    for, no gradient): ``Σ_t log p(y_t) − log Σ_v p_v²`` over completion tokens, for WPO.
+    For unpaired examples (KTO) "chosen" is the completion and "rejected" its KL completion.
     """
 
     chosen_sum: torch.Tensor
@@ -58,6 +68,8 @@ class SequenceLogps:
     nll_sum: torch.Tensor
     nll_count: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    chosen_aligned_sum: torch.Tensor | None = None
+    rejected_aligned_sum: torch.Tensor | None = None
 
     @property
     def chosen_avg(self) -> torch.Tensor:
@@ -66,22 +78,6 @@ class SequenceLogps:
     @property
     def rejected_avg(self) -> torch.Tensor:
         return self.rejected_sum / self.rejected_count
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip PEFT and DDP/compile wrappers to reach the transformers CausalLM model."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            break
-    return model
 
 
 def logit_transform_from_config(config) -> LogitTransform:
@@ -100,7 +96,7 @@ _warned_fallback: set[str] = set()
 
 def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     """Return (decoder, LM head, transform) for the fast path, or None when it does not apply."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _PLAIN_HEAD_MODEL_TYPES:
@@ -150,7 +146,7 @@ def _dense_attention_mask(model: nn.Module, batch: dict, dtype: torch.dtype) -> 
 
     mask = dense_segment_mask(batch)
     position_ids = batch["position_ids"]
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
 
     def convert(m: torch.Tensor) -> torch.Tensor:
@@ -180,7 +176,7 @@ def attention_inputs(model: nn.Module, batch: dict, dtype: torch.dtype) -> dict:
         return {"attention_mask": batch["attention_mask"]}
     from .attention import SEGMENT_KWARG, SegmentPlan, prepared_mask_placeholder, uses_segment_attention
 
-    if uses_segment_attention(getattr(_unwrap(model), "config", None)):
+    if uses_segment_attention(getattr(unwrap_model(model), "config", None)):
         rows, t = batch["input_ids"].shape
         plan = SegmentPlan.from_segments(batch["segments"], rows, t, device=batch["input_ids"].device)
         return {"attention_mask": prepared_mask_placeholder(rows, batch["input_ids"].device), SEGMENT_KWARG: plan}
@@ -194,15 +190,18 @@ def autocast_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0) -> torch.Tensor:
+def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0,
+                with_log_sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``(S,)`` and, when asked for, ``log Σ_v p_v²`` ``(S,)`` (no gradient)."""
     head = spec.head
     # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
     if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
-        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb,
-                                   compute_dtype=autocast_compute_dtype(hidden.device))
+        out = chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb, with_log_sum_sq,
+                                  compute_dtype=autocast_compute_dtype(hidden.device))
+        return out if with_log_sum_sq else (out, None)
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
-    pieces = []
+    pieces, squares = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         t = targets[start : start + chunk_size]
@@ -215,7 +214,12 @@ def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, c
             pieces.append(torch.utils.checkpoint.checkpoint(piece, h, use_reentrant=False))
         else:
             pieces.append(piece(h))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        if with_log_sum_sq:
+            with torch.no_grad():
+                squares.append(log_sum_sq_probs(spec.transform.apply(head(h).float())))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(pieces) if pieces else empty
+    return logps, ((torch.cat(squares) if squares else empty) if with_log_sum_sq else None)
 
 
 def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) -> torch.Tensor | None:
@@ -224,39 +228,67 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
         return None
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    config = _unwrap(model).config
+    config = unwrap_model(model).config
     num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", 2)
     return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask.long())
 
 
+# Distributed wrappers whose forward must run for gradients to be synchronised (DDP arms its
+# all-reduce in forward) or parameters to be gathered (FSDP, DeepSpeed ZeRO-3).
 _WRAPPER_CLASS_NAMES = {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "DataParallel"}
 
+BatchContext = Callable[[dict], ContextManager] | None
 
-def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0):
-    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
 
-    When ``model`` is a distributed wrapper (DDP, FSDP, DeepSpeed), the computation runs *inside*
-    the wrapper's ``forward``: the engine is installed as the wrapped module's forward for one
-    call. Calling the inner decoder directly would skip the wrapper's pre-forward work (DDP
-    arms its gradient all-reduce there, FSDP/ZeRO-3 gather parameters), and replicas would
-    silently diverge.
+class TokenLogps(NamedTuple):
+    """Per scored token, ``(S,)`` float32: ``logps``; ``log_sum_sq`` (``log Σ_v p_v²``, no gradient,
+    only when asked for); and the batch's MoE ``aux_loss`` (scalar, or None)."""
+
+    logps: torch.Tensor
+    aux_loss: torch.Tensor | None
+    log_sum_sq: torch.Tensor | None = None
+
+
+def run_inside_wrapper(model: nn.Module, compute: Callable[[nn.Module], T]) -> T:
+    """``compute(inner)`` executed *inside* ``model.forward`` when ``model`` is a distributed wrapper.
+
+    Why: the engine calls the decoder and LM head of the wrapped model directly (it never asks for
+    full logits). Called outside the wrapper, DDP would not arm its gradient all-reduce and
+    FSDP/ZeRO-3 would not gather parameters, so replicas would silently diverge. So, for one call,
+    ``compute`` is installed as the wrapped module's ``forward`` (an instance attribute shadowing
+    the class's) and the wrapper is called; the attribute is removed afterwards, even on error.
+    This is the one place preftune replaces a ``forward``. For a plain model, ``compute(model)``.
     """
     inner = getattr(model, "module", None)
-    if type(model).__name__ in _WRAPPER_CLASS_NAMES and isinstance(inner, nn.Module):
-        def engine_forward(*_args, **_kwargs):
-            return _token_logps_local(inner, batch, chunk_size, cache_mb)
+    if type(model).__name__ not in _WRAPPER_CLASS_NAMES or not isinstance(inner, nn.Module):
+        return compute(model)
 
-        inner.forward = engine_forward  # instance attribute shadows the class's forward
-        try:
-            return model()
-        finally:
-            del inner.forward
-    return _token_logps_local(model, batch, chunk_size, cache_mb)
+    def forward_for_one_call(*_args, **_kwargs):
+        return compute(inner)
+
+    inner.forward = forward_for_one_call
+    try:
+        return model()
+    finally:
+        del inner.forward
 
 
-def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float = 0.0):
-    config = getattr(_unwrap(model), "config", None)
+def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
+                batch_context: BatchContext = None, with_log_sum_sq: bool = False) -> TokenLogps:
+    """Per-token log-probs of the scored tokens (see :class:`TokenLogps`).
+
+    ``batch_context(batch)``, when given, is entered around the decoder forward (a model's
+    :class:`preftune.model_hooks.ModelHooks`; ReFT sets its prompt positions there). A
+    distributed wrapper runs the computation inside its forward (:func:`run_inside_wrapper`).
+    ``with_log_sum_sq``: also return ``log Σ_v p_v²`` per token (WPO).
+    """
+    return run_inside_wrapper(model, lambda inner: _token_logps_local(inner, batch, chunk_size, cache_mb, batch_context, with_log_sum_sq))
+
+
+def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float, batch_context: BatchContext,
+                       with_log_sum_sq: bool = False) -> TokenLogps:
+    config = getattr(unwrap_model(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
         input_ids=batch["input_ids"],
@@ -266,40 +298,48 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     if want_router:
         kwargs["output_router_logits"] = True
     spec = resolve_lm_head(model)
-    # A model may carry a per-batch context (ReFT: the prompt positions its interventions act on).
-    enter_batch = getattr(_unwrap(model), "preftune_batch_context", None)
-    batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
+    around_forward = batch_context(batch) if batch_context is not None else contextlib.nullcontext()
     if spec is not None:
         kwargs.update(attention_inputs(model, batch, spec.head.weight.dtype))
         # record_function labels cost ~1 us and name the engine's parts in a torch.profiler trace
-        with batch_context, torch.profiler.record_function("preftune: decoder"):
+        with around_forward, torch.profiler.record_function("preftune: decoder"):
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
         with torch.profiler.record_function("preftune: lm head"):
-            logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
+            logps, log_sum_sq = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb, with_log_sum_sq)
     else:
         kwargs.update(attention_inputs(model, batch, next(model.parameters()).dtype))
-        with batch_context:
+        with around_forward:
             out = model(**kwargs)
         logits = out.logits  # (R, T, V)
         selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_index"]).float()
         logps = selected.gather(1, batch["score_target"][:, None]).squeeze(1) - torch.logsumexp(selected, -1)
+        log_sum_sq = log_sum_sq_probs(selected.detach()) if with_log_sum_sq else None
     aux = _router_aux_loss(model, getattr(out, "router_logits", None), batch["token_mask"]) if want_router else None
-    return logps, aux
+    return TokenLogps(logps, aux, log_sum_sq)
 
 
-def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> SequenceLogps:
-    """Sum per-token log-probs ``(S,)`` into per-sequence statistics ``(B,)`` via ``score_seq``."""
+def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None, log_sum_sq: torch.Tensor | None = None) -> SequenceLogps:
+    """Sum per-token log-probs ``(S,)`` into per-sequence statistics ``(B,)`` via ``score_seq``.
+
+    Completion sums weight each token by ``batch["score_weight"]`` when present (LD-DPO); the
+    NLL and the WPO aligned sums (from ``log_sum_sq``, when given) are unweighted.
+    """
     b = int(batch["num_pairs"])
     seq = batch["score_seq"]
     is_completion = batch["score_is_completion"]
     zeros = torch.zeros(2 * b, dtype=logps.dtype, device=logps.device)
-    completion_sum = zeros.index_add(0, seq, torch.where(is_completion, logps, torch.zeros_like(logps)))
+    weighted = logps * batch["score_weight"].to(logps.dtype) if "score_weight" in batch else logps
+    completion_sum = zeros.index_add(0, seq, torch.where(is_completion, weighted, torch.zeros_like(logps)))
     completion_count = zeros.detach().index_add(0, seq, is_completion.to(logps.dtype))
     # chosen NLL: every scored token of the chosen sequence (completion, plus prompt if scored)
     all_sum = zeros.index_add(0, seq, logps)
     all_count = zeros.detach().index_add(0, seq, torch.ones_like(logps))
+    aligned = None
+    if log_sum_sq is not None:
+        per_token = torch.where(is_completion, logps.detach() - log_sum_sq, torch.zeros_like(logps))
+        aligned = zeros.detach().index_add(0, seq, per_token)
     return SequenceLogps(
         chosen_sum=completion_sum[:b],
         rejected_sum=completion_sum[b:],
@@ -308,34 +348,63 @@ def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> Se
         nll_sum=-all_sum[:b],
         nll_count=all_count[:b],
         aux_loss=aux_loss,
+        chosen_aligned_sum=aligned[:b] if aligned is not None else None,
+        rejected_aligned_sum=aligned[b:] if aligned is not None else None,
     )
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0) -> SequenceLogps:
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
+                   batch_context: BatchContext = None, with_aligned: bool = False) -> SequenceLogps:
     """Run ``model`` on a collated batch and return per-sequence log-prob statistics.
 
     ``cache_mb``: see :func:`preftune.logprobs.chunked_token_logps` (trade memory for one matmul).
+    ``batch_context``: see :func:`token_logps`. ``with_aligned``: also return WPO's
+    ``*_aligned_sum`` (one extra reduction per token).
     """
-    logps, aux = token_logps(model, batch, chunk_size, cache_mb)
-    return reduce_sequence_logps(batch, logps, aux)
+    out = token_logps(model, batch, chunk_size, cache_mb, batch_context, with_log_sum_sq=with_aligned)
+    return reduce_sequence_logps(batch, out.logps, out.aux_loss, out.log_sum_sq)
+
+
+def forward_scorer(model: nn.Module, batch_context: BatchContext = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Callable[[dict], SequenceLogps]:
+    """``batch -> SequenceLogps`` of ``model`` (as it is: the caller chooses train/eval mode)."""
+    return lambda batch: sequence_logps(model, batch, chunk_size=chunk_size, batch_context=batch_context)
 
 
 @torch.no_grad()
-def score_pairs(model: nn.Module, pairs, pad_id: int, batch_size: int, score_prompt: bool = False) -> SequenceLogps:
-    """Forward-only :class:`SequenceLogps` of many pairs, ``batch_size`` pairs per packed batch.
+def score_pairs(
+    score_batch: Callable[[dict], SequenceLogps],
+    pairs,
+    pad_id: int,
+    batch_size: int,
+    device,
+    *,
+    layout: str = "packed",
+    row_budget: int | None = None,
+    score_prompt: bool = False,
+    by_length: bool = False,
+    tail_weight: float | None = None,
+) -> SequenceLogps:
+    """Forward-only :class:`SequenceLogps` of many pairs: ``score_batch`` on ``batch_size`` pairs at a time.
 
-    Fields are concatenated in the order of ``pairs`` (shapes ``(N,)``, on the CPU); the caller
-    chooses train/eval mode. Used by evaluation and the demo's before/after table.
+    The one forward-only scorer: evaluation, the demo's before/after table and the DPO reference
+    precompute all come through here. ``by_length`` batches the pairs in order of length (denser
+    rows); either way the fields come back in the order of ``pairs``, shapes ``(N,)``, float32 on
+    the CPU. ``score_batch`` is e.g. :func:`forward_scorer` of a model. ``tail_weight``: LD-DPO's
+    token weights (:func:`preftune.layout.collate_pairs`).
     """
     from .layout import batch_to, collate_pairs
 
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(pairs), max(1, batch_size)):
-        batch = collate_pairs(pairs[start : start + max(1, batch_size)], pad_id, "packed", score_prompt=score_prompt)
-        seq = sequence_logps(model, batch_to(batch, device))
-        parts.append([getattr(seq, f).float().cpu() for f in _SEQ_FIELDS])
-    return SequenceLogps(*(torch.cat(column) for column in zip(*parts)))
+    n, step = len(pairs), max(1, batch_size)
+    order = sorted(range(n), key=lambda i: (pairs[i].packed_length, i)) if by_length else list(range(n))
+    columns = {f: torch.empty(n, dtype=torch.float32) for f in _SEQ_FIELDS}
+    for start in range(0, n, step):
+        idx = order[start : start + step]
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=score_prompt, row_budget=row_budget, tail_weight=tail_weight)
+        seq = score_batch(batch_to(batch, device))
+        rows = torch.tensor(idx, dtype=torch.long)
+        for f in _SEQ_FIELDS:
+            columns[f][rows] = getattr(seq, f).detach().float().cpu()
+    return SequenceLogps(**columns)
 
 
 _SEQ_FIELDS = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count", "nll_sum", "nll_count")

@@ -14,7 +14,8 @@ Given hidden states ``h`` of the *scored* positions only, shape ``(N, H)``, the 
 
 :class:`ChunkedLinearLogProbs` processes ``chunk_size`` rows at a time, so peak extra memory is
 ``O(chunk_size * V)`` instead of ``O(N * V)``. Its backward recomputes each chunk's logits
-(one extra ``(chunk, H) x (H, V)`` matmul per chunk) and uses::
+(one extra ``(chunk, H) x (H, V)`` matmul per chunk), unless the caller let it keep the forward's
+``(N, V)`` softmax (``cache_mb`` of :func:`chunked_token_logps`; ``--logprob_cache_mb``), and uses::
 
     d logp_n / d l[n, v] = 1[v = y_n] - softmax(l[n])_v
 
@@ -23,8 +24,15 @@ float32. The matmuls run in ``compute_dtype``: float32 by default (also for bf16
 bf16/fp16 under mixed precision (the engine passes autocast's dtype), where, as in any autocast
 forward, the logits are rounded to that dtype before the float32 softmax.
 
-The plain function :func:`reference_token_logps` computes the same thing the obvious way and is
-used by the equivalence tests and as the fallback path.
+The plain function :func:`reference_token_logps` computes the same thing the obvious way (all
+``(N, V)`` logits, then ``log_softmax``); only the tests use it, as the reference. The engine's
+other paths are its own (:mod:`preftune.engine`): a head that is not a plain ``nn.Linear`` (LoRA,
+quantized, DeepSpeed ZeRO-3 partitioned) is called chunk by chunk under activation
+checkpointing, and model types off the fast path take their logits from the full model forward.
+
+On request the forward also returns, without gradient, ``log Σ_v p_v²`` per row (``p`` the
+softmax of ``l``): WPO's weights need it (:func:`preftune.losses.wpo_weights`), and the softmax
+is already in the buffer, so it costs one reduction per chunk.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunked_token_logps", "reference_token_logps"]
+__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunked_token_logps", "reference_token_logps", "log_sum_sq_probs"]
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -111,11 +119,13 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, compute_dtype=torch.float32):  # noqa: D401
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, with_log_sum_sq=False,
+                compute_dtype=torch.float32):  # noqa: D401
         with torch.autocast(hidden.device.type, enabled=False):
             n, vocab = hidden.shape[0], weight.shape[0]
             out = torch.empty(n, dtype=torch.float32, device=hidden.device)
             lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            log_sum_sq = torch.empty(n if with_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
             w = weight.to(compute_dtype)
             b = bias.float() if bias is not None else None
             rows = min(chunk_size, n)
@@ -132,6 +142,8 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
                 lse = _softmax_inplace(dst)
                 out[start:end] = target_logit - lse
                 lse_all[start:end] = lse
+                if with_log_sum_sq:  # log Σ p² = 2 log ||p||_2, from the float32 softmax
+                    log_sum_sq[start:end] = torch.linalg.vector_norm(dst, dim=1).log_().mul_(2.0)
                 if cache_probs and buf is not None:
                     probs[start:end].copy_(dst)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, probs)
@@ -139,10 +151,11 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.compute_dtype = compute_dtype
         ctx.has_bias = bias is not None
-        return out
+        ctx.mark_non_differentiable(log_sum_sq)
+        return out, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_log_sum_sq=None):
         with torch.autocast(grad_out.device.type, enabled=False):
             return ChunkedLinearLogProbs._backward(ctx, grad_out)
 
@@ -221,6 +234,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -232,23 +246,34 @@ def chunked_token_logps(
     transform: LogitTransform = LogitTransform(),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cache_mb: float = 0.0,
+    with_log_sum_sq: bool = False,
     compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+):
     """Log-prob of ``targets`` ``(N,)`` under ``transform(hidden @ weight.T + bias)``; returns ``(N,)`` float32.
 
     With gradients disabled (evaluation, reference models) this runs the forward loop only.
     ``cache_mb``: when gradients are needed and the ``(N, V)`` softmax (in ``compute_dtype``)
     fits in this many MiB, keep it from the forward instead of recomputing the logits in the
-    backward. ``compute_dtype``: the matmuls' dtype (see the module docstring).
+    backward. ``with_log_sum_sq``: return ``(logp, log Σ_v p_v²)``, the second ``(N,)`` without
+    gradient. ``compute_dtype``: the matmuls' dtype (see the module docstring).
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if with_log_sum_sq else empty
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     itemsize = torch.empty(0, dtype=compute_dtype).element_size()
     cache = needs_grad and hidden.shape[0] * weight.shape[0] * itemsize <= cache_mb * 2**20
-    return ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache, compute_dtype)
+    logp, log_sum_sq = ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache, with_log_sum_sq,
+                                                   compute_dtype)
+    return (logp, log_sum_sq) if with_log_sum_sq else logp
+
+
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v softmax(l)_v²`` per row of ``logits`` ``(N, V)``: ``logsumexp(2l) − 2 logsumexp(l)``."""
+    logits = logits.float()
+    return torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * torch.logsumexp(logits, dim=-1)
 
 
 def reference_token_logps(

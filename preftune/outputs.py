@@ -9,10 +9,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-__all__ = ["MetricsFileCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
+from .rundir import CURVES_FILE, METRICS_FILE, MODEL_CARD_FILE
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "training_curves.png"
+__all__ = ["MetricsFileCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
 
 # (title, [metric keys]) per panel; eval_ versions are drawn on the same panel when present.
 CURVE_PANELS = [
@@ -134,6 +133,6 @@ def write_model_card(run_dir: str | Path, info: dict) -> Path:
         lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f"model = AutoModelForCausalLM.from_pretrained('{run_dir}')", f"tokenizer = AutoTokenizer.from_pretrained('{run_dir}')", "```", ""]
-    path = run_dir / "README.md"
+    path = run_dir / MODEL_CARD_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

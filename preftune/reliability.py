@@ -5,7 +5,7 @@
   A second signal falls back to the default handler (immediate exit).
 * :class:`CheckpointMarkerCallback`: after the Trainer has written *all* of ``checkpoint-N``
   (model, optimizer, scheduler, RNG, trainer state), it writes ``checkpoint-N/.complete``
-  (fsynced). :func:`find_latest_checkpoint` considers only marked checkpoints, so a process
+  (fsynced). :func:`preftune.rundir.find_latest_checkpoint` considers only marked checkpoints, so a process
   killed in the middle of a save never leaves a checkpoint that ``--resume_from_checkpoint
   latest`` would pick up.
 * :func:`memory_preflight`: one forward + backward pass on the largest batch the run can see,
@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
 from pathlib import Path
 
@@ -25,13 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import PreftuneError
+from .rundir import CHECKPOINT_PREFIX, mark_checkpoint_complete
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InterruptCallback", "CheckpointMarkerCallback", "find_latest_checkpoint", "memory_preflight", "COMPLETE_MARKER"]
-
-COMPLETE_MARKER = ".complete"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["InterruptCallback", "CheckpointMarkerCallback", "memory_preflight", "largest_batch"]
 
 
 class InterruptCallback(TrainerCallback):
@@ -68,50 +64,11 @@ class InterruptCallback(TrainerCallback):
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Mark ``checkpoint-N`` complete once everything in it has been written."""
+    """Mark ``checkpoint-N`` complete once everything in it has been written (see :mod:`preftune.rundir`)."""
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir() and (ckpt / "trainer_state.json").exists():
-            _sync_dir_files(ckpt)
-            marker = ckpt / COMPLETE_MARKER
-            with open(marker, "w") as f:
-                f.write(str(state.global_step))
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def _sync_dir_files(folder: Path):
-    """fsync every file in ``folder`` so the marker never precedes the data on disk."""
-    for p in folder.iterdir():
-        if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was completely written, or None."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    found = []
-    for p in out.iterdir():
-        m = _CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    for step, p in sorted(found, reverse=True):
-        if (p / COMPLETE_MARKER).exists() and (p / "trainer_state.json").exists():
-            return p
-        logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", p)
-    return None
+        if state.is_world_process_zero:
+            mark_checkpoint_complete(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}", state.global_step)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -142,7 +99,9 @@ def memory_preflight(trainer, pairs) -> None:
     batch_pairs = largest_batch(pairs, args.per_device_train_batch_size, args.max_tokens_per_batch)
     if not batch_pairs:
         return
-    batch = trainer._prepare_inputs(trainer.data_collator(batch_pairs))
+    from .layout import batch_to
+
+    batch = batch_to(trainer.data_collator(batch_pairs), trainer.args.device)
     model = trainer.model
     was_training = model.training
     cpu_rng = torch.get_rng_state()

@@ -7,6 +7,7 @@ as a base64 PNG, and the CSS is inline; there is no script. It shows what the ru
 * ``run_config.json``: method, base model, data and hyper-parameters (and the full config);
 * ``run_complete.json``: the final metrics (a run without it is marked unfinished and shows
   its last logged metrics instead);
+* ``samples.jsonl`` from ``--eval_generate``: each prompt's greedy answer step by step, beside the curves;
 * ``eval.json`` and ``generations.jsonl`` from ``preftune eval``, when present.
 
 Every piece of text from those files goes through :func:`html.escape`.
@@ -14,7 +15,6 @@ Every piece of text from those files goes through :func:`html.escape`.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
@@ -23,22 +23,21 @@ import math
 from pathlib import Path
 
 from .errors import PreftuneError
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
 
-__all__ = ["cmd_report", "build_parser", "write_report", "render_report", "REPORT_FILE"]
-
-REPORT_FILE = "report.html"
+__all__ = ["write_report", "render_report"]
 
 # Hyper-parameters shown in the summary table, by run_config.json section (others: "full configuration").
+# The method's own hyper-parameters come from its declaration (preftune.methods), after "method".
 _SHOWN = {
-    "training": ["method", "beta", "loss_type", "simpo_gamma", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+    "training": ["method", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                  "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed",
                  "batch_layout", "nll_on_prompt"],
     "model": ["use_peft", "lora_r", "lora_alpha", "use_dora", "load_in_4bit", "reft_layers", "reft_rank", "reft_positions", "torch_dtype"],
     "data": ["max_length", "max_prompt_length", "truncation_mode", "chat_template", "eval_split", "eval_fraction", "max_train_samples"],
 }
 # Shown only when they differ from these defaults (the rest always shown when set).
-_QUIET_DEFAULTS = {"use_peft": False, "use_dora": False, "load_in_4bit": False, "loss_type": "sigmoid", "simpo_gamma": 0.5,
-                   "reft_rank": 4, "reft_positions": "f1+l1", "nll_on_prompt": False}
+_QUIET_DEFAULTS = {"use_peft": False, "use_dora": False, "load_in_4bit": False, "reft_rank": 4, "reft_positions": "f1+l1", "nll_on_prompt": False}
 _PEFT_ONLY = {"lora_r", "lora_alpha", "use_dora"}
 _REFT_ONLY = {"reft_rank", "reft_positions"}
 # Which way is better, for the colour of the eval difference column (metrics absent: no colour).
@@ -71,21 +70,10 @@ img.curves{max-width:100%;height:auto;border:1px solid #eceef2}
 pre{white-space:pre-wrap;word-break:break-word;background:#f6f7f9;border-radius:4px;padding:6px 8px;margin:4px 0;font-size:.85rem}
 .gen{border-top:1px solid #eceef2;padding:10px 0}.gen h3{font-size:.95rem;margin:0 0 6px}
 .label{font-size:.8rem;color:#5a6275;margin-top:6px}
+table.samples{width:100%}table.samples pre{margin:0}tr.same pre{color:#8a91a1}
 .warn{background:#fff4e5;border-color:#f5c27a}
 footer{color:#8a91a1;font-size:.8rem;text-align:center;padding:12px}
 """
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune report",
-        description="Write RUN_DIR/report.html: one self-contained page with the training curves, configuration, "
-        "final metrics, and (after `preftune eval`) evaluation metrics and sample generations. Opens in any browser, no server.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `preftune train`")
-    p.add_argument("--output", default=None, metavar="FILE", help="where to write the page (default RUN_DIR/report.html)")
-    p.add_argument("--max_generations", "--max-generations", type=int, default=20, metavar="N", help="show at most N sample generations (default 20)")
-    return p
 
 
 def _read_json(path: Path):
@@ -187,7 +175,9 @@ def _config_section(config: dict | None) -> str:
         return '<section id="config"><h2>Configuration</h2><p>No run_config.json in this folder.</p></section>'
     rows = []
     model = config.get("model") or {}
-    for section, keys in _SHOWN.items():
+    shown = dict(_SHOWN)
+    shown["training"] = ["method", *_method_hyperparameters((config.get("training") or {}).get("method")), *_SHOWN["training"][1:]]
+    for section, keys in shown.items():
         values = config.get(section) or {}
         for k in keys:
             if k not in values or values[k] is None:
@@ -206,6 +196,14 @@ def _config_section(config: dict | None) -> str:
         f'<table id="hyperparameters"><tr><th>setting</th><th>value</th></tr>{"".join(rows)}</table>'
         f"<details><summary>full configuration (run_config.json)</summary><pre>{_e(full)}</pre></details></section>"
     )
+
+
+def _method_hyperparameters(name) -> tuple[str, ...]:
+    """The hyper-parameters ``name``'s declaration lists (none for an unknown or missing method)."""
+    from .methods import METHODS
+
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    return spec.hyperparameters if spec is not None else ()
 
 
 def _eval_section(ev: dict | None) -> str:
@@ -263,6 +261,46 @@ def _generations_section(rows: list[dict]) -> str:
     return f'<section id="generations"><h2>Sample generations</h2><p class="sub">Greedy answers written by <code>preftune eval --generate</code>.</p>{"".join(parts)}</section>'
 
 
+def _spread(steps: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``steps``: the first, the last and evenly spaced ones between."""
+    if len(steps) <= limit:
+        return steps
+    picks = {round(i * (len(steps) - 1) / (limit - 1)) for i in range(limit)}
+    return [steps[i] for i in sorted(picks)]
+
+
+def _samples_section(run_dir: Path, max_steps: int = 12) -> str:
+    """Each ``--eval_generate`` prompt with its answer at each recorded step; repeats are greyed."""
+    from .samples import read_samples
+
+    records = read_samples(run_dir)
+    if not records:
+        return ""
+    steps = _spread([r["step"] for r in records], max_steps)
+    by_step = {r["step"]: {s.get("example_id"): s for s in r["samples"] if isinstance(s, dict)} for r in records if r["step"] in steps}
+    prompts = {}
+    for record in records:
+        for sample in record["samples"]:
+            if isinstance(sample, dict):
+                prompts.setdefault(sample.get("example_id"), sample.get("prompt", ""))
+    parts = []
+    for number, (example_id, prompt) in enumerate(prompts.items(), start=1):
+        rows, previous = [], None
+        for step in steps:
+            answer = (by_step[step].get(example_id) or {}).get("answer")
+            if answer is None:
+                continue
+            kind = "same" if answer == previous else "changed"
+            rows.append(f'<tr class="{kind}" data-step="{step}"><td class="num">{step}</td><td><pre class="answer">{_e(answer)}</pre></td></tr>')
+            previous = answer
+        parts.append(f'<div class="gen"><h3>{number}.</h3><pre>{_e(prompt)}</pre>'
+                     f'<table class="samples"><tr><th>step</th><th>greedy answer</th></tr>{"".join(rows)}</table></div>')
+    shown = f"{len(steps)} of {len(records)} recorded steps" if len(steps) < len(records) else f"steps {', '.join(map(str, steps))}"
+    return ('<section id="samples"><h2>Sample answers during training</h2>'
+            f'<p class="sub">Greedy answers to the same {len(prompts)} held-out prompts at {_e(shown)} (<code>--eval_generate</code>, '
+            f'samples.jsonl); an answer unchanged since the previous step is grey.</p>{"".join(parts)}</section>')
+
+
 def _last_logged(run_dir: Path) -> dict:
     from .outputs import read_metrics
 
@@ -277,10 +315,10 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
     from . import __version__
 
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "run_config.json")
-    complete = _read_json(run_dir / "run_complete.json")
-    ev = _read_json(run_dir / "eval.json")
-    gens = _read_jsonl(run_dir / "generations.jsonl", max_generations)
+    config = _read_json(run_dir / RUN_CONFIG_FILE)
+    complete = _read_json(run_dir / RUN_COMPLETE_FILE)
+    ev = _read_json(run_dir / EVAL_FILE)
+    gens = _read_jsonl(run_dir / GENERATIONS_JSONL, max_generations)
     if isinstance(ev, dict) and "generations" not in ev:
         gens = []  # left over from an earlier `preftune eval --generate`; the latest eval wrote none
     config = config if isinstance(config, dict) else None
@@ -319,6 +357,7 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
         banner,
         f'<section id="summary"><div class="cards">{"".join(cards)}</div></section>' if cards else "",
         _curves_section(run_dir, rerender_curves),
+        _samples_section(run_dir),
         _final_section(final, final_title) if final else "",
         _eval_section(ev),
         _generations_section(gens),
@@ -333,7 +372,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise PreftuneError(f"run folder {str(run_dir)!r} not found" if not run_dir.exists() else f"{str(run_dir)!r} is a file; pass the run folder")
-    known = ("run_config.json", "run_complete.json", "metrics.jsonl", "eval.json")
+    known = (RUN_CONFIG_FILE, RUN_COMPLETE_FILE, METRICS_FILE, EVAL_FILE)
     if not any((run_dir / f).is_file() for f in known):
         raise PreftuneError(f"{str(run_dir)!r} is not a run folder of `preftune train` (it has none of {', '.join(known)})")
     page = render_report(run_dir, max_generations)
@@ -345,13 +384,3 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     except OSError as e:
         raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     return out
-
-
-def cmd_report(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_generations < 0:
-        raise PreftuneError(f"--max_generations must be >= 0, got {args.max_generations}")
-    out = write_report(args.run_dir, args.output, args.max_generations)
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 1024:.0f} KB, self-contained: open it in any browser)")
-    return 0

@@ -314,7 +314,7 @@ def test_cuda_segment_kernels_match_dense(base):
 
 
 def test_packed_layout_chooses_segment_attention(caplog):
-    from preftune.modeling import choose_device
+    from preftune.training_model import choose_device
 
     packed = choose_device("float32", "auto", "packed")
     assert packed.attn_implementation == ("preftune_flash_attention_2" if flash_attn_available() else "preftune_sdpa")

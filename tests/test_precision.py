@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from preftune import precision
-from preftune.cli import parse_train_args
+from preftune.commands.train import parse_train_args
 from preftune.errors import PreftuneError
 from preftune.precision import resolve_precision
 

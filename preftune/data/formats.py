@@ -23,7 +23,7 @@ from typing import Any
 
 from .io import BadRecord, Record
 
-__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "ASSISTANT_MARKERS"]
+__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "check_messages", "as_text", "ASSISTANT_MARKERS"]
 
 Message = dict[str, str]
 Content = str | list[Message]
@@ -50,6 +50,8 @@ class ColumnMap:
     chosen: str = "chosen"
     rejected: str = "rejected"
     system: str = "system"
+    completion: str = "completion"  # unpaired (KTO) rows
+    label: str = "label"
 
 
 @dataclass
@@ -78,7 +80,7 @@ class BadRow:
         return f"{self.where}: {self.reason}: {self.detail}"
 
 
-def _check_messages(value: Any, field: str) -> str | None:
+def check_messages(value: Any, field: str) -> str | None:
     """Return an error detail if ``value`` is not a valid message list."""
     if not value:
         return f"{field!r} is an empty message list"
@@ -127,7 +129,7 @@ def extract_string_prompt(chosen: str, rejected: str) -> int:
     return cut + 1 if cut >= 0 else 0
 
 
-def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
+def as_text(value: Any, field: str) -> tuple[str | None, str | None]:
     if value is None:
         return None, f"{field!r} is missing (null)"
     if not isinstance(value, str):
@@ -145,6 +147,9 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
     for field in (columns.chosen, columns.rejected):
         if field not in row:
             have = ", ".join(sorted(map(str, row.keys()))) or "none"
+            if columns.completion in row and columns.label in row:
+                return BadRow(where, "missing column", f"no {field!r} column: this is an unpaired row ({columns.completion!r}, {columns.label!r}); "
+                              "train on unpaired data with --method kto")
             return BadRow(where, "missing column", f"no {field!r} column (columns: {have}); map yours with --{'chosen' if field == columns.chosen else 'rejected'}_column")
     chosen, rejected = row[columns.chosen], row[columns.rejected]
     prompt = row.get(columns.prompt)
@@ -160,7 +165,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
                 continue
             if not isinstance(value, list):
                 return BadRow(where, "wrong type", f"{field!r} must be a string or a message list, got {type(value).__name__}")
-            problem = _check_messages(value, field)
+            problem = check_messages(value, field)
             if problem:
                 return BadRow(where, "malformed messages", problem)
         chosen = chosen if isinstance(chosen, list) else [{"role": "assistant", "content": chosen}]
@@ -180,7 +185,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
                     return BadRow(where, "empty field", f"{columns.prompt!r} is empty")
                 explicit = [{"role": "user", "content": prompt}]
             elif isinstance(prompt, list):
-                problem = _check_messages(prompt, columns.prompt)
+                problem = check_messages(prompt, columns.prompt)
                 if problem:
                     return BadRow(where, "malformed messages", problem)
                 explicit = [{"role": m["role"], "content": m["content"]} for m in prompt]
@@ -200,10 +205,10 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         return PreferenceExample(prompt_msgs, chosen_c, rejected_c, system, where, example_id)
 
-    chosen, problem = _as_text(chosen, columns.chosen)
+    chosen, problem = as_text(chosen, columns.chosen)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
-    rejected, problem = _as_text(rejected, columns.rejected)
+    rejected, problem = as_text(rejected, columns.rejected)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
     if prompt is None and columns.prompt in row:
@@ -216,7 +221,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
         if not chosen.strip() or not rejected.strip():
             return BadRow(where, "chosen equals rejected" if chosen == rejected else "empty field", "a completion is empty after removing the shared prompt")
     else:
-        prompt, problem = _as_text(prompt, columns.prompt)
+        prompt, problem = as_text(prompt, columns.prompt)
         if problem:
             return BadRow(where, "empty field" if "empty" in problem else "wrong type", problem)
     if chosen == rejected:

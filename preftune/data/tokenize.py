@@ -31,12 +31,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..hf_helpers import has_chat_template
 from ..layout import PairTokens
 from .formats import PreferenceExample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example", "render_completions",
+           "prompt_bos_id", "encode_texts", "split_at_prompt", "truncate_prompt", "completion_room"]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -67,9 +69,10 @@ class TokenizeReport:
     completion_truncated: int = 0
     boundary_merges: int = 0
     used_default_template: bool = False
+    unit: str = "pairs"  # "examples" for unpaired data
 
     def summary(self) -> str:
-        parts = [f"{self.kept} pairs tokenized"]
+        parts = [f"{self.kept} {self.unit} tokenized"]
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} prompts truncated")
         if self.completion_truncated:
@@ -79,13 +82,9 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: TokenizeReport) -> str:
     template = None
-    if not _has_template(tokenizer):
+    if not has_chat_template(tokenizer):
         template = DEFAULT_CHAT_TEMPLATE
         if not report.used_default_template:
             report.used_default_template = True
@@ -97,20 +96,29 @@ def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: To
 
 def render_example(tokenizer, ex: PreferenceExample, mode: str, report: TokenizeReport) -> tuple[str, str, str, bool]:
     """Return (prompt_text, chosen_text, rejected_text, templated)."""
-    use_template = mode == "always" or (
-        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and _has_template(tokenizer)))
-    )
-    if mode == "never" and (ex.conversational or isinstance(ex.prompt, list)):
+    prompt_text, (chosen, rejected), templated = render_completions(tokenizer, ex.prompt, ex.system, [ex.chosen, ex.rejected], mode, report)
+    return prompt_text, chosen, rejected, templated
+
+
+def render_completions(tokenizer, prompt, system: str | None, completions: list, mode: str, report: TokenizeReport) -> tuple[str, list[str], bool]:
+    """Render a prompt and the completions that follow it as text: ``(prompt_text, completion_texts, templated)``.
+
+    Conversational data (message lists) and, in ``auto`` mode, string rows with a system prompt
+    go through the chat template (see the module docstring); each completion text is the suffix
+    the template adds after the prompt.
+    """
+    conversational = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
+    use_template = mode == "always" or (mode == "auto" and (conversational or (system is not None and has_chat_template(tokenizer))))
+    if mode == "never" and conversational:
         raise ValueError("conversational data needs a chat template; use --chat_template auto")
     if not use_template:
-        prompt = ex.prompt if ex.system is None else f"{ex.system}\n\n{ex.prompt}"
-        return prompt, ex.chosen, ex.rejected, False
-    prompt_msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
-    if ex.system is not None and not any(m["role"] == "system" for m in prompt_msgs):
-        prompt_msgs = [{"role": "system", "content": ex.system}] + prompt_msgs
+        return (prompt if system is None else f"{system}\n\n{prompt}"), list(completions), False
+    prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system is not None and not any(m["role"] == "system" for m in prompt_msgs):
+        prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
     prompt_text = _apply_template(tokenizer, prompt_msgs, True, report)
     texts = []
-    for completion in (ex.chosen, ex.rejected):
+    for completion in completions:
         msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         full = _apply_template(tokenizer, prompt_msgs + msgs, False, report)
         if not full.startswith(prompt_text):
@@ -119,10 +127,10 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str, report: Tokenize
                 "so the prompt/completion boundary is ambiguous; pass a simpler --chat_template_file"
             )
         texts.append(full[len(prompt_text):])
-    return prompt_text, texts[0], texts[1], True
+    return prompt_text, texts, True
 
 
-def _bos_policy(tokenizer) -> int | None:
+def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
     Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
@@ -141,44 +149,65 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without the tokenizer's special tokens."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def split_at_prompt(tokenizer, prompt_ids: list[int], full_ids: list[list[int]], add_eos: bool = True) -> tuple[list[int], list[list[int]], bool]:
+    """The boundary rule of the module docstring for one prompt and the full texts that extend it.
+
+    Returns ``(prompt, completions, merged)``: the longest common prefix of ``prompt_ids`` and
+    every ``full_ids`` (after the BOS rule), each full text's tokens after it (EOS appended once),
+    and whether a token merged across the boundary.
+    """
+    bos, eos = prompt_bos_id(tokenizer), tokenizer.eos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids, full_ids = [bos] + prompt_ids, [[bos] + f for f in full_ids]
+    k = min(_common_prefix_len(prompt_ids, f) for f in full_ids)
+    completions = [f[k:] for f in full_ids]
+    if add_eos and eos is not None:
+        completions = [c if c and c[-1] == eos else c + [eos] for c in completions]
+    return prompt_ids[:k], completions, k < len(prompt_ids)
+
+
+def truncate_prompt(prompt: list[int], settings: TokenizeSettings) -> tuple[list[int], bool]:
+    """The prompt cut to ``max_prompt_length`` by ``truncation_mode``, and whether it was cut."""
+    limit = settings.max_prompt_length
+    if limit is None or len(prompt) <= limit:
+        return prompt, False
+    return (prompt[-limit:] if settings.truncation_mode == "keep_end" else prompt[:limit]), True
+
+
+def completion_room(prompt: list[int], settings: TokenizeSettings) -> int | None:
+    """Tokens left for a completion after ``prompt`` (None: no limit)."""
+    return None if settings.max_length is None else settings.max_length - len(prompt)
+
+
 def tokenize_examples(tokenizer, examples: list[PreferenceExample], settings: TokenizeSettings) -> tuple[list[PairTokens], TokenizeReport]:
     """Tokenize ``examples``; returns the pairs kept and a report of truncations and drops."""
     if settings.truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {settings.truncation_mode!r}")
     report = TokenizeReport()
-    bos = _bos_policy(tokenizer)
-    eos = tokenizer.eos_token_id
     rendered = [render_example(tokenizer, ex, settings.chat_template, report) for ex in examples]
-    prompts = [r[0] for r in rendered]
-    chosen_full = [r[0] + r[1] for r in rendered]
-    rejected_full = [r[0] + r[2] for r in rendered]
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
-    p_ids, c_ids, r_ids = enc(prompts), enc(chosen_full), enc(rejected_full)
+    p_ids = encode_texts(tokenizer, [r[0] for r in rendered])
+    c_ids = encode_texts(tokenizer, [r[0] + r[1] for r in rendered])
+    r_ids = encode_texts(tokenizer, [r[0] + r[2] for r in rendered])
 
     pairs: list[PairTokens] = []
-    for ex, (_, _, _, templated), p, c, r in zip(examples, rendered, p_ids, c_ids, r_ids):
-        if bos is not None and (not p or p[0] != bos):
-            p, c, r = [bos] + p, [bos] + c, [bos] + r
-        k = min(_common_prefix_len(p, c), _common_prefix_len(p, r))
-        if k < len(p):
-            report.boundary_merges += 1
-        prompt, chosen, rejected = p[:k], c[k:], r[k:]
-        if settings.add_eos and eos is not None:
-            if not chosen or chosen[-1] != eos:
-                chosen = chosen + [eos]
-            if not rejected or rejected[-1] != eos:
-                rejected = rejected + [eos]
+    for ex, p, c, r in zip(examples, p_ids, c_ids, r_ids):
+        prompt, (chosen, rejected), merged = split_at_prompt(tokenizer, p, [c, r], settings.add_eos)
+        report.boundary_merges += merged
         if not prompt:
             report.dropped["empty prompt after tokenization"] += 1
             continue
         if chosen == rejected:
             report.dropped["chosen equals rejected after tokenization"] += 1
             continue
-        if settings.max_prompt_length is not None and len(prompt) > settings.max_prompt_length:
-            prompt = prompt[-settings.max_prompt_length :] if settings.truncation_mode == "keep_end" else prompt[: settings.max_prompt_length]
-            report.prompt_truncated += 1
-        if settings.max_length is not None:
-            room = settings.max_length - len(prompt)
+        prompt, cut = truncate_prompt(prompt, settings)
+        report.prompt_truncated += cut
+        room = completion_room(prompt, settings)
+        if room is not None:
             if room < 1:
                 report.dropped["no room for the completion (prompt fills max_length)"] += 1
                 continue

@@ -1,4 +1,5 @@
-"""Loading what a run saved, for inference (``preftune chat`` and ``preftune eval``).
+"""Loading what a run saved, for inference (``preftune chat``, ``eval``, ``merge``, ``report``).
+(The model a training run starts from is :mod:`preftune.training_model`.)
 
 A model argument may be:
 
@@ -20,18 +21,24 @@ same tokens and chat template.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PreftuneError
+from .model_hooks import NO_HOOKS, ModelHooks
+from .rundir import (
+    ADAPTER_CONFIG_FILE,
+    REFT_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILES,
+    list_checkpoints,
+    model_kind,
+    read_json,
+    read_run_config,
+)
 
-__all__ = ["LoadedModel", "load_pretrained", "load_base", "read_run_config", "model_kind", "check_model_arg", "encode_prompt", "quiet_transformers"]
+__all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "encode_prompt", "quiet_transformers"]
 
-RUN_CONFIG_FILE = "run_config.json"
-ADAPTER_CONFIG = "adapter_config.json"
-REFT_CONFIG = "reft_config.json"
 
 
 @dataclass
@@ -44,7 +51,7 @@ class LoadedModel:
     kind: str  # "full model", "LoRA adapter", "ReFT", "built-in demo model"
     folder: Path | None  # local folder it was loaded from (None: hub or built in code)
     run_config: dict | None = None  # run_config.json of the run, when there is one
-    generate: object = None  # ReFT: callable(input_ids, **generate_kwargs) -> ids; else None
+    hooks: ModelHooks = NO_HOOKS  # ReFT: batch context for scoring, prefill-only generation
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -52,10 +59,8 @@ class LoadedModel:
         return bool(self.run_config and self.run_config.get("demo"))
 
     def generate_ids(self, input_ids, **kwargs):
-        """``model.generate`` (or the ReFT generation helper) on ``(1, T)`` prompt ids."""
-        if self.generate is not None:
-            return self.generate(input_ids, **kwargs)
-        return self.model.generate(input_ids, **kwargs)
+        """``model.generate`` (or the model's own generation hook, e.g. ReFT's) on ``(1, T)`` prompt ids."""
+        return (self.hooks.generate or self.model.generate)(input_ids, **kwargs)
 
 
 @contextlib.contextmanager
@@ -84,41 +89,15 @@ def quiet_transformers():
                 hf_logging.enable_progress_bar()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_run_config(folder: str | Path | None) -> dict | None:
-    """``run_config.json`` of a ``preftune train`` output folder, or None."""
-    if folder is None:
-        return None
-    return _read_json(Path(folder) / RUN_CONFIG_FILE)
-
-
-def model_kind(folder: Path) -> str | None:
-    """"ReFT", "LoRA adapter" or "full model" from the files in ``folder``; None if no model."""
-    if (folder / REFT_CONFIG).is_file():
-        return "ReFT"
-    if (folder / ADAPTER_CONFIG).is_file():
-        return "LoRA adapter"
-    if (folder / "config.json").is_file():
-        return "full model"
-    return None
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _no_model_error(folder: Path) -> PreftuneError:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    checkpoints = [path for _, path in list_checkpoints(folder)]  # newest first
     msg = f"{str(folder)!r} holds no saved model (no config.json, adapter_config.json or reft_config.json)"
     if checkpoints:
-        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[-1])!r}")
+        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[0])!r}")
     if (folder / RUN_CONFIG_FILE).is_file():
         return PreftuneError(f"{msg}; the run in it did not finish (no model was saved)")
     return PreftuneError(f"{msg}; pass the output folder of `preftune train` or a save_pretrained folder")
@@ -132,9 +111,9 @@ def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
 
 def load_run_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None = None):
     """The tokenizer saved with the run; else the base model's."""
-    from .modeling import load_tokenizer
+    from .training_model import load_tokenizer
 
-    if isinstance(primary, Path) and not any((primary / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if isinstance(primary, Path) and not any((primary / f).exists() for f in TOKENIZER_FILES):
         if fallback is None:
             raise PreftuneError(f"{str(primary)!r} has no tokenizer files and names no base model to take them from")
         primary = fallback
@@ -150,7 +129,7 @@ def demo_init_model(tokenizer, run_config: dict | None):
 
 
 def _load_full(name: str, torch_dtype: str, trust_remote_code: bool):
-    from .modeling import choose_device, load_model
+    from .training_model import choose_device, load_model
 
     choice = choose_device(torch_dtype)
     return load_model(name, _model_args(name, torch_dtype, trust_remote_code), choice)
@@ -162,7 +141,7 @@ def _base_name(folder: Path, kind: str, run_config: dict | None) -> str | None:
         return None
     if run_config and (run_config.get("model") or {}).get("model_name_or_path"):
         return run_config["model"]["model_name_or_path"]
-    cfg = _read_json(folder / (ADAPTER_CONFIG if kind == "LoRA adapter" else REFT_CONFIG)) or {}
+    cfg = read_json(folder / (ADAPTER_CONFIG_FILE if kind == "LoRA adapter" else REFT_CONFIG_FILE)) or {}
     for key in ("base_model_name_or_path", "base_model", "model_name_or_path"):
         if cfg.get(key):
             return str(cfg[key])
@@ -174,12 +153,12 @@ def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str
     if base is None:
         if run_config and run_config.get("demo"):
             return demo_init_model(tokenizer, run_config), "built-in demo model"
-        raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG if kind == 'LoRA adapter' else REFT_CONFIG})")
+        raise PreftuneError(f"{str(folder)!r}: cannot tell which base model the {kind} belongs to (no base_model_name_or_path in {ADAPTER_CONFIG_FILE if kind == 'LoRA adapter' else REFT_CONFIG_FILE})")
     return _load_full(base, torch_dtype, trust_remote_code), base
 
 
 def _finish(model):
-    from .modeling import choose_device
+    from .training_model import choose_device
 
     model.to(choose_device().device)
     model.eval()
@@ -233,21 +212,12 @@ def load_pretrained(
 
 
 def _load_reft(path: Path, base_model, base_label: str, tokenizer, run_config, label: str) -> LoadedModel:
-    import importlib
+    from .reft import load_reft, reft_hooks
 
-    try:
-        reft = importlib.import_module("preftune.reft")
-    except ModuleNotFoundError as e:
-        if e.name != "preftune.reft":
-            raise
-        reft = None
-    if reft is None or not (hasattr(reft, "load_reft") and hasattr(reft, "reft_generate")):
-        raise PreftuneError(f"{str(path)!r} holds ReFT interventions, but this preftune has no ReFT support (preftune.reft); update preftune")
     _finish(base_model)
-    model = _finish(reft.load_reft(str(path), base_model))
-    # plain model.generate would skip the interventions: they act on the prompt inside reft_generate
-    generate = functools.partial(reft.reft_generate, model)
-    return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, generate=generate, notes=[f"base model: {base_label}"])
+    model = _finish(load_reft(str(path), base_model))
+    # plain model.generate would skip the interventions: they act on the prompt through the hooks
+    return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, hooks=reft_hooks(model), notes=[f"base model: {base_label}"])
 
 
 def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None) -> LoadedModel:
@@ -282,10 +252,10 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     tokens, then prepend BOS when the tokenizer adds one to plain text and the text does not
     already start with it (chat templates often write BOS themselves).
     """
-    from .data.tokenize import _bos_policy
+    from .data.tokenize import prompt_bos_id
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = _bos_policy(tokenizer)
+    bos = prompt_bos_id(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids

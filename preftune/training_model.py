@@ -1,4 +1,6 @@
-"""Loading models and tokenizers, choosing device/precision defaults, wrapping with PEFT.
+"""The model a training run starts from: device and precision choice, loading the base model and
+tokenizer (with quantization), wrapping with PEFT. (Loading a *finished* run for chat, eval or
+export is :mod:`preftune.inference_model`.)
 
 The defaults the seeds compute by hand, done once for everyone:
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import PreftuneError
+from .hf_helpers import torch_dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", 
         auto_dtype = torch.float32
         has_flash = False
     auto_attn = "flash_attention_2" if has_flash else "sdpa"
-    dtype = auto_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    dtype = torch_dtype_of(torch_dtype) or auto_dtype
     attn = auto_attn if attn_implementation == "auto" else attn_implementation
     if batch_layout == "packed":
         from .attention import SEGMENT_BASES, segment_implementation
