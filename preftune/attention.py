@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "SEGMENT_KWARG", "SEGMENT_BASES", "SegmentPlan", "QueryRun", "register_segment_attention", "segment_implementation",
-    "base_implementation", "uses_segment_attention", "prepared_mask_placeholder", "flash_attn_available",
+    "base_implementation", "uses_segment_attention", "prepared_mask_placeholder", "flash_attn_available", "NO_PLAN_MODEL_TYPES",
 ]
 
 SEGMENT_KWARG = "preftune_segments"
@@ -386,8 +386,16 @@ def base_implementation(name: str | None) -> str | None:
     return None
 
 
+# Model types whose decoder layers do not pass keyword arguments on to their attention call
+# (transformers 5.x), so no plan can reach the kernel: the engine gives them the dense reference
+# mask instead, which a ``preftune_*`` kernel called without a plan hands to its base kernel.
+NO_PLAN_MODEL_TYPES = frozenset({"stablelm"})
+
+
 def uses_segment_attention(config) -> bool:
     """Whether a model with this config runs segment attention when given a plan."""
+    if getattr(config, "model_type", None) in NO_PLAN_MODEL_TYPES:
+        return False
     return base_implementation(getattr(config, "_attn_implementation", None)) is not None
 
 

@@ -30,12 +30,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
+__all__ = ["PLAIN_HEAD_MODEL_TYPES", "SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
            "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
-_PLAIN_HEAD_MODEL_TYPES = {
+PLAIN_HEAD_MODEL_TYPES = {
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
     "gemma", "gemma2", "gemma3_text", "cohere", "cohere2", "granite", "granitemoe", "olmo",
     "olmo2", "starcoder2", "stablelm", "gpt_neox", "gpt2", "smollm3", "glm", "helium",
@@ -99,7 +99,7 @@ def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _PLAIN_HEAD_MODEL_TYPES:
+    if model_type not in PLAIN_HEAD_MODEL_TYPES:
         if model_type not in _warned_fallback:
             _warned_fallback.add(str(model_type))
             logger.warning(
@@ -142,12 +142,14 @@ def _dense_attention_mask(model: nn.Module, batch: dict, dtype: torch.dtype) -> 
     Models with sliding-window layers get the window applied; those that mix full and sliding
     layers (``config.layer_types``) get a dict keyed by layer type.
     """
+    from .attention import base_implementation
     from .layout import dense_segment_mask
 
     mask = dense_segment_mask(batch)
     position_ids = batch["position_ids"]
     config = getattr(unwrap_model(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
+    impl = base_implementation(impl) or impl  # a preftune_* kernel without a plan is its base kernel
 
     def convert(m: torch.Tensor) -> torch.Tensor:
         if impl == "eager":
