@@ -14,8 +14,9 @@ from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
-from .reliability import CheckpointMarkerCallback, InterruptCallback
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
+from .reliability import InterruptCallback
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, checkpoint_path, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
+from .saving import begin_run, finish_run, save_final_model, writes_fail_cleanly
 from .trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune")
@@ -92,6 +93,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
     resuming = bool(args.resume_from_checkpoint)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     logger.info("preftune: %s", choice.describe())
     from .quant import check_bitsandbytes
@@ -149,15 +151,17 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     interrupt = InterruptCallback()
     trainer = PreferenceTrainer(
         model=model, args=args, train_pairs=train_pairs, eval_pairs=eval_pairs, processing_class=tokenizer,
-        reference=reference, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
+        reference=reference, callbacks=[MetricsFileCallback(str(out)), interrupt],
     )
     if args.process_index == 0:
+        begin_run(out)
         write_json(out / RUN_CONFIG_FILE, {
             "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
             "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
             "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
         })
-    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
+    with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
+        train_output = trainer.train(resume_from_checkpoint=resume)
     if interrupt.received is not None:
         import signal
 
@@ -178,9 +182,10 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if eval_pairs:
         final.update(trainer.evaluate())
 
+    model_files: list[str] = []
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
+        with writes_fail_cleanly(out, "the final model"):
+            model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
     demo_table = None
     if is_demo:
         from .demo import evaluate_demo
@@ -190,11 +195,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         final.update({f"demo_{k}": v for k, v in after.items()})
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
-        plot_training_curves(out)
-        write_model_card(out, {
-            "method": args.method, "base_model": model_args.model_name_or_path or "built-in demo model (random init)",
-            "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
-            "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
-        })
-        write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": is_demo})
+        with writes_fail_cleanly(out, "the run's records"):
+            plot_training_curves(out)
+            write_model_card(out, {
+                "method": args.method, "base_model": model_args.model_name_or_path or "built-in demo model (random init)",
+                "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
+                "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+            })
+            finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": is_demo}, model_files)
     return RunResult(out, final, len(train_pairs), len(eval_pairs), seconds, demo_table)

@@ -104,6 +104,10 @@ class PreferenceTrainer(Trainer):
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
+        from .reliability import CheckpointMarkerCallback
+
+        # every checkpoint gets its manifest marker; old ones are rotated only after it (see train)
+        callbacks = [*(kwargs.pop("callbacks", None) or []), CheckpointMarkerCallback(keep_last=args.save_total_limit)]
         super().__init__(
             model=model,
             args=args,
@@ -111,6 +115,7 @@ class PreferenceTrainer(Trainer):
             train_dataset=PairDataset(train_pairs) if train_pairs is not None else None,
             eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
             processing_class=processing_class,
+            callbacks=callbacks,
             **kwargs,
         )
         self.reference = reference
@@ -132,12 +137,29 @@ class PreferenceTrainer(Trainer):
         return float(getattr(config, "router_aux_loss_coef", 0.001))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train`` preceded by the memory preflight (see :mod:`preftune.reliability`)."""
+        """``Trainer.train`` preceded by the memory preflight (see :mod:`preftune.reliability`).
+
+        ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
+        its manifest (:func:`preftune.rundir.resolve_resume`), not merely the newest folder.
+        ``save_total_limit`` is applied by :class:`preftune.reliability.CheckpointMarkerCallback`
+        after each new checkpoint is marked complete: transformers' own rotation runs inside
+        ``_save_checkpoint`` before ``on_save``, and with ``save_total_limit=1`` would delete the
+        last good checkpoint before the new one is on disk and verified. It is switched off for
+        the duration of training and restored afterwards.
+        """
+        if resume_from_checkpoint is True:
+            from .rundir import resolve_resume
+
+            resume_from_checkpoint = resolve_resume("latest", self.args.output_dir)
         if self.args.memory_preflight and self.train_dataset is not None and len(self.train_dataset):
             from .reliability import memory_preflight
 
             memory_preflight(self, self.train_dataset.pairs)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
 
     # --- data ------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
