@@ -297,12 +297,12 @@ def _output_dir(args) -> Path:
     return out
 
 
-def _load_compare(args, chat_template_file):
+def _load_compare(args, chat_template_file, model_run, compare_run):
     from .pretrained import load_base, load_pretrained
 
     if args.compare == "base" and not Path("base").exists():
-        return load_base(args.model, args.torch_dtype, args.trust_remote_code, chat_template_file)
-    return load_pretrained(args.compare, args.torch_dtype, args.trust_remote_code, chat_template_file)
+        return load_base(args.model, args.torch_dtype, args.trust_remote_code, chat_template_file, run=model_run)
+    return load_pretrained(args.compare, args.torch_dtype, args.trust_remote_code, chat_template_file, run=compare_run)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -321,22 +321,21 @@ def cmd_eval(argv: list[str]) -> int:
 
 def _evaluate(args) -> int:
     from .data.splits import tokenize_split
-    from .pretrained import check_model_arg, load_pretrained, read_run_config
+    from .pretrained import check_model_arg, load_pretrained
 
     started = time.perf_counter()
-    folder = check_model_arg(args.model)
-    if args.compare and args.compare != "base":
-        check_model_arg(args.compare)
+    run = check_model_arg(args.model)  # verified against its manifest; one line if damaged or unfinished
+    compare_run = check_model_arg(args.compare) if args.compare and args.compare != "base" else None
     out_dir = _output_dir(args)
-    run_config = read_run_config(folder)
+    run_config = run.run_config if run is not None else None
     settings = resolve_settings(args, run_config)
     examples, data_label = load_eval_examples(args, run_config, args.model)
     if args.max_samples is not None:
         examples = examples[: args.max_samples]
 
-    models = [load_pretrained(args.model, args.torch_dtype, args.trust_remote_code, args.chat_template_file)]
+    models = [load_pretrained(args.model, args.torch_dtype, args.trust_remote_code, args.chat_template_file, run=run)]
     if args.compare:
-        models.append(_load_compare(args, args.chat_template_file))
+        models.append(_load_compare(args, args.chat_template_file, run, compare_run))
     results, answers = [], []
     for loaded in models:
         pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import PreftuneError
-from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REFT_CONFIG_FILE
+from .rundir import ADAPTER_CONFIG_FILE, RunFolder, open_run
 
 __all__ = ["cmd_merge", "merge_adapter"]
 
@@ -41,19 +41,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_adapter_dir(adapter_dir: Path) -> dict:
+def _check_adapter_dir(adapter_dir: Path) -> tuple[dict, RunFolder]:
     if not adapter_dir.is_dir():
         raise PreftuneError(f"adapter folder {str(adapter_dir)!r} not found")
-    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
-        if (adapter_dir / REFT_CONFIG_FILE).is_file():
+    run = open_run(adapter_dir)  # verified against its manifest: one line if damaged, unfinished or foreign
+    if run.kind != "LoRA adapter":
+        if run.kind == "ReFT":
             raise PreftuneError(
                 f"{str(adapter_dir)!r} holds ReFT interventions, which act on activations at prompt positions and cannot be "
                 "merged into weights; load them with preftune.reft.load_reft"
             )
-        if (adapter_dir / MODEL_CONFIG_FILE).is_file():
-            raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG_FILE}); there is nothing to merge")
-        raise PreftuneError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG_FILE}; pass the output_dir of a --use_peft run")
-    return _read_json(adapter_dir / ADAPTER_CONFIG_FILE)
+        raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG_FILE}); there is nothing to merge")
+    return _read_json(adapter_dir / ADAPTER_CONFIG_FILE), run
 
 
 def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
@@ -82,16 +81,17 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
     if torch_dtype not in DTYPES:
         raise PreftuneError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
-    adapter_config = _check_adapter_dir(adapter_dir)
+    adapter_config, run = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
-    from .pretrained import demo_init_model, load_run_tokenizer, read_run_config
+    from .pretrained import demo_init_model, load_errors_in_one_line, load_run_tokenizer
 
-    tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code)
+    with load_errors_in_one_line(adapter_dir, "tokenizer"):
+        tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code)
     if base_name is not None:
         base = _load_base(base_name, torch_dtype, trust_remote_code)
     else:
-        run_config = read_run_config(adapter_dir)
+        run_config = run.run_config
         base = demo_init_model(tokenizer, run_config) if run_config and run_config.get("demo") else None
         if base is None:
             raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG_FILE)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
@@ -99,8 +99,9 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
 
     try:
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # a shape mismatch, or (without a manifest to check first) a damaged adapter file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r} ({type(e).__name__}: {first})") from e
     merged.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -140,8 +140,9 @@ def causal_lm_from_pretrained(name: str, kind: str = "model", **kwargs):
     except ValueError as e:
         raise PreftuneError(f"cannot load the {kind} {name!r}: {str(e).strip().splitlines()[0]}") from None
     except Exception as e:
-        if _is_local(name):
-            raise
+        if _is_local(name):  # a damaged or foreign file (e.g. a truncated safetensors header)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise PreftuneError(f"cannot load the {kind} from {name!r} ({type(e).__name__}: {first})") from e
         raise hub_error(kind, name, e) from None
 
 
