@@ -170,6 +170,7 @@ COMMANDS = {
     "chat": ("preftune.chat", "cmd_chat", "chat with a model in the terminal"),
     "report": ("preftune.report", "cmd_report", "write a self-contained HTML report of a run"),
     "merge": ("preftune.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
+    "verify": ("preftune.verify", "cmd_verify", "check a run folder and its checkpoints for damaged or missing files"),
     "convert": ("preftune.cli", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
 }
 
