@@ -33,7 +33,8 @@ fingerprint is a sha256 over (see :func:`reference_fingerprint`):
 A later run with the same fingerprint (including ``--resume_from_checkpoint``, which rebuilds the
 starting model before loading the checkpoint) reads the file instead of running the model. Any
 change gives another file name, so a stale table is never read; a file whose stored fingerprint
-or example ids do not match is recomputed and replaced. Files are written to a temporary name and
+or example ids do not match, or whose values differ from the xxh3-128 digest written with them in
+its metadata (a flipped byte: :func:`check_cache_file`), is recomputed and replaced. Files are written to a temporary name and
 ``os.replace``-d into place, so a reader never sees half a file.
 
 Multi-process runs (DDP): every process loads the cache or, on a miss, computes the whole table
@@ -72,6 +73,7 @@ __all__ = [
     "reference_fingerprint",
     "pairs_digest",
     "model_digest",
+    "check_cache_file",
 ]
 
 CACHE_FORMAT = "preftune-ref-logps-v1"  # part of every fingerprint: bump when the table's meaning changes
@@ -340,19 +342,45 @@ def reference_fingerprint(model_identity: dict, pairs: list[PairTokens], engine:
 
 
 # --- cache file ------------------------------------------------------------------------------------
+CACHE_TENSORS = ("example_ids", "chosen", "rejected")
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """xxh3-128 over the table's bytes, stored in the file's metadata: a flipped byte in a value is
+    noticed on reading (the fingerprint only says which run the table is for, not that it is intact)."""
+    from .integrity import bytes_digest
+
+    return bytes_digest(*(tensors[k].contiguous().numpy().tobytes() for k in CACHE_TENSORS))
+
+
+def _load_cache_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in CACHE_TENSORS}
+
+
+def check_cache_file(path: Path) -> str | None:
+    """None if the cache file at ``path`` is intact (readable, its values match the digest written
+    with them), else what is wrong. A damaged file is never used: training recomputes it."""
+    try:
+        meta, tensors = _load_cache_file(path)
+    except Exception as e:  # a torn or foreign file
+        return f"unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+    if meta.get("content_xxh3_128") != _content_digest(tensors):
+        return "its values do not match the digest written with them"
+    return None
+
+
 def _read_cache(path: Path, fingerprint: str, want_ids: torch.Tensor):
-    """The cached table, or None if absent, unreadable, or not exactly for this fingerprint and these ids."""
+    """The cached table, or None if absent, damaged, or not exactly for this fingerprint and these ids."""
     if not path.is_file():
         return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in ("example_ids", "chosen", "rejected")}
-    except Exception as e:  # a torn or foreign file: recompute
-        logger.warning("reference cache %s is unreadable (%s); recomputing it", path, str(e).splitlines()[0][:120])
+    problem = check_cache_file(path)
+    if problem is not None:
+        logger.warning("reference cache %s is damaged (%s); recomputing it", path, problem)
         return None
+    meta, tensors = _load_cache_file(path)
     ids, chosen, rejected = tensors["example_ids"], tensors["chosen"], tensors["rejected"]
     if meta.get("fingerprint") != fingerprint or not torch.equal(ids, want_ids) or chosen.shape != ids.shape \
             or rejected.shape != ids.shape or not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
@@ -367,8 +395,10 @@ def _write_cache(path: Path, fingerprint: str, ids, chosen, rejected, descriptio
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"fingerprint": fingerprint, "format": CACHE_FORMAT, "reference": description, "pairs": str(len(ids))}
-        save_file({"example_ids": ids.contiguous(), "chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata=meta)
+        tensors = {"example_ids": ids.contiguous(), "chosen": chosen.contiguous(), "rejected": rejected.contiguous()}
+        meta = {"fingerprint": fingerprint, "format": CACHE_FORMAT, "reference": description, "pairs": str(len(ids)),
+                "content_xxh3_128": _content_digest(tensors)}
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return True
     except OSError as e:
