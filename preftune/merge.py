@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .rundir import ADAPTER_CONFIG_FILE, RunFolder, open_run
 
 __all__ = ["cmd_merge", "merge_adapter"]
@@ -100,8 +100,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     try:
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     except Exception as e:  # a shape mismatch, or (without a manifest to check first) a damaged adapter file
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r} ({type(e).__name__}: {first})") from e
+        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r} ({describe_exception(e)})") from e
     merged.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)

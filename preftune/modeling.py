@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ def causal_lm_from_pretrained(name: str, kind: str = "model", **kwargs):
         raise PreftuneError(f"cannot load the {kind} {name!r}: {str(e).strip().splitlines()[0]}") from None
     except Exception as e:
         if _is_local(name):  # a damaged or foreign file (e.g. a truncated safetensors header)
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise PreftuneError(f"cannot load the {kind} from {name!r} ({type(e).__name__}: {first})") from e
+            raise PreftuneError(f"cannot load the {kind} from {name!r} ({describe_exception(e)})") from e
         raise hub_error(kind, name, e) from None
 
 

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .rundir import ADAPTER_CONFIG_FILE, REFT_CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILES, RunFolder, open_run, read_json
 
 __all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "load_errors_in_one_line", "encode_prompt", "quiet_transformers"]
@@ -169,8 +169,7 @@ def load_errors_in_one_line(folder: Path, what: str):
     except PreftuneError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PreftuneError(f"cannot load the {what} in {str(folder)!r} ({type(e).__name__}: {first}); "
+        raise PreftuneError(f"cannot load the {what} in {str(folder)!r} ({describe_exception(e)}); "
                             f"check it with `preftune verify {folder}`") from e
 
 

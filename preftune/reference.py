@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from .engine import _unwrap, sequence_logps
+from .errors import describe_exception
 from .layout import PairTokens, batch_to, collate_pairs
 from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REF_CACHE_DIR
 
@@ -366,7 +367,7 @@ def check_cache_file(path: Path) -> str | None:
     try:
         meta, tensors = _load_cache_file(path)
     except Exception as e:  # a torn or foreign file
-        return f"unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+        return f"unreadable ({describe_exception(e, 120)})"
     if meta.get("content_xxh3_128") != _content_digest(tensors):
         return "its values do not match the digest written with them"
     return None

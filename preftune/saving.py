@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .integrity import build_manifest
 from .rundir import (
     CHECKPOINT_COMPLETE_MARKER,
@@ -171,8 +171,7 @@ def _failure_reason(err: BaseException, out: Path) -> str:
     if isinstance(err, OSError) and err.strerror:
         reason = err.strerror + (f": {Path(err.filename).name}" if err.filename else "")
     else:
-        first = (str(err).strip().splitlines() or [""])[0]
-        reason = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+        reason = describe_exception(err)
     with contextlib.suppress(OSError):
         reason += f"; {shutil.disk_usage(out).free / 1e9:.1f} GB free on that disk"
     try:  # some writers (torch.save) hide the OS error: name the other usual cause

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,6 @@ def _one_error_line(capsys) -> str:
 def test_resume_latest_skips_truncated_newest_checkpoint_and_says_why(runs, tmp_path, caplog):
     inputs, folders = runs
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(folders["full"], run)
     size = (run / "checkpoint-6" / "model.safetensors").stat().st_size
     damage(run / "checkpoint-6" / "model.safetensors", "truncate")
@@ -126,8 +125,6 @@ def test_explicit_damaged_checkpoint_stops_in_one_line_naming_file_and_good_chec
 
     inputs, folders = runs
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(folders["full"], run)
     damage(run / "checkpoint-6" / "model.safetensors", "truncate")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -148,8 +145,6 @@ def test_every_reading_command_stops_in_one_line_on_a_damaged_run(runs, tmp_path
     _, folders = runs
     kind = "lora" if command == "merge" else "full"
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(folders[kind], run)
     damaged = {"report": "metrics.jsonl", "merge": "adapter_model.safetensors"}.get(command, "model.safetensors")
     damage(run / damaged, "truncate")
@@ -172,8 +167,6 @@ def test_readers_stop_in_one_line_on_an_unfinished_or_foreign_folder(runs, tmp_p
     from preftune.cli import main
 
     _, folders = runs
-    import shutil
-
     unfinished = tmp_path / "unfinished"
     shutil.copytree(folders["full"], unfinished)
     (unfinished / "run_complete.json").unlink()
@@ -222,8 +215,6 @@ def test_failed_writes_keep_earlier_checkpoints_remove_the_partial_one_and_stop_
 
     inputs, folders = runs
     run = tmp_path / "run"
-    import shutil
-
     shutil.copytree(folders["full"], run)
     shutil.rmtree(run / "checkpoint-6")  # as if the run had stopped after checkpoint-4
     (run / "run_complete.json").unlink()
