@@ -18,7 +18,9 @@ import random
 
 import torch
 
-__all__ = ["DEMO_VOCAB", "build_demo_tokenizer", "build_demo_model", "demo_rows", "evaluate_demo", "DEMO_TRAINING"]
+from .model_hooks import NO_HOOKS, ModelHooks
+
+__all__ = ["DEMO_VOCAB", "DEMO_TRAINING", "DemoInputs", "build_demo_tokenizer", "build_demo_model", "demo_rows", "demo_examples", "evaluate_demo"]
 
 DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Q:", "A:", "add", "one", "to", "copy"] + [str(d) for d in range(10)]
 
@@ -124,18 +126,45 @@ def demo_examples():
     return train, evals, eval_rows
 
 
+class DemoInputs:
+    """The built-in demo as a run's inputs (see :class:`preftune.run.RunInputs`): a word-level
+    tokenizer, the add-one/copy task, a randomly initialised tiny Llama, and the before/after
+    table on held-out prompts."""
+
+    is_demo = True
+    dataset_label = "built-in demo task (add one / copy)"
+    base_model_label = "built-in demo model (random init)"
+
+    def __init__(self):
+        self._eval_rows: list[dict] = []
+
+    def load_tokenizer(self):
+        return build_demo_tokenizer()
+
+    def load_examples(self, seed: int):
+        train, evals, self._eval_rows = demo_examples()
+        return train, evals
+
+    def load_model(self, tokenizer, device, seed: int):
+        return build_demo_model(len(tokenizer), seed=seed)
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float]:
+        return evaluate_demo(model, tokenizer, self._eval_rows, eval_pairs, hooks)
+
+
 @torch.no_grad()
-def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
-    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""
-    from .engine import score_pairs
+def evaluate_demo(model, tokenizer, rows: list[dict], pairs, hooks: ModelHooks = NO_HOOKS) -> dict[str, float]:
+    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers.
+
+    ``hooks``: the model's :class:`preftune.model_hooks.ModelHooks` (a ReFT model scores and
+    generates through them; plain ``generate`` would be the base model).
+    """
+    from .engine import forward_scorer, score_pairs
 
     model.eval()
-    seq = score_pairs(model, pairs, tokenizer.pad_token_id, batch_size=len(pairs))
+    seq = score_pairs(forward_scorer(model, hooks.batch_context), pairs, tokenizer.pad_token_id, len(pairs), model.device)
     pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
-    from .reft import get_reft, reft_generate
-
-    # a ReFT model acts on its prompt only through reft_generate (plain generate is the base model)
-    generate = (lambda ids, **kw: reft_generate(model, ids, **kw)) if get_reft(model) is not None else model.generate
+    generate = hooks.generate or model.generate
     correct = 0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)

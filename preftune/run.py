@@ -1,4 +1,22 @@
-"""One training run, from configuration to a saved, aligned model (what ``preftune train`` does)."""
+"""One training run, top to bottom: what ``preftune train`` does.
+
+:func:`run_training` is a pipeline of named stages, each a function with explicit inputs and
+outputs::
+
+    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks,
+                                                          the checkpoint to resume from (one that verifies)
+    run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
+                                                          the built-in demo (preftune.demo.DemoInputs) or
+                                                          the user's model and data (UserInputs below)
+    prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs
+    prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
+    prepare_reference model, data       -> reference      the DPO reference (None for reference-free methods)
+    train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
+    save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
+
+The run folder's files are named and written through :mod:`preftune.rundir`; writes that must not
+half-succeed (checkpoint markers, the final save, run_complete.json) go through :mod:`preftune.saving`.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +25,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
+from typing import Protocol
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
 from .errors import PreftuneError
-from .modeling import apply_peft, choose_device, load_model, load_tokenizer
-from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
-from .reliability import InterruptCallback
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, checkpoint_path, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
-from .saving import begin_run, finish_run, save_final_model, writes_fail_cleanly
-from .trainer import PreferenceTrainer
+from .model_hooks import ModelHooks, model_hooks_for
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
 
 logger = logging.getLogger("preftune")
 
-__all__ = ["run_training", "RunResult", "RunInterrupted"]
+__all__ = ["run_training", "RunResult", "RunInterrupted", "RunInputs", "UserInputs"]
 
 
 class RunInterrupted(PreftuneError):
@@ -42,6 +55,271 @@ class RunResult:
     demo_table: list[tuple[str, float, float]] | None = None
 
 
+# --- stage outputs ----------------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    output_dir: Path
+    device: object  # preftune.training_model.DeviceChoice
+    started: float  # time.perf_counter() at the start
+    resume: str | None  # the checkpoint to resume from, verified against its manifest (None: a fresh run)
+
+
+@dataclass
+class TrainingData:
+    train_examples: list
+    eval_examples: list
+    train_pairs: list
+    eval_pairs: list
+
+
+@dataclass
+class PreparedModel:
+    model: object
+    hooks: ModelHooks
+    saved_kind: str  # how the model card describes what the run saves
+
+
+class RunInputs(Protocol):
+    """Where a run's tokenizer, examples and starting model come from."""
+
+    is_demo: bool
+    dataset_label: str  # how the run config and model card name the data
+    base_model_label: str  # ... and the starting model
+
+    def load_tokenizer(self): ...
+
+    def load_examples(self, seed: int) -> tuple[list, list]: ...
+
+    def load_model(self, tokenizer, device, seed: int): ...
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float] | None:
+        """Metrics shown before and after training (the demo's table); None for none."""
+
+
+@dataclass
+class UserInputs:
+    """The user's model (a folder or hub name) and preference data (``--dataset_name``)."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    is_demo: bool = False
+
+    @property
+    def dataset_label(self) -> str:
+        return self.data_args.dataset_name
+
+    @property
+    def base_model_label(self) -> str:
+        return self.model_args.model_name_or_path
+
+    def load_tokenizer(self):
+        from .training_model import load_tokenizer
+
+        m = self.model_args
+        return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, m.chat_template_file)
+
+    def load_examples(self, seed: int):
+        from .data.splits import load_train_eval
+
+        train, evals, _ = load_train_eval(self.data_args, seed)
+        return train, evals
+
+    def load_model(self, tokenizer, device, seed: int):
+        from .training_model import load_model
+
+        return load_model(self.model_args.model_name_or_path, self.model_args, device)
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks):
+        return None
+
+
+# --- stages -------------------------------------------------------------------------------------------
+def _configure_logging(args: PreftuneConfig):
+    level = logging.INFO if args.should_log else logging.WARNING
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("preftune").setLevel(level)
+
+
+def setup_run(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunSetup:
+    """Logging, seed, option combinations, the output folder, device and precision; fails before any work."""
+    from transformers import set_seed
+
+    from .quant import check_bitsandbytes
+    from .rundir import check_output_dir, resolve_resume
+    from .training_model import choose_device
+
+    _configure_logging(args)
+    started = time.perf_counter()
+    set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
+    if model_args.is_demo and data_args.dataset_name:
+        raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
+    if not model_args.is_demo and not data_args.dataset_name:
+        raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
+    resuming = bool(args.resume_from_checkpoint)
+    if args.process_index == 0:
+        out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, model_args.is_demo)
+    else:
+        out = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
+    device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
+    logger.info("preftune: %s", device.describe())
+    check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
+    return RunSetup(out, device, started, resume)
+
+
+def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
+    """The built-in demo when no model is named, else the user's model and data."""
+    if model_args.is_demo:
+        from .demo import DemoInputs
+
+        return DemoInputs()
+    return UserInputs(model_args, data_args)
+
+
+def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, seed: int) -> TrainingData:
+    """Read, split and tokenize the examples (one-line errors naming the split)."""
+    from .data.splits import tokenize_settings_of, tokenize_split
+
+    train_ex, eval_ex = inputs.load_examples(seed)
+    settings = tokenize_settings_of(data_args)
+    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
+    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
+    return TrainingData(train_ex, eval_ex, train_pairs, eval_pairs)
+
+
+def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup) -> PreparedModel:
+    """The starting model with LoRA/DoRA adapters or ReFT interventions as asked, and its hooks."""
+    from .training_model import apply_peft
+
+    model = inputs.load_model(tokenizer, setup.device, args.seed)
+    if args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    saved_kind = "full model"
+    if model_args.use_peft:
+        model = apply_peft(model, model_args, args.gradient_checkpointing)
+        saved_kind = "LoRA adapter (load with peft, or merge with `preftune merge`)"
+    if model_args.reft_layers:
+        from .reft import attach_reft
+
+        model = attach_reft(model, model_args)
+        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return PreparedModel(model, model_hooks_for(model), saved_kind)
+
+
+def prepare_reference(prepared: PreparedModel, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup,
+                      data: TrainingData, tokenizer):
+    """The method's reference (built from the *starting* policy, before a checkpoint is loaded), or None."""
+    if not args.needs_reference:
+        return None
+    from .reference import build_reference
+
+    return build_reference(prepared.model, model_args, args, setup.device, data.train_pairs, data.eval_pairs, tokenizer)
+
+
+def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, args: PreftuneConfig, setup: RunSetup,
+          run_config: dict):
+    """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
+    from .outputs import MetricsFileCallback
+    from .reliability import InterruptCallback
+    from .rundir import checkpoint_path, find_latest_checkpoint
+    from .saving import begin_run, writes_fail_cleanly
+    from .trainer import PreferenceTrainer
+
+    out = setup.output_dir
+    interrupt = InterruptCallback()
+    trainer = PreferenceTrainer(  # adds the checkpoint marker callback itself (preftune.reliability)
+        model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
+        reference=reference, hooks=prepared.hooks, callbacks=[MetricsFileCallback(str(out)), interrupt],
+    )
+    if args.process_index == 0:
+        begin_run(out)  # an earlier run_complete.json no longer describes the folder
+        write_json(out / RUN_CONFIG_FILE, run_config)
+    # a failed write while saving checkpoint-N removes it and ends in one line naming the checkpoint to resume from
+    with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
+        train_output = trainer.train(resume_from_checkpoint=setup.resume)
+    if interrupt.received is not None:
+        import signal
+
+        latest = find_latest_checkpoint(out)
+        where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
+        raise RunInterrupted(
+            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
+            f"Resume with: preftune train ... --resume_from_checkpoint latest",
+            interrupt.received,
+        )
+    return trainer, train_output
+
+
+def final_metrics(trainer, train_output, has_eval: bool) -> dict:
+    """The Trainer's summary, the last logged value of the headline metrics, and a final evaluation."""
+    final = dict(train_output.metrics)
+    last = {}
+    for rec in trainer.state.log_history:
+        last.update({k: v for k, v in rec.items() if isinstance(v, (int, float))})
+    for k in ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "tokens_per_second"):
+        if k in last:
+            final[k] = last[k]
+    if has_eval:
+        final.update(trainer.evaluate())
+    return final
+
+
+def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel, data: TrainingData, final: dict,
+                 model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, setup: RunSetup) -> float:
+    """Model and tokenizer, curves, model card and, last, run_complete.json with the manifest of what a
+    reader needs (main process only); returns the run's seconds. The model is staged and moved into
+    place; a failed write leaves no file of the attempt and no run_complete.json, in one line."""
+    from .outputs import plot_training_curves, write_model_card
+    from .saving import finish_run, save_final_model, writes_fail_cleanly
+
+    out = setup.output_dir
+    seconds = time.perf_counter() - setup.started
+    if not trainer.is_world_process_zero():
+        return seconds
+    with writes_fail_cleanly(out, "the final model"):
+        model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
+    with writes_fail_cleanly(out, "the run's records"):
+        plot_training_curves(out)
+        write_model_card(out, {
+            "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+            "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
+            "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+        })
+        finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, model_files)
+    return seconds
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
+    """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
+    setup = setup_run(model_args, data_args, args)
+    inputs = run_inputs(model_args, data_args)
+    tokenizer = inputs.load_tokenizer()
+    data = prepare_data(inputs, tokenizer, data_args, args.seed)
+    prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
+    reference = prepare_reference(prepared, model_args, args, setup, data, tokenizer)
+    before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
+
+    run_config = {
+        "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
+        "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+        "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
+    }
+    trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
+    final = final_metrics(trainer, train_output, bool(data.eval_pairs))
+
+    table = None
+    if before is not None:
+        after = inputs.held_out_check(trainer.model, tokenizer, data.eval_pairs, trainer.hooks)
+        table = [(k, before[k], after[k]) for k in before]
+        final.update({f"demo_{k}": v for k, v in after.items()})
+    seconds = save_outputs(trainer, tokenizer, inputs, prepared, data, final, model_args, data_args, args, setup)
+    return RunResult(setup.output_dir, final, len(data.train_pairs), len(data.eval_pairs), seconds, table)
+
+
+# --- what the run config and model card record ------------------------------------------------------
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
     keys = ["method", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps",
             "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout", "nll_on_prompt"]
@@ -71,136 +349,3 @@ def _jsonable(obj):
         else:
             out[k] = str(v)
     return out
-
-
-def _configure_logging(args: PreftuneConfig):
-    level = logging.INFO if args.should_log else logging.WARNING
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("preftune").setLevel(level)
-
-
-def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
-    """Run one training job; returns where it saved and its final metrics."""
-    _configure_logging(args)
-    started = time.perf_counter()
-    from transformers import set_seed
-
-    set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
-    is_demo = model_args.is_demo
-    if is_demo and data_args.dataset_name:
-        raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
-    if not is_demo and not data_args.dataset_name:
-        raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
-    resuming = bool(args.resume_from_checkpoint)
-    out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
-    resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
-    choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", choice.describe())
-    from .quant import check_bitsandbytes
-
-    check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
-
-    demo_eval_rows = None
-    if is_demo:
-        from .demo import build_demo_model, build_demo_tokenizer
-
-        tokenizer = build_demo_tokenizer()
-        from .demo import demo_examples
-
-        train_ex, eval_ex, demo_eval_rows = demo_examples()
-        dataset_label = "built-in demo task (add one / copy)"
-    else:
-        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
-        train_ex, eval_ex, _ = load_train_eval(data_args, args.seed)
-        dataset_label = data_args.dataset_name
-    settings = tokenize_settings_of(data_args)
-    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
-    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
-
-    if is_demo:
-        model = build_demo_model(len(tokenizer), seed=args.seed)
-    else:
-        model = load_model(model_args.model_name_or_path, model_args, choice)
-    if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-    saved_kind = "full model"
-    if model_args.use_peft:
-        model = apply_peft(model, model_args, args.gradient_checkpointing)
-        saved_kind = "LoRA adapter (load with peft, or merge with `preftune merge`)"
-    if model_args.reft_layers:
-        from .reft import attach_reft
-
-        model = attach_reft(model, model_args)
-        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-
-    reference = None
-    if args.needs_reference:
-        from .reference import build_reference
-
-        reference = build_reference(model, model_args, args, choice, train_pairs, eval_pairs, tokenizer)
-
-    demo_before = None
-    if is_demo:
-        from .demo import evaluate_demo
-
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
-
-    interrupt = InterruptCallback()
-    trainer = PreferenceTrainer(
-        model=model, args=args, train_pairs=train_pairs, eval_pairs=eval_pairs, processing_class=tokenizer,
-        reference=reference, callbacks=[MetricsFileCallback(str(out)), interrupt],
-    )
-    if args.process_index == 0:
-        begin_run(out)
-        write_json(out / RUN_CONFIG_FILE, {
-            "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
-            "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
-            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
-        })
-    with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
-        train_output = trainer.train(resume_from_checkpoint=resume)
-    if interrupt.received is not None:
-        import signal
-
-        latest = find_latest_checkpoint(out)
-        where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
-        raise RunInterrupted(
-            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
-            f"Resume with: preftune train ... --resume_from_checkpoint latest",
-            interrupt.received,
-        )
-    final = {k: v for k, v in train_output.metrics.items()}
-    last = {}
-    for rec in trainer.state.log_history:
-        last.update({k: v for k, v in rec.items() if isinstance(v, (int, float))})
-    for k in ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "tokens_per_second"):
-        if k in last:
-            final[k] = last[k]
-    if eval_pairs:
-        final.update(trainer.evaluate())
-
-    model_files: list[str] = []
-    if trainer.is_world_process_zero():
-        with writes_fail_cleanly(out, "the final model"):
-            model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
-    demo_table = None
-    if is_demo:
-        from .demo import evaluate_demo
-
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs)
-        demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
-        final.update({f"demo_{k}": v for k, v in after.items()})
-    seconds = time.perf_counter() - started
-    if trainer.is_world_process_zero():
-        with writes_fail_cleanly(out, "the run's records"):
-            plot_training_curves(out)
-            write_model_card(out, {
-                "method": args.method, "base_model": model_args.model_name_or_path or "built-in demo model (random init)",
-                "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
-                "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
-            })
-            finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": is_demo}, model_files)
-    return RunResult(out, final, len(train_pairs), len(eval_pairs), seconds, demo_table)

@@ -1,4 +1,4 @@
-"""``preftune verify RUN_DIR``: check a run folder and its checkpoints against their manifests.
+"""What ``preftune verify RUN_DIR`` checks and prints (the command: :mod:`preftune.commands.verify`).
 
 One row per folder: the run itself (its ``run_complete.json`` manifest), every ``checkpoint-N``
 (its ``.complete`` manifest), newest first, and every cached reference table in ``ref_logps/``.
@@ -10,8 +10,6 @@ damaged or incomplete, 1 otherwise; a folder that is not a run ends in one error
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 from .errors import PreftuneError
@@ -28,19 +26,7 @@ from .rundir import (
     run_status,
 )
 
-__all__ = ["cmd_verify", "verify_folder", "format_rows"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune verify",
-        description="Check a run folder of `preftune train` and its checkpoints against the size and xxh3-128 hash of every file, "
-        "recorded when each was completed. Exit code 0: all intact; 1: something is damaged or incomplete.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `preftune train` (or one checkpoint-N folder in it)")
-    p.add_argument("--sizes_only", "--sizes-only", action="store_true",
-                   help="compare file sizes only, without reading the files (instant; misses damage that keeps the size)")
-    return p
+__all__ = ["verify_folder", "format_rows", "format_report", "all_intact"]
 
 
 def _cache_rows(folder: Path) -> list[FolderStatus]:
@@ -85,19 +71,17 @@ def format_rows(folder: Path, rows: list[FolderStatus]) -> str:
     return "\n".join(lines)
 
 
-def cmd_verify(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    folder = Path(args.run_dir).expanduser()
-    started = time.perf_counter()
-    rows = verify_folder(folder, contents=not args.sizes_only)
-    seconds = time.perf_counter() - started
-    print(f"preftune verify: {folder} ({'sizes only' if args.sizes_only else 'size and xxh3-128 of every file'})\n")
-    print(format_rows(folder, rows))
-    checkpoints = [row for row in rows if is_checkpoint_folder(row.path)]
-    if len(rows) > 1 or not is_checkpoint_folder(folder):
-        latest = next((row.path.name for row in checkpoints if row.usable), None)
-        print(f"\n--resume_from_checkpoint latest would use: {latest or 'none (no checkpoint verifies)'}")
-    bad = [row for row in rows if not row.usable]
+def all_intact(rows: list[FolderStatus]) -> bool:
+    return all(row.usable for row in rows)
+
+
+def format_report(folder: Path, rows: list[FolderStatus], contents: bool, seconds: float) -> str:
+    """The table, which checkpoint ``latest`` would use, and how much was read."""
+    lines = [f"preftune verify: {folder} ({'size and xxh3-128 of every file' if contents else 'sizes only'})", "", format_rows(folder, rows)]
+    if not is_checkpoint_folder(folder):
+        latest = next((row.path.name for row in rows if is_checkpoint_folder(row.path) and row.usable), None)
+        lines += ["", f"--resume_from_checkpoint latest would use: {latest or 'none (no checkpoint verifies)'}"]
+    intact = sum(row.usable for row in rows)
     hashed = sum(row.check.bytes for row in rows if row.check is not None)
-    print(f"{len(rows) - len(bad)} of {len(rows)} intact; {hashed / 1e6:.1f} MB hashed in {seconds:.2f} s")
-    return 1 if bad else 0
+    lines.append(f"{intact} of {len(rows)} intact; {hashed / 1e6:.1f} MB hashed in {seconds:.2f} s")
+    return "\n".join(lines)

@@ -160,7 +160,7 @@ def check_run_case(case: Case, folder: Path, resume: bool) -> str:
     if case.file in UNCHECKED_FILES:
         assert model_readers is None and report is None
         if resume:
-            from preftune.pretrained import load_pretrained
+            from preftune.inference_model import load_pretrained
 
             load_pretrained(str(folder))
         return "not read back: every command works as before"

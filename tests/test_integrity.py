@@ -178,7 +178,7 @@ def test_a_failed_final_save_leaves_no_file_of_the_attempt_and_other_errors_pass
 def test_a_folder_without_manifest_that_fails_to_load_still_ends_in_one_line(tmp_path):
     from conftest import tiny_llama
     from preftune.demo import build_demo_tokenizer
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     tiny_llama().save_pretrained(tmp_path)
     build_demo_tokenizer().save_pretrained(tmp_path)

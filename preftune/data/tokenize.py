@@ -31,6 +31,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..hf_helpers import has_chat_template
 from ..layout import PairTokens
 from .formats import PreferenceExample
 
@@ -79,13 +80,9 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: TokenizeReport) -> str:
     template = None
-    if not _has_template(tokenizer):
+    if not has_chat_template(tokenizer):
         template = DEFAULT_CHAT_TEMPLATE
         if not report.used_default_template:
             report.used_default_template = True
@@ -98,7 +95,7 @@ def _apply_template(tokenizer, messages, add_generation_prompt: bool, report: To
 def render_example(tokenizer, ex: PreferenceExample, mode: str, report: TokenizeReport) -> tuple[str, str, str, bool]:
     """Return (prompt_text, chosen_text, rejected_text, templated)."""
     use_template = mode == "always" or (
-        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and _has_template(tokenizer)))
+        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and has_chat_template(tokenizer)))
     )
     if mode == "never" and (ex.conversational or isinstance(ex.prompt, list)):
         raise ValueError("conversational data needs a chat template; use --chat_template auto")
