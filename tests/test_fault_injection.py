@@ -75,11 +75,8 @@ def test_every_damage_to_the_reference_cache_is_noticed(runs, tmp_path):
     assert len(outcomes) == 1 and len(next(iter(outcomes.values()))) == len(MODES)
 
 
-REAL_CASES = [  # resumed for real; benchmarks/fault_matrix.py resumes every case
-    Case("full", "checkpoint", "model.safetensors", "truncate"),  # the case
+REAL_CASES = [  # resumed for real (the truncated weights: below); benchmarks/fault_matrix.py resumes every case
     Case("full", "checkpoint", "optimizer.pt", "flip"),
-    Case("full", "checkpoint", "rng_state.pth", "delete"),
-    Case("full", "checkpoint", ".complete", "zero"),
     Case("lora", "checkpoint", "adapter_model.safetensors", "flip"),
     Case("reft", "checkpoint", "model.safetensors", "zero"),  # a ReFT checkpoint holds the interventions here
     Case("lora", "cache", "*", "flip"),
