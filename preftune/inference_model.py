@@ -253,10 +253,10 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     tokens, then prepend BOS when the tokenizer adds one to plain text and the text does not
     already start with it (chat templates often write BOS themselves).
     """
-    from .data.tokenize import _bos_policy
+    from .data.tokenize import prompt_bos_id
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = _bos_policy(tokenizer)
+    bos = prompt_bos_id(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids

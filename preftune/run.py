@@ -29,7 +29,7 @@ from typing import Protocol
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
 from .errors import PreftuneError
-from .model_hooks import ModelHooks, model_hooks_for
+from .model_hooks import NO_HOOKS, ModelHooks
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
 
 logger = logging.getLogger("preftune")
@@ -194,19 +194,19 @@ def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args
     model = inputs.load_model(tokenizer, setup.device, args.seed)
     if args.gradient_checkpointing:
         args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-    saved_kind = "full model"
+    saved_kind, hooks = "full model", NO_HOOKS
     if model_args.use_peft:
         model = apply_peft(model, model_args, args.gradient_checkpointing)
         saved_kind = "LoRA adapter (load with peft, or merge with `preftune merge`)"
     if model_args.reft_layers:
-        from .reft import attach_reft
+        from .reft import attach_reft, reft_hooks
 
         model = attach_reft(model, model_args)
-        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
+        saved_kind, hooks = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})", reft_hooks(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-    return PreparedModel(model, model_hooks_for(model), saved_kind)
+    return PreparedModel(model, hooks, saved_kind)
 
 
 def prepare_reference(prepared: PreparedModel, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup,

@@ -37,7 +37,7 @@ from .formats import PreferenceExample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "tokenize_examples", "render_example", "prompt_bos_id"]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
 DEFAULT_CHAT_TEMPLATE = (
@@ -119,7 +119,7 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str, report: Tokenize
     return prompt_text, texts[0], texts[1], True
 
 
-def _bos_policy(tokenizer) -> int | None:
+def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
     Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
@@ -143,7 +143,7 @@ def tokenize_examples(tokenizer, examples: list[PreferenceExample], settings: To
     if settings.truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {settings.truncation_mode!r}")
     report = TokenizeReport()
-    bos = _bos_policy(tokenizer)
+    bos = prompt_bos_id(tokenizer)
     eos = tokenizer.eos_token_id
     rendered = [render_example(tokenizer, ex, settings.chat_template, report) for ex in examples]
     prompts = [r[0] for r in rendered]
