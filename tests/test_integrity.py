@@ -202,13 +202,14 @@ from preftune.layout import PairTokens
 from preftune.trainer import PreferenceTrainer
 
 pairs = [PairTokens([1, 5 + i % 7, 6], [7, 8, 2], [9, 10 + i % 5, 2], example_id=i) for i in range(64)]
+model = tiny_llama()  # built once; every forked run starts from a copy
+args = PreftuneConfig(output_dir="unset", report_to="none", per_device_train_batch_size=4, max_steps=10000, save_strategy="steps",
+                      save_steps=1, save_total_limit=2, logging_steps=10000, disable_tqdm=True, learning_rate=1e-3, memory_preflight=False)
 for line in sys.stdin:  # the test names the next run folder, kills the process we fork, and asks again
     pid = os.fork()
     if pid == 0:  # a run that writes a checkpoint after every step, keeping 2 (rotation at every save)
         try:
-            model = tiny_llama()
-            args = PreftuneConfig(output_dir=line.strip(), report_to="none", per_device_train_batch_size=4, max_steps=10000, save_strategy="steps",
-                                  save_steps=1, save_total_limit=2, logging_steps=10000, disable_tqdm=True, learning_rate=1e-3, memory_preflight=False)
+            args.output_dir = line.strip()
             PreferenceTrainer(model=model, args=args, train_pairs=pairs, pad_token_id=0).train()
         finally:
             os._exit(0)
