@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from .errors import PreftuneError
 from .rundir import checkpoint_path
-from .saving import mark_checkpoint_complete, rotate_checkpoints
+from .saving import discard_unusable_checkpoints_after, mark_checkpoint_complete, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,19 @@ class CheckpointMarkerCallback(TrainerCallback):
     trainer state. All processes first meet at a barrier (each writes its own ``rng_state_<rank>.pth``
     and, under FSDP/DeepSpeed, its shards), then process 0 writes the manifest marker
     (:func:`preftune.saving.mark_checkpoint_complete`) and deletes checkpoints beyond ``keep_last``
-    (:func:`preftune.saving.rotate_checkpoints`). :class:`preftune.trainer.PreferenceTrainer` adds
+    (:func:`preftune.saving.rotate_checkpoints`). When training starts (or resumes at step K),
+    damaged or incomplete checkpoints newer than K are removed, since the run writes them again
+    and writers read what they find in place. :class:`preftune.trainer.PreferenceTrainer` adds
     this callback itself and switches off transformers' own rotation, which would run before the
     marker.
     """
 
     def __init__(self, keep_last: int | None = None):
         self.keep_last = keep_last
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # nothing is being written yet: no process can race this
+            discard_unusable_checkpoints_after(args.output_dir, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         dist = torch.distributed

@@ -44,7 +44,7 @@ from .rundir import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mark_checkpoint_complete", "rotate_checkpoints", "begin_run", "save_final_model", "finish_run", "writes_fail_cleanly",
+__all__ = ["mark_checkpoint_complete", "rotate_checkpoints", "discard_unusable_checkpoints_after", "begin_run", "save_final_model", "finish_run", "writes_fail_cleanly",
            "discard_folder", "FINAL_STAGING_DIR"]
 
 FINAL_STAGING_DIR = ".final-model.partial"  # hidden: never mistaken for a model or a checkpoint
@@ -125,6 +125,23 @@ def rotate_checkpoints(output_dir: str | Path, keep_last: int | None, newest_ste
     return deleted
 
 
+def discard_unusable_checkpoints_after(output_dir: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints newer than ``step`` (the one a run resumes from) that are damaged or
+    incomplete: this run writes them again, and writers read what they find in place (peft updates
+    an existing README.md; a stale marker would describe other files). Intact newer ones (from
+    before a resume to an earlier step) stay until the run overwrites them."""
+    discarded = []
+    for n, path in list_checkpoints(output_dir):
+        if n <= step:
+            break
+        status = checkpoint_status(path)
+        if not status.usable:
+            logger.warning("removing %s (%s): this run writes it again", path, status.detail)
+            discard_folder(path)
+            discarded.append(path)
+    return discarded
+
+
 def begin_run(out: Path) -> None:
     """A run is about to change ``out``: an earlier run's ``run_complete.json`` no longer describes it
     (until this run finishes, readers see an unfinished run), and a staging folder left by a killed
@@ -190,8 +207,9 @@ def writes_fail_cleanly(out: Path, what: str, partial_checkpoint: Callable[[], P
 
     Without ``partial_checkpoint`` (the final save) every error counts as a failed write of ``what``.
     With it (training), an error counts only when ``partial_checkpoint()`` names an existing checkpoint
-    folder without its marker, i.e. the error struck while that checkpoint was being written; that
-    folder is removed. Other errors pass through unchanged. Earlier checkpoints are never touched.
+    folder that does not verify (no marker yet, or an older marker that no longer matches the files
+    being rewritten), i.e. the error struck while that checkpoint was being written; that folder is
+    removed. Other errors pass through unchanged. Earlier checkpoints are never touched.
     """
     try:
         yield
@@ -201,7 +219,7 @@ def writes_fail_cleanly(out: Path, what: str, partial_checkpoint: Callable[[], P
         removed = ""
         if partial_checkpoint is not None:
             partial = partial_checkpoint()
-            if not partial.is_dir() or (partial / CHECKPOINT_COMPLETE_MARKER).exists():
+            if not partial.is_dir() or checkpoint_status(partial).usable:
                 raise
             what = partial.name
             discard_folder(partial)

@@ -30,7 +30,7 @@ from preftune.rundir import (
     resolve_resume,
     write_json,
 )
-from preftune.saving import discard_folder, mark_checkpoint_complete, rotate_checkpoints, save_final_model, writes_fail_cleanly
+from preftune.saving import mark_checkpoint_complete, rotate_checkpoints, save_final_model, writes_fail_cleanly
 
 from conftest import REPO
 
@@ -171,7 +171,10 @@ def test_a_failed_final_save_leaves_no_file_of_the_attempt_and_other_errors_pass
         with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: out / "checkpoint-3"):
             1 / 0
     assert (out / "checkpoint-3").is_dir()
-    discard_folder(out / "checkpoint-3")
+    (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"half")  # an older checkpoint-3 being written again
+    with pytest.raises(PreftuneError, match=r"could not write checkpoint-3 .*removed the partial checkpoint-3"):
+        with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: out / "checkpoint-3"):
+            raise OSError(27, "File too large")
     assert not (out / "checkpoint-3").exists() and not list(out.glob(".discarding-*"))
 
 
