@@ -1,8 +1,8 @@
 """Manifests: each file's size and content hash, recorded once a folder is complete, checked before use.
 
 A *manifest* maps file paths (relative to a folder, ``/``-separated) to ``{"size": bytes,
-"xxh3_128": hex digest}``. :func:`preftune.rundir.mark_checkpoint_complete` stores one in every
-``checkpoint-N/.complete`` and :func:`preftune.rundir.finish_run` one in ``run_complete.json``;
+"xxh3_128": hex digest}``. :func:`preftune.saving.mark_checkpoint_complete` stores one in every
+``checkpoint-N/.complete`` and :func:`preftune.saving.finish_run` one in ``run_complete.json``;
 :func:`check_manifest` compares a folder with it and names every file that is missing, has
 another size, or other bytes.
 

@@ -176,14 +176,19 @@ def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInput
     return UserInputs(model_args, data_args)
 
 
-def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, seed: int) -> TrainingData:
-    """Read, split and tokenize the examples (one-line errors naming the split)."""
+def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, seed: int, sample_prompts: int = 0) -> TrainingData:
+    """Read, split and tokenize the examples (one-line errors naming the split).
+
+    ``sample_prompts``: ``--eval_generate``, which needs held-out pairs to take its prompts from.
+    """
     from .data.splits import tokenize_settings_of, tokenize_split
 
     train_ex, eval_ex = inputs.load_examples(seed)
     settings = tokenize_settings_of(data_args)
     train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
     eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
+    if sample_prompts and not eval_pairs:
+        raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
     return TrainingData(train_ex, eval_ex, train_pairs, eval_pairs)
 
 
@@ -230,9 +235,15 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
 
     out = setup.output_dir
     interrupt = InterruptCallback()
-    trainer = PreferenceTrainer(  # adds the checkpoint marker callback itself (preftune.reliability)
+    callbacks = [MetricsFileCallback(str(out)), interrupt]  # PreferenceTrainer adds the checkpoint marker callback itself
+    if args.eval_generate:
+        from .samples import SampleAnswersCallback
+
+        pairs = data.eval_pairs[: args.eval_generate]
+        callbacks.append(SampleAnswersCallback(out, tokenizer, pairs, args.eval_generate_max_new_tokens, prepared.hooks))
+    trainer = PreferenceTrainer(
         model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
-        reference=reference, hooks=prepared.hooks, callbacks=[MetricsFileCallback(str(out)), interrupt],
+        reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
     if args.process_index == 0:
         begin_run(out)  # an earlier run_complete.json no longer describes the folder
@@ -297,7 +308,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     setup = setup_run(model_args, data_args, args)
     inputs = run_inputs(model_args, data_args)
     tokenizer = inputs.load_tokenizer()
-    data = prepare_data(inputs, tokenizer, data_args, args.seed)
+    data = prepare_data(inputs, tokenizer, data_args, args.seed, args.eval_generate)
     prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
     reference = prepare_reference(prepared, model_args, args, setup, data, tokenizer)
     before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)

@@ -5,6 +5,7 @@ This module is the one place that knows the layout of a ``preftune train`` outpu
     OUT/
       run_config.json            model, data and training settings (written before training)
       metrics.jsonl              one JSON object per log event (appended during training)
+      samples.jsonl              greedy answers to fixed held-out prompts per evaluation (--eval_generate)
       checkpoint-N/              Trainer checkpoints; ``.complete`` written last, once all is on disk,
                                  holding the size and xxh3-128 hash of every file in the checkpoint
       ref_logps/<fp>.safetensors precomputed DPO reference log-probs (``--precompute_ref_log_probs``)
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_CONFIG_FILE", "RUN_COMPLETE_FILE", "METRICS_FILE", "CURVES_FILE", "MODEL_CARD_FILE", "EVAL_FILE",
-    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
+    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
     "TRAINER_STATE_FILE", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "RUN_RECORD_FILES", "UNCHECKED_FILES", "check_output_dir", "checkpoint_path", "list_checkpoints", "checkpoint_status",
     "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "run_status", "folder_status", "FolderStatus", "RunFolder",
@@ -52,6 +53,7 @@ __all__ = [
 RUN_CONFIG_FILE = "run_config.json"
 RUN_COMPLETE_FILE = "run_complete.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 CURVES_FILE = "training_curves.png"
 MODEL_CARD_FILE = "README.md"
 REF_CACHE_DIR = "ref_logps"
@@ -65,7 +67,7 @@ REFT_CONFIG_FILE = "reft_config.json"  # ReFT interventions
 REFT_WEIGHTS_FILE = "reft_interventions.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # what `preftune report` reads: checked even when the model files are not needed
-RUN_RECORD_FILES = (RUN_CONFIG_FILE, METRICS_FILE)
+RUN_RECORD_FILES = (RUN_CONFIG_FILE, METRICS_FILE, SAMPLES_FILE)
 # written for people and never read back (users edit model cards): left out of the manifest
 UNCHECKED_FILES = (MODEL_CARD_FILE, CURVES_FILE)
 # --- what the after-training commands write ---------------------------------------------------------

@@ -174,7 +174,7 @@ def save_final_model(out: Path, write: Callable[[Path], object]) -> list[str]:
 
 def finish_run(out: Path, record: dict, model_files: list[str]) -> Path:
     """Write ``run_complete.json`` last: ``record`` plus the manifest of ``model_files`` and the run's
-    records (``run_config.json``, ``metrics.jsonl``), sealed. Until it exists the run is unfinished.
+    records (:data:`preftune.rundir.RUN_RECORD_FILES`), sealed. Until it exists the run is unfinished.
     The model card and the curves (:data:`preftune.rundir.UNCHECKED_FILES`) are left out: nothing
     reads them back, and people edit model cards."""
     files = sorted((set(model_files) | {name for name in RUN_RECORD_FILES if (out / name).is_file()}) - set(UNCHECKED_FILES))

@@ -135,10 +135,10 @@ def test_explicit_damaged_checkpoint_stops_in_one_line_naming_file_and_good_chec
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused before writing anything
 
 
-@pytest.mark.parametrize("command", ["eval", "chat", "merge", "report", "verify"])
+@pytest.mark.parametrize("command", ["eval", "chat", "merge", "export", "report", "verify"])
 def test_every_reading_command_stops_in_one_line_on_a_damaged_run(runs, tmp_path, capsys, command):
-    """eval/chat/merge on a damaged model file, report on a damaged record: one line naming the
-    file, exit 2 (verify: the table and exit 1)."""
+    """eval/chat/merge/export on a damaged model file, report on a damaged record: one line naming
+    the file, exit 2, nothing written (verify: the table and exit 1)."""
     from preftune.cli import main
 
     _, folders = runs
@@ -148,6 +148,7 @@ def test_every_reading_command_stops_in_one_line_on_a_damaged_run(runs, tmp_path
     damaged = {"report": "metrics.jsonl", "merge": "adapter_model.safetensors"}.get(command, "model.safetensors")
     damage(run / damaged, "truncate")
     argv = {"eval": ["eval", str(run)], "chat": ["chat", str(run)], "merge": ["merge", str(run), "--output_dir", str(tmp_path / "merged")],
+            "export": ["export", str(run), "--gguf", str(tmp_path / "m.gguf")],
             "report": ["report", str(run)], "verify": ["verify", str(run)]}[command]
     capsys.readouterr()
     code = main(argv)
@@ -159,7 +160,7 @@ def test_every_reading_command_stops_in_one_line_on_a_damaged_run(runs, tmp_path
     assert code == 2
     line = _one_error_line(capsys)
     assert damaged in line and "is damaged" in line, line
-    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "m.gguf").exists()
 
 
 def test_readers_stop_in_one_line_on_an_unfinished_or_foreign_folder(runs, tmp_path, capsys):
