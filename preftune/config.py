@@ -216,7 +216,7 @@ class PreftuneConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "preftune-output"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-            # Multi-process on CPU (torchrun / accelerate launch): transformers only sets up
+            # Multi-process on CPU (torchrun, examples/cpu_2proc.sh): transformers only sets up
             # gloo DDP when use_cpu is set; without it every process trains alone.
             self.use_cpu = True
         if self.warmup_ratio is not None:

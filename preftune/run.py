@@ -162,7 +162,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
         out = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", device.describe())
+    logger.info("preftune: %s; %d process%s", device.describe(), args.world_size, "" if args.world_size == 1 else "es")
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started, resume)
 
@@ -317,6 +317,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
+        # processes that trained together (DDP); a launcher that started fewer than asked shows here
+        "world_size": args.world_size,
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
     final = final_metrics(trainer, train_output, bool(data.eval_pairs))

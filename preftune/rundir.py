@@ -161,6 +161,8 @@ def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool =
     A folder holding a finished run (``run_complete.json``) is refused unless ``overwrite`` or
     ``resuming``; a finished *demo* run may be re-run over by the demo.
     """
+    if "\0" in str(path):  # the OS refuses such names with a ValueError, not an OSError
+        raise PreftuneError(f"output_dir {str(path)!r} contains a NUL character; choose another --output_dir")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")
