@@ -19,7 +19,7 @@ from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_
 
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
-    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "field_groups",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
     "TRAIN_OPTIONS", "GROUP_TITLES",
 ]
 
@@ -433,6 +433,14 @@ class ExportArguments:
         _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
 
 
+@_grouped
+@dataclass
+class VerifyArguments:
+    """``preftune verify`` options besides the run folder."""
+
+    sizes_only: bool = _f(False, "Compare file sizes only, without reading the files (instant; blind to damage that keeps the size).", "verify")
+
+
 GROUP_TITLES = {
     "model": "Model",
     "peft": "Parameter-efficient fine-tuning (LoRA, DoRA, QLoRA)",
@@ -447,6 +455,7 @@ GROUP_TITLES = {
     "merge": "Merge",
     "export": "Export (GGUF)",
     "report": "Report",
+    "verify": "Verify",
 }
 
 TRAIN_OPTIONS = (ModelArguments, DataArguments, PreftuneConfig)
