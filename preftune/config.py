@@ -427,10 +427,8 @@ class ExportArguments:
     overwrite: bool = _f(False, "Replace the GGUF file (and its Modelfile) if they exist.", "export")
 
     def __post_init__(self):
-        from .export.gguf_file import QUANT_TYPES
-
+        # --quant is checked by export_gguf before anything is loaded (its table lives with the writer)
         _require(bool(self.gguf), "--gguf is required: the GGUF file to write, e.g. --gguf model.gguf")
-        _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
 
 
 @_grouped
