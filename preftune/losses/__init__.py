@@ -4,7 +4,7 @@ Every function here takes tensors of shape ``(B,)`` (one value per preference pa
 example for the unpaired KTO) and returns a small named result whose ``losses`` field is the
 per-pair loss ``(B,)``: ``orpo`` (ORPO), ``dpo`` (DPO and TRL's fifteen loss types, f-DPO, WPO
 weights), ``reference_free`` (SimPO, CPO), ``kto`` (KTO, unpaired APO-zero). Reduction over the
-batch (and over gradient-accumulation windows) is the trainer's job, so that accumulating ``k``
+batch (and over gradient-accumulation windows) is :mod:`preftune.objective`'s job, so that accumulating ``k``
 micro-batches gives exactly the update of one ``k``-times larger batch.
 
 Notation used throughout (ORPO paper, Hong et al. 2024, arXiv:2403.07691):

@@ -39,7 +39,7 @@ def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: flo
         L_prefer = -log sigma(beta * log pi(y_w|x) - beta * log pi(y_l|x))
 
     with **summed** log-probs, as in the paper and TRL's ``CPOTrainer`` (``loss_type=sigmoid``).
-    The full objective adds ``NLL(y_w)``; the trainer adds it (weight ``cpo_alpha``, TRL's name).
+    The full objective adds ``NLL(y_w)``; :mod:`preftune.objective` adds it (weight ``cpo_alpha``, TRL's name).
     Rewards: ``beta * log pi(y)``.
     """
     losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps))
