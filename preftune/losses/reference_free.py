@@ -48,3 +48,22 @@ def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: flo
         chosen_rewards=(beta * chosen_logps).detach(),
         rejected_rewards=(beta * rejected_logps).detach(),
     )
+
+
+def slic_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> PreferenceLoss:
+    """SLiC-HF's rank calibration loss (Zhao et al. 2023, eq. 2), TRL ``CPOTrainer``'s ``hinge``.
+
+    ::
+
+        L_cal = max(0, 1 - beta * (log pi(y_w|x) - log pi(y_l|x)))
+
+    with **summed** log-probs: a hinge with margin ``1 / beta`` on the log-likelihood gap. The full
+    objective adds ``NLL(y_w)`` (SLiC-HF's regularizer; weight ``cpo_alpha``), added by
+    :mod:`preftune.objective`. Rewards: ``beta * log pi(y)``.
+    """
+    losses = torch.relu(1 - beta * (chosen_logps - rejected_logps))
+    return PreferenceLoss(
+        losses=losses,
+        chosen_rewards=(beta * chosen_logps).detach(),
+        rejected_rewards=(beta * rejected_logps).detach(),
+    )
