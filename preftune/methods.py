@@ -31,6 +31,7 @@ from .losses import (
     orpo_loss,
     rank_partners,
     simpo_loss,
+    slic_loss,
     wpo_weights,
 )
 from .objective import LossContext, MethodLoss, pair_metrics
@@ -300,6 +301,22 @@ CPO = MethodSpec(
 )
 
 
+def _slic(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
+    return _with_pair_metrics(ctx, slic_loss(ctx.chosen, ctx.rejected, hp.beta))
+
+
+SLIC = MethodSpec(
+    name="slic",
+    summary="SLiC-HF: reference-free hinge (margin 1/beta) on summed log-probs + cpo_alpha * NLL",
+    loss=_slic,
+    logps="sum",
+    needs_reference=False,
+    nll_weight=lambda hp: float(hp.cpo_alpha),
+    hyperparameters=("beta", "cpo_alpha"),
+    metrics=("nll_loss", *_REWARD_METRICS, *_LOGP_METRICS),
+)
+
+
 # --- SFT ----------------------------------------------------------------------------------------
 def _sft(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
     return MethodLoss(None, pair_metrics(ctx.chosen, ctx.rejected))
@@ -385,7 +402,7 @@ KTO = MethodSpec(
 )
 
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (ORPO, DPO, SIMPO, CPO, SFT, KTO)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (ORPO, DPO, SIMPO, CPO, SLIC, SFT, KTO)}
 
 
 def method_names() -> tuple[str, ...]:

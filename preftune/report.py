@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 from .errors import PreftuneError
-from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, open_run
 
 __all__ = ["write_report", "render_report"]
 
@@ -375,6 +375,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     known = (RUN_CONFIG_FILE, RUN_COMPLETE_FILE, METRICS_FILE, EVAL_FILE)
     if not any((run_dir / f).is_file() for f in known):
         raise PreftuneError(f"{str(run_dir)!r} is not a run folder of `preftune train` (it has none of {', '.join(known)})")
+    open_run(run_dir, need_model=False)  # its records verified against the manifest: one line if damaged
     page = render_report(run_dir, max_generations)
     out = Path(output).expanduser() if output else run_dir / REPORT_FILE
     tmp = out.with_name(out.name + ".tmp")

@@ -3,7 +3,8 @@
 :func:`run_training` is a pipeline of named stages, each a function with explicit inputs and
 outputs::
 
-    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks
+    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks,
+                                                          the checkpoint to resume from (one that verifies)
     run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
                                                           the built-in demo (preftune.demo.DemoInputs) or
                                                           the user's model and data (UserInputs below)
@@ -13,7 +14,8 @@ outputs::
     train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
     save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
 
-The run folder's files are named and written through :mod:`preftune.rundir`.
+The run folder's files are named and written through :mod:`preftune.rundir`; writes that must not
+half-succeed (checkpoint markers, the final save, run_complete.json) go through :mod:`preftune.saving`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Protocol
 from .config import DataArguments, ModelArguments, PreftuneConfig
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, write_json
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
 
 logger = logging.getLogger("preftune")
 
@@ -59,6 +61,7 @@ class RunSetup:
     output_dir: Path
     device: object  # preftune.training_model.DeviceChoice
     started: float  # time.perf_counter() at the start
+    resume: str | None  # the checkpoint to resume from, verified against its manifest (None: a fresh run)
 
 
 @dataclass
@@ -147,7 +150,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     from transformers import set_seed
 
     from .quant import check_bitsandbytes
-    from .rundir import check_output_dir
+    from .rundir import check_output_dir, resolve_resume
     from .training_model import choose_device
 
     _configure_logging(args)
@@ -162,11 +165,12 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
         out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, model_args.is_demo)
     else:
         out = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     logger.info("preftune: %s, %s; %d process%s", device.describe(), args.precision_choice.describe(), args.world_size,
                 "" if args.world_size == 1 else "es")
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
-    return RunSetup(out, device, started)
+    return RunSetup(out, device, started, resume)
 
 
 def run_inputs(model_args: ModelArguments, data_args: DataArguments, unpaired: bool = False) -> RunInputs:
@@ -235,13 +239,14 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
           run_config: dict):
     """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
     from .outputs import MetricsFileCallback
-    from .reliability import CheckpointMarkerCallback, InterruptCallback
-    from .rundir import find_latest_checkpoint, resolve_resume
+    from .reliability import InterruptCallback
+    from .rundir import checkpoint_path, find_latest_checkpoint
+    from .saving import begin_run, writes_fail_cleanly
     from .trainer import PreferenceTrainer
 
     out = setup.output_dir
     interrupt = InterruptCallback()
-    callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
+    callbacks = [MetricsFileCallback(str(out)), interrupt]  # PreferenceTrainer adds the checkpoint marker callback itself
     if args.eval_generate:
         from .samples import SampleAnswersCallback
 
@@ -252,8 +257,11 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
         reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
     if args.process_index == 0:
+        begin_run(out)  # an earlier run_complete.json no longer describes the folder
         write_json(out / RUN_CONFIG_FILE, run_config)
-    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
+    # a failed write while saving checkpoint-N removes it and ends in one line naming the checkpoint to resume from
+    with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
+        train_output = trainer.train(resume_from_checkpoint=setup.resume)
     if interrupt.received is not None:
         import signal
 
@@ -283,22 +291,26 @@ def final_metrics(trainer, train_output, has_eval: bool) -> dict:
 
 def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel, data: TrainingData, final: dict,
                  model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, setup: RunSetup) -> float:
-    """Model and tokenizer, curves, model card and, last, run_complete.json (main process only); returns the run's seconds."""
+    """Model and tokenizer, curves, model card and, last, run_complete.json with the manifest of what a
+    reader needs (main process only); returns the run's seconds. The model is staged and moved into
+    place; a failed write leaves no file of the attempt and no run_complete.json, in one line."""
     from .outputs import plot_training_curves, write_model_card
+    from .saving import finish_run, save_final_model, writes_fail_cleanly
 
     out = setup.output_dir
     seconds = time.perf_counter() - setup.started
     if not trainer.is_world_process_zero():
         return seconds
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    plot_training_curves(out)
-    write_model_card(out, {
-        "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
-        "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
-        "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
-    })
-    write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo})
+    with writes_fail_cleanly(out, "the final model"):
+        model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
+    with writes_fail_cleanly(out, "the run's records"):
+        plot_training_curves(out)
+        write_model_card(out, {
+            "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+            "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
+            "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+        })
+        finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, model_files)
     return seconds
 
 

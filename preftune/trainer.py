@@ -137,7 +137,12 @@ class PreferenceTrainer(Trainer):
                                     "with adapters disabled (train without --use_peft, or drop --sync_ref_model)")
             self._ref_sync = RefModelSyncCallback(ref_model, args.ref_model_mixup_alpha, args.ref_model_sync_steps)
             own_callbacks.append(self._ref_sync)
-        kwargs["callbacks"] = own_callbacks + list(kwargs.get("callbacks") or [])
+        from .reliability import CheckpointMarkerCallback
+
+        # every checkpoint gets its manifest marker, after every other on_save has written its
+        # files; old checkpoints are rotated only after it (see train)
+        marker = CheckpointMarkerCallback(keep_last=args.save_total_limit)
+        callbacks = [*own_callbacks, *(kwargs.pop("callbacks", None) or []), marker]
         super().__init__(
             model=model,
             args=args,
@@ -145,6 +150,7 @@ class PreferenceTrainer(Trainer):
             train_dataset=PairDataset(train_pairs) if train_pairs is not None else None,
             eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
             processing_class=processing_class,
+            callbacks=callbacks,
             **kwargs,
         )
         self.reference = reference
@@ -178,30 +184,42 @@ class PreferenceTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`) and the
-        memory preflight (:mod:`preftune.reliability`); a resumed run first restores the method's
-        running state and a TR-DPO reference."""
+        memory preflight (:mod:`preftune.reliability`).
+
+        ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
+        its manifest (:func:`preftune.rundir.resolve_resume`), not merely the newest folder. A resumed run first
+        restores the method's running state and a TR-DPO reference.
+        ``save_total_limit`` is applied by :class:`preftune.reliability.CheckpointMarkerCallback`
+        after each new checkpoint is marked complete: transformers' own rotation runs inside
+        ``_save_checkpoint`` before ``on_save``, and with ``save_total_limit=1`` would delete the
+        last good checkpoint before the new one is on disk and verified. It is switched off for
+        the duration of training and restored afterwards.
+        """
         if self.args.reuse_freed_memory:
             from .allocator import reuse_freed_memory
 
             reuse_freed_memory()
+        if resume_from_checkpoint is True:
+            from .rundir import resolve_resume
+
+            resume_from_checkpoint = resolve_resume("latest", self.args.output_dir)
         if self.args.memory_preflight and self.train_dataset is not None and len(self.train_dataset):
             from .reliability import memory_preflight
 
             memory_preflight(self, self.train_dataset.pairs)
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if checkpoint:
+        if resume_from_checkpoint:
             from .rundir import SYNCED_REF_MODEL_FILE, TRAINER_STATE_FILE, read_json
 
-            saved = read_json(Path(checkpoint) / TRAINER_STATE_FILE) or {}
+            saved = read_json(Path(resume_from_checkpoint) / TRAINER_STATE_FILE) or {}
             self._method_state().values = read_method_state(saved) or {}
-            if self._ref_sync is not None and not self._ref_sync.load(checkpoint) and saved.get("global_step", 0) >= self.args.ref_model_sync_steps:
-                raise PreftuneError(f"{checkpoint} has no {SYNCED_REF_MODEL_FILE}: the TR-DPO reference it trained against is lost; "
+            if self._ref_sync is not None and not self._ref_sync.load(resume_from_checkpoint) and saved.get("global_step", 0) >= self.args.ref_model_sync_steps:
+                raise PreftuneError(f"{resume_from_checkpoint} has no {SYNCED_REF_MODEL_FILE}: the TR-DPO reference it trained against is lost; "
                                     "resume from a checkpoint written with --sync_ref_model, or start again")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
 
     def _method_state(self) -> MethodStateCallback:
         """The running-state callback (looked up: transformers may replace it when restoring callbacks)."""
