@@ -36,7 +36,7 @@ from .losses import (
 )
 from .objective import LossContext, MethodLoss, pair_metrics
 
-__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "method_names"]
+__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "method_names", "data_unit_of"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ class MethodSpec:
     advance_state: Callable[[dict, dict, Hyperparameters], dict] | None = None
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     data_warnings: Callable[[list, Hyperparameters], list[str]] | None = None
+
+    @property
+    def data_unit(self) -> str:
+        """What one training item is called in messages, the model card and the report."""
+        return "examples" if self.unpaired else "pairs"
 
 
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -407,6 +412,12 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (ORPO, DPO, SIMPO,
 
 def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
+
+
+def data_unit_of(name) -> str:
+    """``data_unit`` of the method called ``name`` ("pairs" for an unknown or missing one: old runs)."""
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    return spec.data_unit if spec is not None else "pairs"
 
 
 def get_method(name: str) -> MethodSpec:
