@@ -7,6 +7,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import DataError, PreftuneError
 from .convert import CONVERTERS
 from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
@@ -14,7 +16,7 @@ from .io import read_records
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedData", "load_examples", "split_eval", "ColumnMap", "PreferenceExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
+__all__ = ["LoadedData", "load_examples", "split_eval", "held_out_mask", "ColumnMap", "PreferenceExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
 
 BAD_ROW_POLICIES = ("error", "skip")
 DATASET_FORMATS = ("auto", *CONVERTERS)
@@ -53,8 +55,9 @@ def load_examples(
     if dataset_format != "auto":
         records = CONVERTERS[dataset_format](records)
     loaded = LoadedData(examples=[])
-    for i, rec in enumerate(records):
-        result = normalize_record(rec, columns, example_id=id_offset + i)
+    for rec in records:
+        # ids count usable examples, as the tokenized cache numbers them (positions)
+        result = normalize_record(rec, columns, example_id=id_offset + len(loaded.examples))
         if isinstance(result, BadRow):
             if on_bad_row == "error":
                 raise DataError(result.where, f"{result.reason}: {result.detail}", "fix the row, or pass --on_bad_row skip to skip bad rows")
@@ -67,14 +70,22 @@ def load_examples(
     return loaded
 
 
-def split_eval(examples: list[PreferenceExample], fraction: float, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
-    """Hold out ``fraction`` of the examples (at least one, deterministic for a seed)."""
+def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of ``n`` items to hold out: ``max(1, round(n * fraction))`` of them, the first of a
+    ``random.Random(seed)`` shuffle (deterministic for a seed; at least one is held out)."""
     if not 0.0 < fraction < 1.0:
         raise PreftuneError(f"--eval_fraction must be between 0 and 1 (exclusive), got {fraction}")
-    order = list(range(len(examples)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise PreftuneError(f"--eval_fraction {fraction} leaves no training data out of {len(examples)} pairs")
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise PreftuneError(f"--eval_fraction {fraction} leaves no training data out of {n} pairs")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(order[:n_eval], dtype=np.int64)] = True
+    return mask
+
+
+def split_eval(examples: list[PreferenceExample], fraction: float, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Hold out ``fraction`` of the examples (:func:`held_out_mask`)."""
+    held = held_out_mask(len(examples), fraction, seed)
+    return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
