@@ -156,14 +156,16 @@ def _held_out_examples(run_config: dict | None, model_name: str):
     from .data.splits import load_train_eval
 
     data = run_config.get("data") or {}
-    if not (data.get("eval_split") or data.get("eval_fraction")):
-        raise PreftuneError("--dataset_name is required (the run held out no pairs: it had no --eval_split or --eval_fraction)")
+    if not (data.get("eval_split") or data.get("eval_fraction") or data.get("eval_datasets")):
+        raise PreftuneError("--dataset_name is required (the run held out no pairs: it had no --eval_split, --eval_fraction or eval_datasets)")
     known = {k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__}
     data_args = DataArguments(**known)
     seed = int((run_config.get("training") or {}).get("seed", 42))
     _, evals, _ = load_train_eval(data_args, seed)
+    if data.get("eval_datasets"):
+        return evals, f"the run's eval_datasets ({len(data['eval_datasets'])} sources)"
     how = f"split {data['eval_split']!r}" if data.get("eval_split") else f"the {data['eval_fraction']:g} held out by --eval_fraction, seed {seed}"
-    return evals, f"{data.get('dataset_name')} ({how})"
+    return evals, f"{run_config.get('dataset') or data.get('dataset_name')} ({how})"
 
 
 # -- metrics ------------------------------------------------------------------------------------

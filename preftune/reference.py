@@ -26,8 +26,10 @@ fingerprint is a sha256 over (see :func:`reference_fingerprint`):
   (an in-memory policy: 256 evenly spaced values of each frozen parameter) or of every weight
   file (a ``--ref_model_name_or_path`` folder: size and three 1 MiB slices of each file, so the
   cache is checked without loading the model);
-* the tokenized pairs (every example id and token id list, order-independent), which captures
-  every tokenization setting (``max_length``, truncation, chat template, tokenizer);
+* the tokenized pairs (:meth:`preftune.data.store.TokenizedPairs.digest`: the content keys of
+  their stores, i.e. tokenized-cache fingerprints over data, tokenizer and chat template, plus
+  every example id and truncated length; order-independent), which captures every tokenization
+  setting (``max_length``, truncation, chat template, tokenizer);
 * the engine settings that change the numbers: dtype, attention kernel, quantization, layout.
 
 A later run with the same fingerprint (including ``--resume_from_checkpoint``, which rebuilds the
@@ -43,7 +45,6 @@ writes the file.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import copy
 import hashlib
@@ -55,11 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .data.store import TokenizedPairs, as_tokenized_pairs
 from .engine import _unwrap, sequence_logps
-from .layout import PairTokens, batch_to, collate_pairs
+from .layout import batch_to, collate_pairs
 from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REF_CACHE_DIR
 
 logger = logging.getLogger(__name__)
@@ -209,31 +212,34 @@ class PrecomputedReference:
         return pos
 
 
-def _unique_pairs(pairs: list[PairTokens]) -> list[PairTokens]:
-    """One pair per example id; the same id with different tokens is an error (ids key the table)."""
-    seen: dict[int, PairTokens] = {}
-    for p in pairs:
-        q = seen.get(p.example_id)
-        if q is None:
-            seen[p.example_id] = p
-        elif (q.prompt, q.chosen, q.rejected) != (p.prompt, p.chosen, p.rejected):
+def _unique_pairs(pairs) -> TokenizedPairs:
+    """One pair per example id, sorted by id; the same id with different tokens is an error (ids
+    key the table). Works on the id array: only pairs whose id repeats are built and compared."""
+    pairs = as_tokenized_pairs(pairs)
+    ids = pairs.example_id
+    order = np.argsort(ids, kind="stable")
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    for k in np.flatnonzero(~first):
+        p, q = pairs[int(order[k])], pairs[int(order[k - 1])]
+        if (q.prompt, q.chosen, q.rejected) != (p.prompt, p.chosen, p.rejected):
             raise ValueError(
                 f"example id {p.example_id} names two different pairs; precomputed reference log-probs are keyed by "
                 "example id, so train and eval pairs need distinct ids (preftune's loader offsets eval ids by 10**9)"
             )
-    return [seen[k] for k in sorted(seen)]
+    return pairs.subset(order[first])
 
 
 def compute_reference_table(
     reference: ReferenceFn,
-    pairs: list[PairTokens],
+    pairs,
     pad_id: int,
     batch_size: int,
     device: torch.device | str,
     layout: str = "packed",
     row_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward-only pass of ``reference`` over ``pairs``.
+    """One forward-only pass of ``reference`` over ``pairs`` (TokenizedPairs or a list).
 
     Returns ``(example_ids, chosen, rejected)``, each ``(N,)``, sorted by example id (ids must be
     unique). Pairs are batched in order of length, ``batch_size`` per batch, so packed rows and
@@ -243,28 +249,24 @@ def compute_reference_table(
     n = len(pairs)
     chosen = torch.empty(n, dtype=torch.float32)
     rejected = torch.empty(n, dtype=torch.float32)
-    order = sorted(range(n), key=lambda i: (pairs[i].packed_length, i))
+    order = np.argsort(pairs.lengths(), kind="stable")  # by length, ties by id
     for start in range(0, n, max(1, batch_size)):
         idx = order[start : start + max(1, batch_size)]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=False, row_budget=row_budget)
+        batch = collate_pairs([pairs[int(i)] for i in idx], pad_id, layout, score_prompt=False, row_budget=row_budget)
         batch = batch_to(batch, device)
         c, r = reference(None, batch)
-        rows = torch.tensor(idx, dtype=torch.long)
+        rows = torch.from_numpy(idx.astype(np.int64))
         chosen[rows] = c.detach().float().cpu()
         rejected[rows] = r.detach().float().cpu()
-    ids = torch.tensor([p.example_id for p in pairs], dtype=torch.long)
+    ids = torch.from_numpy(pairs.example_id.copy())
     return ids, chosen, rejected
 
 
 # --- fingerprint ----------------------------------------------------------------------------------
-def pairs_digest(pairs: list[PairTokens]) -> str:
-    """sha256 of every (example id, prompt, chosen, rejected) token list, independent of order."""
-    h = hashlib.sha256()
-    for p in sorted(pairs, key=lambda p: p.example_id):
-        for part in ([p.example_id], p.prompt, p.chosen, p.rejected):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(array.array("q", part).tobytes())
-    return h.hexdigest()
+def pairs_digest(pairs) -> str:
+    """sha256 naming the tokenized pairs (:meth:`preftune.data.store.TokenizedPairs.digest`:
+    every example id and token, independent of order)."""
+    return as_tokenized_pairs(pairs).digest()
 
 
 def _tensor_sample_bytes(t: torch.Tensor, k: int) -> bytes:
@@ -331,7 +333,7 @@ def files_digest(folder: Path, slice_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def reference_fingerprint(model_identity: dict, pairs: list[PairTokens], engine: dict) -> str:
+def reference_fingerprint(model_identity: dict, pairs, engine: dict) -> str:
     """sha256 (hex) over the reference model's identity, the tokenized pairs and engine settings."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": CACHE_FORMAT, "model": model_identity, "engine": engine}, sort_keys=True, default=str).encode())
@@ -417,7 +419,7 @@ def _on_the_fly(model, model_args, args, choice) -> ModelReference:
     return ModelReference(_frozen(copy.deepcopy(model)), chunk, "frozen copy of the starting policy, on the fly")
 
 
-def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], tokenizer) -> PrecomputedReference:
+def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokenizer) -> PrecomputedReference:
     chunk = args.logprob_chunk_size
     ref_path = args.ref_model_name_or_path
     peft_model = _find_peft_model(model)
@@ -437,7 +439,7 @@ def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], token
         what = "the base model with adapters disabled" if peft_model is not None else "the starting policy"
     fingerprint = reference_fingerprint(identity, pairs, _engine_settings(args, choice, model_args))
     path = Path(args.output_dir).expanduser() / REF_CACHE_DIR / f"{fingerprint}.safetensors"
-    want_ids = torch.tensor(sorted({p.example_id for p in pairs}), dtype=torch.long)
+    want_ids = torch.from_numpy(np.unique(pairs.example_id))
     description = f"precomputed log-probs of {what}"
 
     cached = _read_cache(path, fingerprint, want_ids)
@@ -479,7 +481,7 @@ def build_reference(model, model_args, args, choice, train_pairs, eval_pairs, to
     if not getattr(args, "needs_reference", args.method == "dpo"):
         return None
     if args.precompute_ref_log_probs:
-        pairs = list(train_pairs or []) + list(eval_pairs or [])
+        pairs = TokenizedPairs.concat([as_tokenized_pairs(train_pairs), as_tokenized_pairs(eval_pairs)])
         return _precomputed(model, model_args, args, choice, pairs, tokenizer)
     reference = _on_the_fly(model, model_args, args, choice)
     logger.info("DPO reference: %s", reference.description)

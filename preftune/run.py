@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data.splits import load_train_eval, tokenize_settings_of, tokenize_split
+from .data.splits import data_from_examples, prepare_data, tokenize_settings_of
 from .errors import PreftuneError
 from .modeling import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
@@ -65,8 +65,8 @@ def _jsonable(obj):
         v = getattr(v, "value", v)
         if isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
-            out[k] = list(v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, dict)) for x in v):
+            out[k] = list(v)  # incl. a datasets: mixture (a list of plain mappings)
         else:
             out[k] = str(v)
     return out
@@ -86,9 +86,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
     set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
     is_demo = model_args.is_demo
-    if is_demo and data_args.dataset_name:
+    if is_demo and data_args.has_data:
         raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
-    if not is_demo and not data_args.dataset_name:
+    if not is_demo and not data_args.has_data:
         raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
     resuming = bool(args.resume_from_checkpoint)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
@@ -100,20 +100,16 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
     demo_eval_rows = None
     if is_demo:
-        from .demo import build_demo_model, build_demo_tokenizer
+        from .demo import build_demo_model, build_demo_tokenizer, demo_examples
 
         tokenizer = build_demo_tokenizer()
-        from .demo import demo_examples
-
         train_ex, eval_ex, demo_eval_rows = demo_examples()
-        dataset_label = "built-in demo task (add one / copy)"
+        data = data_from_examples(tokenizer, train_ex, eval_ex, tokenize_settings_of(data_args), "built-in demo task (add one / copy)")
     else:
         tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
-        train_ex, eval_ex, _ = load_train_eval(data_args, args.seed)
-        dataset_label = data_args.dataset_name
-    settings = tokenize_settings_of(data_args)
-    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data")
-    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data") if eval_ex else ([], None)
+        with args.main_process_first(desc="tokenizing the data"):  # DDP: process 0 fills the tokenized cache, the others read it
+            data = prepare_data(tokenizer, data_args, args.seed)
+    train_pairs, eval_pairs, dataset_label = data.train, data.eval, data.label
 
     if is_demo:
         model = build_demo_model(len(tokenizer), seed=args.seed)
@@ -155,7 +151,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         write_json(out / RUN_CONFIG_FILE, {
             "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
             "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
-            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo,
+            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo, "data_sources": data.sources,
         })
     train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
     if interrupt.received is not None:
@@ -194,6 +190,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         write_model_card(out, {
             "method": args.method, "base_model": model_args.model_name_or_path or "built-in demo model (random init)",
             "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
+            "data_sources": data.sources,
             "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
         })
         write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": is_demo})

@@ -16,10 +16,12 @@ import logging
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
+from .data.store import as_tokenized_pairs
 from .engine import _unwrap, sequence_logps
 from .layout import PairTokens, PreferenceCollator, attention_cost_for
 from .objective import Window, compute_objective, nll_weight
@@ -34,19 +36,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PairDataset(Dataset):
-    """A list of :class:`PairTokens` as a torch Dataset."""
+    """Tokenized pairs (:class:`preftune.data.store.TokenizedPairs`, or a list of
+    :class:`PairTokens`, copied into one) as a torch Dataset; items are built on demand."""
 
-    def __init__(self, pairs: list[PairTokens]):
-        self.pairs = list(pairs)
+    def __init__(self, pairs):
+        self.pairs = as_tokenized_pairs(pairs)
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> PairTokens:
         return self.pairs[i]
 
-    def lengths(self) -> list[int]:
-        return [p.packed_length for p in self.pairs]
+    def lengths(self) -> np.ndarray:
+        """Packed length of every pair, ``(N,)`` (no pair is built)."""
+        return self.pairs.lengths()
 
 
 class _MetricBank:
@@ -83,7 +87,8 @@ class PreferenceTrainer(Trainer):
     Args:
         model: a transformers causal LM (optionally PEFT-wrapped).
         args: the run configuration.
-        train_pairs / eval_pairs: tokenized pairs (see :func:`preftune.data.tokenize.tokenize_examples`).
+        train_pairs / eval_pairs: tokenized pairs: :class:`preftune.data.store.TokenizedPairs` (see
+            :func:`preftune.data.splits.prepare_data`) or a list of :class:`PairTokens`.
         processing_class: the tokenizer (saved with the model).
         reference: callable ``(model, batch) -> (chosen_sum, rejected_sum)`` for DPO, else None.
     """
@@ -109,7 +114,7 @@ class PreferenceTrainer(Trainer):
             args=args,
             data_collator=collator,
             train_dataset=PairDataset(train_pairs) if train_pairs is not None else None,
-            eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+            eval_dataset=PairDataset(eval_pairs) if eval_pairs is not None and len(eval_pairs) else None,
             processing_class=processing_class,
             **kwargs,
         )
