@@ -1,4 +1,4 @@
-"""``preftune`` command line: train, merge, convert (and the after-training commands).
+"""``preftune`` command line: train, merge, convert, data inspect (and the after-training commands).
 
 A user mistake (bad flag value, bad data row, missing file, unreachable hub) ends in one line
 ``preftune: error: ...`` and exit code 2, never a traceback. ``PREFTUNE_DEBUG=1`` shows the
@@ -52,7 +52,7 @@ def build_train_parser():
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+def load_yaml(path: str) -> dict:
     import yaml
 
     p = Path(path).expanduser()
@@ -78,10 +78,10 @@ def parse_train_args(argv: list[str]):
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     known_fields = set(field_groups())
-    data = _load_yaml(known.config) if known.config else {}
+    data = load_yaml(known.config) if known.config else {}
     given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     given |= {str(k).replace("-", "_") for k in data}
-    if not given & {"model_name_or_path", "dataset_name", "help"} and "-h" not in argv:
+    if not given & {"model_name_or_path", "dataset_name", "datasets", "help"} and "-h" not in argv:
         # the built-in demo: its own settings, under the YAML file and the flags
         from .demo import DEMO_TRAINING
 
@@ -171,6 +171,7 @@ COMMANDS = {
     "report": ("preftune.report", "cmd_report", "write a self-contained HTML report of a run"),
     "merge": ("preftune.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
     "convert": ("preftune.cli", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
+    "data": ("preftune.data.inspect", "cmd_data", "inspect preference data: bad rows, token lengths, what max_length cuts"),
 }
 
 
