@@ -26,7 +26,7 @@ from typing import Any
 
 from .io import BadRecord, Record
 
-__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "ASSISTANT_MARKERS", "SHAPES"]
+__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "common_prefix_len", "ASSISTANT_MARKERS", "SHAPES"]
 
 Message = dict[str, Any]
 Content = str | list[Message]
@@ -151,6 +151,19 @@ def _common_message_prefix(a: list[Message], b: list[Message]) -> int:
     return n
 
 
+def common_prefix_len(a, b) -> int:
+    """Length of the longest common prefix of two strings or lists, by bisection on slice
+    equality (C-level comparisons instead of a Python loop over elements)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def extract_string_prompt(chosen: str, rejected: str) -> int:
     """Length of the implicit prompt shared by two strings, cut at a turn boundary (0 if none).
 
@@ -158,11 +171,7 @@ def extract_string_prompt(chosen: str, rejected: str) -> int:
     at the last whitespace (the prompt keeps the whitespace, as TRL's ``extract_prompt`` does
     not split a word).
     """
-    n = 0
-    for x, y in zip(chosen, rejected):
-        if x != y:
-            break
-        n += 1
+    n = common_prefix_len(chosen, rejected)
     if n == len(chosen) and n == len(rejected):
         return n
     common = chosen[:n]

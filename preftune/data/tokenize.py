@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..layout import PairTokens
-from .formats import PreferenceExample
+from .formats import PreferenceExample, common_prefix_len
 
 logger = logging.getLogger(__name__)
 
@@ -254,15 +254,6 @@ def _bos_policy(tokenizer) -> int | None:
     return tokenizer.bos_token_id
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Encoded:
     """One example's untruncated ids, or why it has none.
@@ -309,13 +300,13 @@ def encode_examples(tokenizer, examples: list[PreferenceExample], mode: str = "a
         if bos is not None and (not p or p[0] != bos):
             p, c, rj = [bos] + p, [bos] + c, [bos] + rj
             turns = None if turns is None else [bos] + turns
-        k = min(_common_prefix_len(p, c), _common_prefix_len(p, rj))
+        k = min(common_prefix_len(p, c), common_prefix_len(p, rj))
         notes = r.notes
         if r.templated and (k == len(c) or k == len(rj)):
             out.append(Encoded([], [], [], bad=("completion not located", "the chat template renders nothing after the prompt for the answer")))
             continue
         if turns is not None and k < len(turns) - 1:
-            seen = _common_prefix_len(turns, c)
+            seen = common_prefix_len(turns, c)
             out.append(Encoded([], [], [], bad=(
                 "completion not located",
                 f"the chat template renders the prompt's own turns differently once the answer is appended (they part at "
@@ -332,7 +323,7 @@ def encode_examples(tokenizer, examples: list[PreferenceExample], mode: str = "a
             if not rejected or rejected[-1] != eos:
                 rejected = rejected + [eos]
         drop = DROP_EMPTY_PROMPT if not prompt else DROP_IDENTICAL if chosen == rejected else 0
-        out.append(Encoded(prompt, chosen, rejected, _common_prefix_len(chosen, rejected), notes, drop))
+        out.append(Encoded(prompt, chosen, rejected, common_prefix_len(chosen, rejected), notes, drop))
     return out
 
 
