@@ -131,6 +131,7 @@ def test_second_run_reads_the_cache_and_every_input_invalidates_it(tmp_path):
     changed(settings=TokenizeSettings(chat_template="always"))
     changed(settings=TokenizeSettings(add_eos=False))
     changed(columns=ColumnMap(system="sys"))
+    changed(dataset_format="truthfulqa")
 
 
 def test_cache_entry_is_complete_or_absent(tmp_path):

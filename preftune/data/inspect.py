@@ -160,12 +160,6 @@ def build_inspect_parser():
     return parser
 
 
-def _config_defaults(path: str) -> dict:
-    from ..cli import load_yaml
-
-    return load_yaml(path)
-
-
 def cmd_data(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: preftune data inspect DATA [--model_name_or_path M] [data flags] [--json]\n\n"
@@ -179,7 +173,9 @@ def cmd_data(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv[1:])
-    config = _config_defaults(known.config) if known.config else {}
+    from ..cli import load_yaml
+
+    config = load_yaml(known.config) if known.config else {}
     fields = set(DataArguments.__dataclass_fields__)
     own = {"model_name_or_path", "tokenizer_name_or_path", "trust_remote_code", "seed"}
     parser.set_defaults(**{k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in fields | own})

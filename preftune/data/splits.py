@@ -230,9 +230,8 @@ def pairs_of(selection: Selection, sources: list[LoadedSource], settings: Tokeni
     for code in np.unique(status[status > 0]):
         report.dropped[DROP_REASONS[int(code)]] += int((status == code).sum())
     bad = int((status < 0).sum())
-    if bad:
-        report.bad["rows the chat template cannot render"] += bad
-        report.first_bad.setdefault("rows the chat template cannot render", "see the warning above")
+    if bad:  # bad rows of the template, already reported per source (or raised) by load_sources
+        report.dropped["skipped bad row (the chat template cannot render it)"] += bad
     usable = status == 0
     if untruncated:
         keep = usable
