@@ -38,7 +38,7 @@ def make_reference(model, model_args, args, choice, pairs, tokenizer, spec):
             return ref, f"preftune.reference.build_reference: {getattr(ref, 'description', type(ref).__name__)}"
     import torch
     from preftune.engine import sequence_logps
-    from preftune.modeling import load_model
+    from preftune.training_model import load_model
 
     frozen = load_model(spec["model_dir"], model_args, choice)
     frozen.eval()

@@ -465,8 +465,8 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
     from preftune.config import ModelArguments, PreftuneConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import TokenizeSettings, tokenize_examples
-    from preftune.modeling import choose_device, load_model
-    from preftune.modeling import load_tokenizer as preftune_tokenizer
+    from preftune.training_model import choose_device, load_model
+    from preftune.training_model import load_tokenizer as preftune_tokenizer
     from preftune.trainer import PreferenceTrainer
 
     tok = preftune_tokenizer(spec["model_dir"])

@@ -19,18 +19,16 @@ model's context, the oldest turns are dropped from the prompt (said once).
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PreftuneError
+from .config import GenerationArguments
+from .hf_helpers import has_chat_template
 
-__all__ = ["cmd_chat", "ChatSession", "FORMATS", "build_parser"]
-
-FORMATS = ("auto", "chat", "chatml", "raw")
+__all__ = ["ChatSession", "chat_loop", "resolve_format"]
 
 HELP = """commands:
   /clear          forget the conversation (keeps the system prompt)
@@ -40,75 +38,16 @@ HELP = """commands:
 Ctrl-C stops an answer while it is being written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune chat",
-        description="Chat with a model in the terminal: a run folder of `preftune train` (full model, LoRA adapter "
-        "or ReFT), any save_pretrained folder, or a hub name. Type /help in the chat for its commands.",
-    )
-    p.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="model folder, run folder or hub name")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
-                   help="prompt format: auto (default), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed)")
-    p.add_argument("--chat_template_file", "--chat-template-file", default=None, metavar="FILE", help="Jinja chat template to use instead of the tokenizer's")
-    p.add_argument("--system_prompt", "--system-prompt", default=None, metavar="TEXT", help="system prompt for the conversation")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    p.add_argument("--do_sample", "--do-sample", action="store_true", help="sample instead of greedy decoding (implied by --temperature or --top_p)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --do_sample; 0 means greedy)")
-    p.add_argument("--top_p", "--top-p", type=float, default=None, help="nucleus sampling threshold (implies --do_sample)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the model folder")
-    return p
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-
-    @classmethod
-    def from_args(cls, args) -> "GenerationSettings":
-        if args.max_new_tokens < 1:
-            raise PreftuneError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-        if args.temperature is not None and args.temperature < 0:
-            raise PreftuneError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-            raise PreftuneError(f"--top_p must be in (0, 1], got {args.top_p}")
-        sample = args.do_sample or args.top_p is not None or (args.temperature is not None and args.temperature > 0)
-        if args.temperature == 0:
-            sample = False
-        return cls(args.max_new_tokens, sample, args.temperature, args.top_p)
-
-    def describe(self) -> str:
-        if not self.do_sample:
-            return "greedy"
-        return f"sampling (temperature {self.temperature if self.temperature is not None else 1.0}, top_p {self.top_p if self.top_p is not None else 1.0})"
-
-    def kwargs(self) -> dict:
-        out = {"do_sample": self.do_sample}
-        if self.do_sample:
-            out["temperature"] = self.temperature if self.temperature is not None else 1.0
-            out["top_p"] = self.top_p if self.top_p is not None else 1.0
-            out["top_k"] = 0
-        return out
-
-
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def resolve_format(fmt: str, tokenizer, is_demo: bool, name: str) -> tuple[str, str | None]:
     """(format, note to show once or None)."""
-    if fmt == "chat" and not _has_template(tokenizer):
+    if fmt == "chat" and not has_chat_template(tokenizer):
         raise PreftuneError(
             f"the tokenizer of {name!r} has no chat template; pass --chat_template_file FILE, "
             "--format chatml (preftune's default template) or --format raw (text as typed)"
         )
     if fmt != "auto":
         return fmt, None
-    if _has_template(tokenizer):
+    if has_chat_template(tokenizer):
         return "chat", None
     if is_demo:
         return "raw", "the built-in demo was trained on plain text, so messages are sent as typed (try: Q: add one to 1 2 3 A:)"
@@ -149,9 +88,9 @@ def _make_streamer(tokenizer, out):
 class ChatSession:
     """The conversation and how it becomes a prompt; generation streams to ``out``."""
 
-    loaded: object  # preftune.pretrained.LoadedModel
+    loaded: object  # preftune.inference_model.LoadedModel
     fmt: str
-    settings: GenerationSettings
+    settings: GenerationArguments
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     out: object = sys.stdout
@@ -173,13 +112,17 @@ class ChatSession:
         except Exception as e:  # jinja raises its own errors (e.g. "system role not supported")
             raise PreftuneError(f"the chat template failed: {str(e).strip().splitlines()[0]}") from None
 
+    def check_template(self) -> None:
+        """Render a one-message conversation, so a broken chat template fails now, in one line."""
+        self._render([{"role": "user", "content": "hi"}])
+
     def _context_limit(self) -> int | None:
         config = getattr(self.loaded.model, "config", None)
         return getattr(config, "max_position_embeddings", None)
 
     def prompt_ids(self, user_text: str) -> tuple[list[int], int]:
         """Prompt ids for the history plus ``user_text``, and how many new tokens still fit."""
-        from .pretrained import encode_prompt
+        from .inference_model import encode_prompt
 
         turns = ([] if self.fmt == "raw" else self.messages) + [{"role": "user", "content": user_text}]
         limit = self._context_limit()
@@ -236,7 +179,7 @@ class ChatSession:
             with torch.no_grad():
                 self.loaded.generate_ids(
                     input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=room,
-                    eos_token_id=self._eos_ids() or None, pad_token_id=pad, streamer=streamer, **self.settings.kwargs(),
+                    eos_token_id=self._eos_ids() or None, pad_token_id=pad, streamer=streamer, **self.settings.generate_kwargs(),
                 )
         except KeyboardInterrupt:
             interrupted = True
@@ -258,7 +201,7 @@ class ChatSession:
             "model": model_name,
             "format": self.fmt,
             "system_prompt": self.system,
-            "generation": self.settings.kwargs() | {"max_new_tokens": self.settings.max_new_tokens},
+            "generation": self.settings.generate_kwargs() | {"max_new_tokens": self.settings.max_new_tokens},
             "messages": ([{"role": "system", "content": self.system}] if self.system else []) + self.messages,
         }
         try:
@@ -323,39 +266,3 @@ def chat_loop(session: ChatSession, model_name: str, read=_read_line) -> int:
             continue
         session.reply(line)
         session.note("")
-
-
-def cmd_chat(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    settings = GenerationSettings.from_args(args)
-    if args.chat_template_file and not Path(args.chat_template_file).is_file():
-        raise PreftuneError(f"--chat_template_file {args.chat_template_file!r} not found")
-    from .pretrained import quiet_transformers
-
-    with quiet_transformers():
-        return _chat(args, settings)
-
-
-def _chat(args, settings: GenerationSettings) -> int:
-    from .pretrained import load_pretrained
-
-    if args.seed is not None:
-        from transformers import set_seed
-
-        set_seed(args.seed)
-    loaded = load_pretrained(args.model, args.torch_dtype, args.trust_remote_code, args.chat_template_file)
-    fmt, note = resolve_format(args.fmt, loaded.tokenizer, loaded.is_demo, args.model)
-    session = ChatSession(loaded, fmt, settings, system=args.system_prompt)
-    if fmt == "chat":
-        session._render([{"role": "user", "content": "hi"}])  # a broken template fails now, in one line
-    what = loaded.kind + (f", {', '.join(loaded.notes)}" if loaded.notes else "")
-    session.note(f"preftune chat: {args.model} ({what}); {fmt} format, {settings.describe()}, up to {settings.max_new_tokens} new tokens")
-    if note:
-        session.note(note)
-    session.note("type a message and press Enter; /help lists commands, /exit or Ctrl-D quits\n")
-    if sys.stdin.isatty():
-        try:
-            importlib.import_module("readline")  # gives input() line editing and history
-        except ImportError:
-            pass
-    return chat_loop(session, args.model)

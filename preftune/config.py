@@ -14,15 +14,20 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES
 
-__all__ = ["ModelArguments", "DataArguments", "PreftuneConfig", "ORPOConfig", "METHODS", "field_groups"]
+__all__ = [
+    "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ReportArguments", "METHODS", "field_groups",
+    "TRAIN_OPTIONS", "GROUP_TITLES",
+]
 
 METHODS = ("orpo", "dpo", "simpo", "cpo", "sft")
 
 
-# Help group of every field, filled by @_grouped (argparse rejects unknown metadata keys, so the
-# group cannot live in the field's metadata).
-FIELD_GROUPS: dict[str, str] = {}
+# Help group of every field, per options class, filled by @_grouped (argparse rejects unknown
+# metadata keys, so the group cannot live in the field's metadata).
+FIELD_GROUPS: dict[type, dict[str, str]] = {}
 _pending_groups: list[str] = []
 
 
@@ -36,7 +41,7 @@ def _grouped(cls):
     names = list(inspect.get_annotations(cls))
     if len(names) != len(_pending_groups):
         raise RuntimeError(f"{cls.__name__}: every field must be declared with _f()")
-    FIELD_GROUPS.update(zip(names, _pending_groups))
+    FIELD_GROUPS[cls] = dict(zip(names, _pending_groups))
     _pending_groups.clear()
     return cls
 
@@ -54,14 +59,29 @@ def _require(cond: bool, msg: str):
 
 @_grouped
 @dataclass
-class ModelArguments:
+class LoadArguments:
+    """How to load a model: shared by training and every command that loads one (chat, eval, merge)."""
+
+    torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
+    trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
+    chat_template_file: str | None = _f(None, "Jinja chat template file to use instead of the tokenizer's.", "model")
+
+    def __post_init__(self):
+        from pathlib import Path
+
+        _require(not self.chat_template_file or Path(self.chat_template_file).expanduser().is_file(),
+                 f"--chat_template_file {self.chat_template_file!r} not found")
+        _require(self.torch_dtype in TORCH_DTYPES, f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+
+
+@_grouped
+@dataclass
+class ModelArguments(LoadArguments):
     model_name_or_path: str | None = _f(
         None, "Model to align: a local folder or a hub name. Omit it (and --dataset_name) to run the built-in demo.", "model"
     )
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use, if not the model's own.", "model")
-    torch_dtype: str = _f("auto", "Weights dtype: auto (bf16 where the hardware supports it, else fp32), float32, bfloat16, float16.", "model")
     attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa; flash_attention_2 on GPUs that have it), sdpa, eager.", "model")
-    trust_remote_code: bool = _f(False, "Allow model code from the model's folder (only for models you trust).", "model")
     # PEFT
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights (saves only the adapter).", "peft")
     lora_r: int = _f(16, "LoRA rank r.", "peft")
@@ -81,7 +101,7 @@ class ModelArguments:
     reft_share_weights: bool = _f(True, "ReFT: share one intervention between the first and last positions of a layer.", "reft")
 
     def __post_init__(self):
-        _require(self.torch_dtype in ("auto", "float32", "bfloat16", "float16"), f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        super().__post_init__()
         _require(self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"), f"--attn_implementation {self.attn_implementation!r} is not one of auto, sdpa, eager, flash_attention_2, flex_attention")
         _require(self.lora_r > 0, f"--lora_r must be positive, got {self.lora_r}")
         _require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -92,7 +112,7 @@ class ModelArguments:
             self.use_peft = True
         _require(not (self.use_peft and self.reft_layers), "ReFT and LoRA are separate methods here: pass --reft_layers or --use_peft, not both")
         if self.reft_layers:  # fail before loading the model
-            from .reft import parse_layers, parse_positions
+            from .reft.spec import parse_layers, parse_positions
 
             parse_layers(self.reft_layers), parse_positions(self.reft_positions)
 
@@ -103,13 +123,12 @@ class ModelArguments:
 
 @_grouped
 @dataclass
-class DataArguments:
-    dataset_name: list[str] | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name; several values mix all their rows (per-source weights: use datasets: in the YAML file).", "data")
+class DataSourceArguments:
+    """Which preference data to read and how its rows map to prompt/chosen/rejected (train, eval)."""
+
+    dataset_name: list[str] | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name; several values mix all their rows (per-source weights: datasets:).", "data")
     datasets: str | None = _f(None, "A mixture: in the YAML run file a datasets: list of entries (path, split, format, *_column, weight | num_samples | fraction, label); on the command line a YAML/JSON file holding that list. See docs/data.md.", "data")
-    eval_datasets: str | None = _f(None, "The eval split as its own mixture (same entries as datasets:).", "data")
     dataset_split: str = _f("train", "Split to train on (for folders, DatasetDicts and hub datasets).", "data")
-    eval_split: str | None = _f(None, "Split (of every training source) or file path to evaluate on.", "data")
-    eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
     dataset_format: str = _f("auto", "auto (prompt/chosen/rejected, messages, implicit prompt) or truthfulqa (Question, Best Answer, Incorrect Answers).", "data")
     prompt_column: str = _f("prompt", "Column with the prompt (string or messages). Absent: the prompt is the shared prefix of chosen and rejected.", "data")
     chosen_column: str = _f("chosen", "Column with the preferred answer.", "data")
@@ -117,55 +136,80 @@ class DataArguments:
     system_column: str = _f("system", "Column with an optional system prompt.", "data")
     tools_column: str = _f("tools", "Column with optional tool (function) JSON schemas, passed to the chat template.", "data")
     on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
-    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
-    max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")
-    truncation_mode: str = _f("keep_end", "How to cut long prompts: keep_end (keep the last tokens) or keep_start.", "data")
-    chat_template: str = _f("auto", "auto: template conversational data (and string data with a system column); always; never.", "data")
-    chat_template_file: str | None = _f(None, "Jinja chat template file to use instead of the tokenizer's.", "data")
-    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments; a mixture is shuffled first).", "data")
-    dataset_num_proc: int | None = _f(None, "Processes that tokenize (default: all CPU cores, up to 8, for sources of 20,000+ rows, else 1).", "data")
-    dataset_cache_dir: str | None = _f(None, "Folder of the tokenized-data cache (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized; safe to delete).", "data")
 
     def __post_init__(self):
         from .data import BAD_ROW_POLICIES, DATASET_FORMATS
 
         _require(self.on_bad_row in BAD_ROW_POLICIES, f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {self.on_bad_row!r}")
         _require(self.dataset_format in DATASET_FORMATS, f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {self.dataset_format!r}")
-        _require(self.truncation_mode in ("keep_end", "keep_start"), f"--truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
-        _require(self.chat_template in ("auto", "always", "never"), f"--chat_template must be auto, always or never, got {self.chat_template!r}")
-        _require(self.max_length is None or self.max_length >= 2, f"--max_length must be at least 2, got {self.max_length}")
-        _require(self.max_prompt_length is None or self.max_prompt_length >= 1, f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
-        _require(not (self.eval_split and self.eval_fraction), "pass either --eval_split or --eval_fraction, not both")
-        _require(not (self.eval_datasets and (self.eval_split or self.eval_fraction)), "pass one of eval_datasets, --eval_split and --eval_fraction")
-        if self.eval_fraction is not None:
-            _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
-        _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
-        _require(self.max_train_samples is None or self.max_train_samples >= 1, f"--max_train_samples must be at least 1, got {self.max_train_samples}")
         if isinstance(self.dataset_name, str):  # a YAML file or an old run_config.json gives one string
             self.dataset_name = [self.dataset_name]
         _require(not (self.dataset_name and self.datasets), "pass either --dataset_name or datasets: (a mixture), not both")
         from .data.splits import read_entries
 
         self.datasets = read_entries(self.datasets, "datasets")
-        self.eval_datasets = read_entries(self.eval_datasets, "eval_datasets")
-        # validate the mixture now (before any model loads); the specs are rebuilt where used
-        self.sources(), self.eval_sources()
+        self.sources()  # validate the mixture now, before any model loads
 
     def sources(self):
-        """The training sources, as :class:`preftune.data.mixture.DatasetSpec` s."""
+        """The sources to read, as :class:`preftune.data.mixture.DatasetSpec` s."""
         from .data.splits import training_sources
 
         return training_sources(self)
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.dataset_name or self.datasets)
+
+
+@_grouped
+@dataclass
+class TokenizeArguments:
+    """How rows become tokens: length limits, truncation and the chat template (train, eval)."""
+
+    max_length: int | None = _f(1024, "Maximum tokens of prompt + completion.", "data")
+    max_prompt_length: int | None = _f(512, "Maximum prompt tokens (cut by --truncation_mode).", "data")
+    truncation_mode: str = _f("keep_end", "How to cut long prompts: keep_end (keep the last tokens) or keep_start.", "data")
+    chat_template: str = _f("auto", "auto: template conversational data (and string data with a system column); always; never.", "data")
+
+    def __post_init__(self):
+        _require(self.truncation_mode in ("keep_end", "keep_start"), f"--truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
+        _require(self.chat_template in ("auto", "always", "never"), f"--chat_template must be auto, always or never, got {self.chat_template!r}")
+        _require(self.max_length is None or self.max_length >= 2, f"--max_length must be at least 2, got {self.max_length}")
+        _require(self.max_prompt_length is None or self.max_prompt_length >= 1, f"--max_prompt_length must be at least 1, got {self.max_prompt_length}")
+
+
+@_grouped
+@dataclass
+class DataArguments(DataSourceArguments, TokenizeArguments):
+    """Everything a training run needs about its data: source, tokenization, the held-out split
+    and the tokenized cache."""
+
+    eval_split: str | None = _f(None, "Split (of every training source) or file path to evaluate on.", "data")
+    eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
+    eval_datasets: str | None = _f(None, "The eval split as its own mixture (same entries as datasets:).", "data")
+    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments; a mixture is shuffled first).", "data")
+    dataset_num_proc: int | None = _f(None, "Processes that tokenize (default: all CPU cores, up to 8, for sources of 20,000+ rows, else 1).", "data")
+    dataset_cache_dir: str | None = _f(None, "Folder of the tokenized-data cache (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized; safe to delete).", "data")
+
+    def __post_init__(self):
+        DataSourceArguments.__post_init__(self)
+        TokenizeArguments.__post_init__(self)
+        _require(not (self.eval_split and self.eval_fraction), "pass either --eval_split or --eval_fraction, not both")
+        _require(not (self.eval_datasets and (self.eval_split or self.eval_fraction)), "pass one of eval_datasets, --eval_split and --eval_fraction")
+        if self.eval_fraction is not None:
+            _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
+        _require(self.max_train_samples is None or self.max_train_samples >= 1, f"--max_train_samples must be at least 1, got {self.max_train_samples}")
+        from .data.splits import read_entries
+
+        self.eval_datasets = read_entries(self.eval_datasets, "eval_datasets")
+        self.eval_sources()  # validate now, before any model loads
 
     def eval_sources(self):
         """The sources of a separate eval split (eval_datasets:, or --eval_split of every source), or None."""
         from .data.splits import eval_sources
 
         return eval_sources(self)
-
-    @property
-    def has_data(self) -> bool:
-        return bool(self.dataset_name or self.datasets)
 
 
 @_grouped
@@ -230,6 +274,108 @@ class PreftuneConfig(TrainingArguments):
 
 ORPOConfig = PreftuneConfig
 
+# --- options of the after-training commands ------------------------------------------------------
+@_grouped
+@dataclass
+class GenerationArguments:
+    """How answers are generated (``preftune chat``; ``preftune eval --generate``)."""
+
+    max_new_tokens: int = _f(256, "Longest answer in tokens.", "generation")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding (implied by --temperature or --top_p).", "generation")
+    temperature: float | None = _f(None, "Sampling temperature (implies --do_sample; 0 means greedy).", "generation")
+    top_p: float | None = _f(None, "Nucleus sampling threshold (implies --do_sample).", "generation")
+    seed: int | None = _f(None, "Random seed for sampling.", "generation")
+
+    def __post_init__(self):
+        _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _require(self.temperature is None or self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        _require(self.top_p is None or 0.0 < self.top_p <= 1.0, f"--top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def sampling(self) -> bool:
+        """Whether to sample: asked for, or implied by a positive temperature or a top_p."""
+        if self.temperature == 0:
+            return False
+        return self.do_sample or self.top_p is not None or (self.temperature is not None and self.temperature > 0)
+
+    def describe(self) -> str:
+        if not self.sampling:
+            return "greedy"
+        return f"sampling (temperature {self.temperature if self.temperature is not None else 1.0}, top_p {self.top_p if self.top_p is not None else 1.0})"
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``model.generate`` (besides token limits and special ids)."""
+        out = {"do_sample": self.sampling}
+        if self.sampling:
+            out["temperature"] = self.temperature if self.temperature is not None else 1.0
+            out["top_p"] = self.top_p if self.top_p is not None else 1.0
+            out["top_k"] = 0
+        return out
+
+
+CHAT_FORMATS = ("auto", "chat", "chatml", "raw")
+
+
+@_grouped
+@dataclass
+class ChatArguments:
+    """``preftune chat`` options besides the model and generation settings."""
+
+    format: str = _f("auto", "Prompt format: auto (default), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed).", "chat")
+    system_prompt: str | None = _f(None, "System prompt for the conversation.", "chat")
+
+    def __post_init__(self):
+        _require(self.format in CHAT_FORMATS, f"--format must be one of {', '.join(CHAT_FORMATS)}, got {self.format!r}")
+
+
+@_grouped
+@dataclass
+class EvalArguments:
+    """``preftune eval`` options besides the model, data and tokenization settings.
+
+    Data and tokenization flags left out take the run's own values (``run_config.json``), so a
+    run folder is evaluated exactly as it was trained; flags given override them.
+    """
+
+    compare: str | None = _f(None, "A second model to put side by side; `base` = the model the run started from.", "eval")
+    generate: int = _f(0, "Write N prompts with each model's answer to generations.md/.jsonl.", "eval")
+    max_samples: int | None = _f(None, "Evaluate only the first N pairs.", "eval")
+    batch_size: int = _f(8, "Pairs per forward pass.", "eval")
+    beta: float | None = _f(None, "Reward scale beta (default: the run's, else 0.1).", "eval")
+    output_dir: str | None = _f(None, "Where eval.json goes (default: MODEL's folder).", "eval")
+
+    def __post_init__(self):
+        _require(self.generate >= 0, f"--generate must be >= 0, got {self.generate}")
+        _require(self.max_samples is None or self.max_samples >= 1, f"--max_samples must be at least 1, got {self.max_samples}")
+        _require(self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}")
+        _require(self.beta is None or self.beta > 0, f"--beta must be positive, got {self.beta}")
+
+
+@_grouped
+@dataclass
+class MergeArguments:
+    """``preftune merge`` options besides the adapter folder and how to load the base model."""
+
+    output_dir: str | None = _f(None, "Folder to write the merged model to (required).", "merge")
+    base_model: str | None = _f(None, "Base model to merge into (default: base_model_name_or_path in adapter_config.json).", "merge")
+    overwrite: bool = _f(False, "Replace OUTPUT_DIR if it exists and is not empty.", "merge")
+
+    def __post_init__(self):
+        _require(bool(self.output_dir), "--output_dir is required: the folder to write the merged model to")
+
+
+@_grouped
+@dataclass
+class ReportArguments:
+    """``preftune report`` options besides the run folder."""
+
+    output: str | None = _f(None, "Where to write the page (default RUN_DIR/report.html).", "report")
+    max_generations: int = _f(20, "Show at most N sample generations.", "report")
+
+    def __post_init__(self):
+        _require(self.max_generations >= 0, f"--max_generations must be >= 0, got {self.max_generations}")
+
+
 GROUP_TITLES = {
     "model": "Model",
     "peft": "Parameter-efficient fine-tuning (LoRA, DoRA, QLoRA)",
@@ -238,13 +384,25 @@ GROUP_TITLES = {
     "method": "Method and loss",
     "engine": "Engine and reliability",
     "training": "Training (transformers TrainingArguments; every familiar flag works)",
+    "generation": "Generation",
+    "chat": "Chat",
+    "eval": "Evaluation",
+    "merge": "Merge",
+    "report": "Report",
 }
 
+TRAIN_OPTIONS = (ModelArguments, DataArguments, PreftuneConfig)
 
-def field_groups() -> dict[str, str]:
-    """Map every config field name to its help group."""
+
+def field_groups(classes: tuple[type, ...] = TRAIN_OPTIONS) -> dict[str, str]:
+    """Map every field of ``classes`` (default: the training options) to its help group.
+
+    A field declared in a base class keeps that class's group; fields of classes that do not
+    declare groups (transformers' ``TrainingArguments``) are "training".
+    """
     out = {}
-    for cls in (ModelArguments, DataArguments, PreftuneConfig):
+    for cls in classes:
         for f in fields(cls):
-            out[f.name] = FIELD_GROUPS.get(f.name, "training")
+            declared = next((FIELD_GROUPS[c][f.name] for c in cls.__mro__ if f.name in FIELD_GROUPS.get(c, {})), "training")
+            out[f.name] = declared
     return out

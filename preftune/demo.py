@@ -18,6 +18,8 @@ import random
 
 import torch
 
+from .model_hooks import NO_HOOKS, ModelHooks
+
 __all__ = ["DEMO_VOCAB", "build_demo_tokenizer", "build_demo_model", "demo_rows", "evaluate_demo", "DEMO_TRAINING"]
 
 DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Q:", "A:", "add", "one", "to", "copy"] + [str(d) for d in range(10)]
@@ -125,17 +127,18 @@ def demo_examples():
 
 
 @torch.no_grad()
-def evaluate_demo(model, tokenizer, rows: list[dict], pairs) -> dict[str, float]:
-    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers."""
-    from .engine import score_pairs
+def evaluate_demo(model, tokenizer, rows: list[dict], pairs, hooks: ModelHooks = NO_HOOKS) -> dict[str, float]:
+    """Preference accuracy (chosen summed log-prob > rejected) and exact greedy answers.
+
+    ``hooks``: the model's :class:`preftune.model_hooks.ModelHooks` (a ReFT model scores and
+    generates through them; plain ``generate`` would be the base model).
+    """
+    from .engine import forward_scorer, score_pairs
 
     model.eval()
-    seq = score_pairs(model, pairs, tokenizer.pad_token_id, batch_size=len(pairs))
+    seq = score_pairs(forward_scorer(model, hooks.batch_context), pairs, tokenizer.pad_token_id, len(pairs), model.device)
     pref_acc = (seq.chosen_sum > seq.rejected_sum).float().mean().item()
-    from .reft import get_reft, reft_generate
-
-    # a ReFT model acts on its prompt only through reft_generate (plain generate is the base model)
-    generate = (lambda ids, **kw: reft_generate(model, ids, **kw)) if get_reft(model) is not None else model.generate
+    generate = hooks.generate or model.generate
     correct = 0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids.to(model.device)

@@ -16,15 +16,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Callable, ContextManager, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from .hf_helpers import unwrap_model
 from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "score_pairs", "LMHeadSpec"]
+T = TypeVar("T")
+
+__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "token_logps", "score_pairs", "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
@@ -68,22 +73,6 @@ class SequenceLogps:
         return self.rejected_sum / self.rejected_count
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip PEFT and DDP/compile wrappers to reach the transformers CausalLM model."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
 def logit_transform_from_config(config) -> LogitTransform:
     """Read the logit post-processing of Gemma 2/3, Cohere and Granite from a model config."""
     scale = 1.0
@@ -100,7 +89,7 @@ _warned_fallback: set[str] = set()
 
 def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     """Return (decoder, LM head, transform) for the fast path, or None when it does not apply."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _PLAIN_HEAD_MODEL_TYPES:
@@ -150,7 +139,7 @@ def _attention_mask_for(
     """
     if mask.dim() != 4:
         return mask
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
 
     def convert(m: torch.Tensor) -> torch.Tensor:
@@ -196,39 +185,56 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
         return None
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    config = _unwrap(model).config
+    config = unwrap_model(model).config
     num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", 2)
     return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask.long())
 
 
+# Distributed wrappers whose forward must run for gradients to be synchronised (DDP arms its
+# all-reduce in forward) or parameters to be gathered (FSDP, DeepSpeed ZeRO-3).
 _WRAPPER_CLASS_NAMES = {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "DataParallel"}
 
+BatchContext = Callable[[dict], ContextManager] | None
 
-def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0):
-    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
 
-    When ``model`` is a distributed wrapper (DDP, FSDP, DeepSpeed), the computation runs *inside*
-    the wrapper's ``forward``: the engine is installed as the wrapped module's forward for one
-    call. Calling the inner decoder directly would skip the wrapper's pre-forward work (DDP
-    arms its gradient all-reduce there, FSDP/ZeRO-3 gather parameters), and replicas would
-    silently diverge.
+def run_inside_wrapper(model: nn.Module, compute: Callable[[nn.Module], T]) -> T:
+    """``compute(inner)`` executed *inside* ``model.forward`` when ``model`` is a distributed wrapper.
+
+    Why: the engine calls the decoder and LM head of the wrapped model directly (it never asks for
+    full logits). Called outside the wrapper, DDP would not arm its gradient all-reduce and
+    FSDP/ZeRO-3 would not gather parameters, so replicas would silently diverge. So, for one call,
+    ``compute`` is installed as the wrapped module's ``forward`` (an instance attribute shadowing
+    the class's) and the wrapper is called; the attribute is removed afterwards, even on error.
+    This is the one place preftune replaces a ``forward``. For a plain model, ``compute(model)``.
     """
     inner = getattr(model, "module", None)
-    if type(model).__name__ in _WRAPPER_CLASS_NAMES and isinstance(inner, nn.Module):
-        def engine_forward(*_args, **_kwargs):
-            return _token_logps_local(inner, batch, chunk_size, cache_mb)
+    if type(model).__name__ not in _WRAPPER_CLASS_NAMES or not isinstance(inner, nn.Module):
+        return compute(model)
 
-        inner.forward = engine_forward  # instance attribute shadows the class's forward
-        try:
-            return model()
-        finally:
-            del inner.forward
-    return _token_logps_local(model, batch, chunk_size, cache_mb)
+    def forward_for_one_call(*_args, **_kwargs):
+        return compute(inner)
+
+    inner.forward = forward_for_one_call
+    try:
+        return model()
+    finally:
+        del inner.forward
 
 
-def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float = 0.0):
-    config = getattr(_unwrap(model), "config", None)
+def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
+                batch_context: BatchContext = None):
+    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
+
+    ``batch_context(batch)``, when given, is entered around the decoder forward (a model's
+    :class:`preftune.model_hooks.ModelHooks`; ReFT sets its prompt positions there). A
+    distributed wrapper runs the computation inside its forward (:func:`run_inside_wrapper`).
+    """
+    return run_inside_wrapper(model, lambda inner: _token_logps_local(inner, batch, chunk_size, cache_mb, batch_context))
+
+
+def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float, batch_context: BatchContext):
+    config = getattr(unwrap_model(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
         input_ids=batch["input_ids"],
@@ -239,14 +245,12 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     if want_router:
         kwargs["output_router_logits"] = True
     spec = resolve_lm_head(model)
-    # A model may carry a per-batch context (ReFT: the prompt positions its interventions act on).
-    enter_batch = getattr(_unwrap(model), "preftune_batch_context", None)
-    batch_context = enter_batch(batch) if enter_batch is not None else contextlib.nullcontext()
+    around_forward = batch_context(batch) if batch_context is not None else contextlib.nullcontext()
     if spec is not None:
         kwargs["attention_mask"] = _attention_mask_for(
             model, batch["attention_mask"], spec.head.weight.dtype, batch["position_ids"]
         )
-        with batch_context:
+        with around_forward:
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
@@ -254,7 +258,7 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     else:
         dtype = next(model.parameters()).dtype
         kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
-        with batch_context:
+        with around_forward:
             out = model(**kwargs)
         logits = out.logits  # (R, T, V)
         selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_index"]).float()
@@ -285,31 +289,59 @@ def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> Se
     )
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0) -> SequenceLogps:
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
+                   batch_context: BatchContext = None) -> SequenceLogps:
     """Run ``model`` on a collated batch and return per-sequence log-prob statistics.
 
     ``cache_mb``: see :func:`preftune.logprobs.chunked_token_logps` (trade memory for one matmul).
+    ``batch_context``: see :func:`token_logps`.
     """
-    logps, aux = token_logps(model, batch, chunk_size, cache_mb)
+    logps, aux = token_logps(model, batch, chunk_size, cache_mb, batch_context)
     return reduce_sequence_logps(batch, logps, aux)
 
 
-@torch.no_grad()
-def score_pairs(model: nn.Module, pairs, pad_id: int, batch_size: int, score_prompt: bool = False) -> SequenceLogps:
-    """Forward-only :class:`SequenceLogps` of many pairs, ``batch_size`` pairs per packed batch.
+def forward_scorer(model: nn.Module, batch_context: BatchContext = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Callable[[dict], SequenceLogps]:
+    """``batch -> SequenceLogps`` of ``model`` (as it is: the caller chooses train/eval mode)."""
+    return lambda batch: sequence_logps(model, batch, chunk_size=chunk_size, batch_context=batch_context)
 
-    Fields are concatenated in the order of ``pairs`` (shapes ``(N,)``, on the CPU); the caller
-    chooses train/eval mode. Used by evaluation and the demo's before/after table.
+
+@torch.no_grad()
+def score_pairs(
+    score_batch: Callable[[dict], SequenceLogps],
+    pairs,
+    pad_id: int,
+    batch_size: int,
+    device,
+    *,
+    layout: str = "packed",
+    row_budget: int | None = None,
+    score_prompt: bool = False,
+    by_length: bool = False,
+) -> SequenceLogps:
+    """Forward-only :class:`SequenceLogps` of many pairs: ``score_batch`` on ``batch_size`` pairs at a time.
+
+    The one forward-only scorer: evaluation, the demo's before/after table and the DPO reference
+    precompute all come through here. ``by_length`` batches the pairs in order of length (denser
+    rows); either way the fields come back in the order of ``pairs``, shapes ``(N,)``, float32 on
+    the CPU. ``score_batch`` is e.g. :func:`forward_scorer` of a model.
     """
     from .layout import batch_to, collate_pairs
 
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(pairs), max(1, batch_size)):
-        batch = collate_pairs(pairs[start : start + max(1, batch_size)], pad_id, "packed", score_prompt=score_prompt)
-        seq = sequence_logps(model, batch_to(batch, device))
-        parts.append([getattr(seq, f).float().cpu() for f in _SEQ_FIELDS])
-    return SequenceLogps(*(torch.cat(column) for column in zip(*parts)))
+    n, step = len(pairs), max(1, batch_size)
+    if by_length:  # TokenizedPairs give their length array without building the pairs
+        lengths = pairs.lengths() if hasattr(pairs, "lengths") else [p.packed_length for p in pairs]
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    else:
+        order = list(range(n))
+    columns = {f: torch.empty(n, dtype=torch.float32) for f in _SEQ_FIELDS}
+    for start in range(0, n, step):
+        idx = order[start : start + step]
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=score_prompt, row_budget=row_budget)
+        seq = score_batch(batch_to(batch, device))
+        rows = torch.tensor(idx, dtype=torch.long)
+        for f in _SEQ_FIELDS:
+            columns[f][rows] = getattr(seq, f).detach().float().cpu()
+    return SequenceLogps(**columns)
 
 
 _SEQ_FIELDS = ("chosen_sum", "rejected_sum", "chosen_count", "rejected_count", "nll_sum", "nll_count")

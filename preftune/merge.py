@@ -16,7 +16,6 @@ ReFT interventions are not weights and cannot be merged (load them with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,11 +23,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import PreftuneError
+from .hf_helpers import TORCH_DTYPES, torch_dtype_of
 from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REFT_CONFIG_FILE
 
-__all__ = ["cmd_merge", "merge_adapter"]
+__all__ = ["merge_adapter"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _read_json(path: Path) -> dict:
@@ -68,26 +67,28 @@ def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
 
 def _load_base(name: str, torch_dtype: str, trust_remote_code: bool):
     """The base model, unquantized, in ``torch_dtype`` (auto: the dtype its checkpoint was saved in)."""
-    import torch
 
-    from .modeling import causal_lm_from_pretrained
+    from .training_model import causal_lm_from_pretrained
 
-    dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    dtype = torch_dtype_of(torch_dtype) or "auto"
     return causal_lm_from_pretrained(name, kind="base model", dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: str | None = None, overwrite: bool = False,
-                  torch_dtype: str = "auto", trust_remote_code: bool = False) -> Path:
-    """Merge the adapter in ``adapter_dir`` into its base model and save the result to ``output_dir``."""
+                  torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None) -> Path:
+    """Merge the adapter in ``adapter_dir`` into its base model and save the result to ``output_dir``.
+
+    The run's tokenizer is saved with it (``chat_template_file`` replaces its chat template).
+    """
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
-    if torch_dtype not in DTYPES:
-        raise PreftuneError(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {torch_dtype!r}")
+    if torch_dtype not in TORCH_DTYPES:
+        raise PreftuneError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     adapter_config = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
-    from .pretrained import demo_init_model, load_run_tokenizer, read_run_config
+    from .inference_model import demo_init_model, load_run_tokenizer, read_run_config
 
-    tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code)
+    tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code, chat_template_file)
     if base_name is not None:
         base = _load_base(base_name, torch_dtype, trust_remote_code)
     else:
@@ -122,21 +123,3 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def cmd_merge(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="preftune merge",
-        description="Merge a LoRA/DoRA adapter (the output_dir of a --use_peft run) into its base model; "
-        "writes a full model (safetensors + tokenizer) that plain transformers loads.",
-    )
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder with adapter_config.json and the adapter weights")
-    parser.add_argument("--output_dir", "--output-dir", required=True, metavar="OUT", help="folder to write the merged model to")
-    parser.add_argument("--base_model", "--base-model", default=None, metavar="PATH", help="base model to merge into (default: base_model_name_or_path in adapter_config.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
-    parser.add_argument("--torch_dtype", "--torch-dtype", default="auto", choices=DTYPES, help="dtype of the merged model (auto: the base checkpoint's)")
-    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow model code from the base model's folder")
-    args = parser.parse_args(argv)
-    out = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, args.overwrite, args.torch_dtype, args.trust_remote_code)
-    print(f"merged {args.adapter_dir} into its base model; wrote {out} (load it with AutoModelForCausalLM.from_pretrained)")
-    return 0

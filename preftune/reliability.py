@@ -118,7 +118,8 @@ def memory_preflight(trainer, pairs) -> None:
         model.train()
         from .engine import sequence_logps
 
-        seq = sequence_logps(model, batch, chunk_size=args.logprob_chunk_size, cache_mb=args.logprob_cache_mb)
+        seq = sequence_logps(model, batch, chunk_size=args.logprob_chunk_size, cache_mb=args.logprob_cache_mb,
+                             batch_context=trainer.hooks.batch_context)
         (seq.chosen_sum.sum() + seq.rejected_sum.sum()).backward()
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if not _is_oom(e):

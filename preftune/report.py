@@ -14,7 +14,6 @@ Every piece of text from those files goes through :func:`html.escape`.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
@@ -25,7 +24,7 @@ from pathlib import Path
 from .errors import PreftuneError
 from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
 
-__all__ = ["cmd_report", "build_parser", "write_report", "render_report"]
+__all__ = ["write_report", "render_report"]
 
 # Hyper-parameters shown in the summary table, by run_config.json section (others: "full configuration").
 _SHOWN = {
@@ -73,18 +72,6 @@ pre{white-space:pre-wrap;word-break:break-word;background:#f6f7f9;border-radius:
 .warn{background:#fff4e5;border-color:#f5c27a}
 footer{color:#8a91a1;font-size:.8rem;text-align:center;padding:12px}
 """
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="preftune report",
-        description="Write RUN_DIR/report.html: one self-contained page with the training curves, configuration, "
-        "final metrics, and (after `preftune eval`) evaluation metrics and sample generations. Opens in any browser, no server.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `preftune train`")
-    p.add_argument("--output", default=None, metavar="FILE", help="where to write the page (default RUN_DIR/report.html)")
-    p.add_argument("--max_generations", "--max-generations", type=int, default=20, metavar="N", help="show at most N sample generations (default 20)")
-    return p
 
 
 def _read_json(path: Path):
@@ -344,13 +331,3 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     except OSError as e:
         raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     return out
-
-
-def cmd_report(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_generations < 0:
-        raise PreftuneError(f"--max_generations must be >= 0, got {args.max_generations}")
-    out = write_report(args.run_dir, args.output, args.max_generations)
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 1024:.0f} KB, self-contained: open it in any browser)")
-    return 0

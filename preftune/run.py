@@ -12,7 +12,8 @@ from pathlib import Path
 from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import data_from_examples, prepare_data, tokenize_settings_of
 from .errors import PreftuneError
-from .modeling import apply_peft, choose_device, load_model, load_tokenizer
+from .model_hooks import model_hooks_for
+from .training_model import apply_peft, choose_device, load_model, load_tokenizer
 from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
 from .reliability import CheckpointMarkerCallback, InterruptCallback
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
@@ -106,7 +107,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         train_ex, eval_ex, demo_eval_rows = demo_examples()
         data = data_from_examples(tokenizer, train_ex, eval_ex, tokenize_settings_of(data_args), "built-in demo task (add one / copy)")
     else:
-        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, data_args.chat_template_file)
+        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, model_args.chat_template_file)
         with args.main_process_first(desc="tokenizing the data"):  # DDP: process 0 fills the tokenized cache, the others read it
             data = prepare_data(tokenizer, data_args, args.seed)
     train_pairs, eval_pairs, dataset_label = data.train, data.eval, data.label
@@ -140,7 +141,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs)
+        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs, model_hooks_for(model))
 
     interrupt = InterruptCallback()
     trainer = PreferenceTrainer(
@@ -181,7 +182,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
     if is_demo:
         from .demo import evaluate_demo
 
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs)
+        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs, trainer.hooks)
         demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
         final.update({f"demo_{k}": v for k, v in after.items()})
     seconds = time.perf_counter() - started

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
 from .data.store import as_tokenized_pairs
-from .engine import _unwrap, sequence_logps
+from .engine import sequence_logps
+from .hf_helpers import pad_token_id as pad_id_of, unwrap_model
+from .model_hooks import ModelHooks, model_hooks_for
 from .layout import PairTokens, PreferenceCollator, attention_cost_for
 from .objective import Window, compute_objective, nll_weight
 
@@ -91,19 +93,22 @@ class PreferenceTrainer(Trainer):
             :func:`preftune.data.splits.prepare_data`) or a list of :class:`PairTokens`.
         processing_class: the tokenizer (saved with the model).
         reference: callable ``(model, batch) -> (chosen_sum, rejected_sum)`` for DPO, else None.
+        pad_token_id: the id batches are padded with (default: from ``processing_class``).
+        hooks: what the model needs done around it (:class:`preftune.model_hooks.ModelHooks`:
+            ReFT's batch context and interventions-only saving); default: derived from ``model``
+            by :func:`preftune.model_hooks.model_hooks_for`.
     """
 
-    def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None, **kwargs):
+    def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None,
+                 hooks: ModelHooks | None = None, **kwargs):
         if pad_token_id is None:
-            pad_token_id = getattr(processing_class, "pad_token_id", None)
-            if pad_token_id is None:
-                pad_token_id = getattr(processing_class, "eos_token_id", None) or 0
+            pad_token_id = pad_id_of(processing_class)
         collator = PreferenceCollator(
             pad_id=pad_token_id,
             layout=args.batch_layout,
             score_prompt=args.nll_on_prompt,
             row_budget=args.row_budget,
-            attention_cost=attention_cost_for(getattr(_unwrap(model), "config", None)),
+            attention_cost=attention_cost_for(getattr(unwrap_model(model), "config", None)),
         )
         if args.disable_dropout:
             for module in model.modules():
@@ -119,6 +124,7 @@ class PreferenceTrainer(Trainer):
             **kwargs,
         )
         self.reference = reference
+        self.hooks = hooks if hooks is not None else model_hooks_for(model)
         # compute_loss already returns this micro-batch's share of the window loss
         self.loss_is_scaled_for_ga = True
         self._window: Window | None = None
@@ -176,7 +182,8 @@ class PreferenceTrainer(Trainer):
 
     # --- loss --------------------------------------------------------------------------------
     def _objective(self, model, inputs, window: Window):
-        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb)
+        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb,
+                             batch_context=self.hooks.batch_context)
         ref = self.reference(model, inputs) if self.reference is not None else None
         return compute_objective(self.args, seq, window, ref=ref, aux_coef=self.aux_coef)
 
@@ -217,7 +224,7 @@ class PreferenceTrainer(Trainer):
 
         Checkpoints (``_internal_call``) keep the full Trainer format so resuming works.
         """
-        save_own = getattr(_unwrap(self.model), "preftune_save_pretrained", None)
+        save_own = self.hooks.save_pretrained
         if save_own is None or _internal_call:
             return super().save_model(output_dir, _internal_call)
         if self.is_world_process_zero():

@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from preftune.model_hooks import ModelHooks
+
 from _trained_runs import demo_run
 from preftune.cli import main
 
@@ -27,7 +29,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     return load_pretrained(str(run))
 
@@ -60,9 +62,10 @@ class Recorder:
 
 
 def session(loaded, fmt="raw", max_new_tokens=12, system=None):
-    from preftune.chat import ChatSession, GenerationSettings
+    from preftune.chat import ChatSession
+    from preftune.config import GenerationArguments
 
-    return ChatSession(loaded, fmt, GenerationSettings(max_new_tokens=max_new_tokens), system=system, out=Recorder())
+    return ChatSession(loaded, fmt, GenerationArguments(max_new_tokens=max_new_tokens), system=system, out=Recorder())
 
 
 def test_chat_in_a_terminal(run, tmp_path):
@@ -125,7 +128,7 @@ def test_ctrl_c_during_an_answer_keeps_what_was_written(loaded):
             streamer.put(torch.tensor([tok.convert_tokens_to_ids(word)]))
         raise KeyboardInterrupt
 
-    s = session(dataclasses.replace(loaded, generate=interrupted_generate))
+    s = session(dataclasses.replace(loaded, hooks=ModelHooks(generate=interrupted_generate)))
     answer, interrupted = s.reply("Q: copy 7 8 9 A:")
     assert interrupted and answer == "7 8 9"
     assert s.out.text.rstrip().endswith("[stopped]")
@@ -133,7 +136,7 @@ def test_ctrl_c_during_an_answer_keeps_what_was_written(loaded):
 
 
 def test_chat_format_keeps_history_and_trims_it_to_the_context(loaded):
-    from preftune.pretrained import encode_prompt
+    from preftune.inference_model import encode_prompt
 
     s = session(loaded, fmt="chatml", system="be exact")
     s.messages += [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"}]
@@ -199,7 +202,7 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     from transformers import AutoTokenizer
 
     from preftune.demo import build_demo_model
-    from preftune.pretrained import load_pretrained
+    from preftune.inference_model import load_pretrained
 
     tok = AutoTokenizer.from_pretrained(str(run))
     seed = json.loads((run / "run_config.json").read_text())["training"]["seed"]
@@ -215,7 +218,7 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     (folder / "run_config.json").write_text((run / "run_config.json").read_text())
 
     loaded = load_pretrained(str(folder))
-    assert loaded.kind == "ReFT" and loaded.generate is not None
+    assert loaded.kind == "ReFT" and loaded.hooks.generate is not None and loaded.hooks.batch_context is not None
     ids = torch.tensor([loaded.tokenizer("Q: copy 1 2 A:").input_ids])
     want = reft.reft_generate(model, ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     s = session(loaded, max_new_tokens=6)

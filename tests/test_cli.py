@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune.cli import main, parse_train_args
+from preftune.cli import main
+from preftune.commands.train import parse_train_args
 from preftune.errors import PreftuneError
 
 from conftest import REPO, tiny_llama

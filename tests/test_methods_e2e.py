@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_llama
 from preftune.config import ModelArguments, PreftuneConfig
 from preftune.layout import PairTokens
-from preftune.modeling import choose_device
+from preftune.training_model import choose_device
 
 STEPS = 30
 
@@ -44,7 +44,7 @@ HELD_OUT = low_vs_high_pairs(32, seed=1, id_offset=10**9)
 
 
 def train_tiny(tmp_path, method: str, use_peft: bool = False, **overrides):
-    from preftune.modeling import apply_peft
+    from preftune.training_model import apply_peft
     from preftune.reference import build_reference
     from preftune.trainer import PreferenceTrainer
 

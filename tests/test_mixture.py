@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from preftune.cli import parse_train_args
+from preftune.commands.train import parse_train_args
 from preftune.config import DataArguments
 from preftune.data.mixture import DatasetSpec, parse_dataset_entries, sample_counts, select_positions
 from preftune.data.splits import EVAL_ID_OFFSET, load_train_eval, prepare_data
@@ -189,7 +189,7 @@ def test_yaml_mixture_of_three_shapes_trains_with_counts_in_the_card(three_shape
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) >= 8 and np.mean(losses[-4:]) < np.mean(losses[:4])  # it learned something
     # preftune eval rebuilds the held-out pairs of the mixture from run_config.json
-    from preftune.evaluate import _held_out_examples
+    from preftune.evaluation import _held_out_examples
 
     evals, label = _held_out_examples(config, str(out))
     assert len(evals) == 8 and "held out" in label

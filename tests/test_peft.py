@@ -16,7 +16,7 @@ from conftest import tiny_llama
 from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.errors import PreftuneError
 from preftune.layout import PairTokens
-from preftune.modeling import apply_peft
+from preftune.training_model import apply_peft
 from preftune.trainer import PreferenceTrainer
 
 
@@ -226,7 +226,7 @@ def test_qlora_4bit_nf4_double_quant_trains_on_cpu_and_saves_the_adapter(tmp_pat
     from safetensors.torch import load_file
 
     from preftune.demo import build_demo_tokenizer, demo_rows
-    from preftune.modeling import choose_device, load_model
+    from preftune.training_model import choose_device, load_model
     from preftune.run import run_training
 
     tokenizer = build_demo_tokenizer()
@@ -265,12 +265,12 @@ def test_qlora_4bit_nf4_double_quant_trains_on_cpu_and_saves_the_adapter(tmp_pat
 
 def test_qlora_gradients_on_cpu_are_the_same_after_an_evaluation():
     """bitsandbytes 0.50 repacks 4-bit weights for inference on AVX512-BF16 CPUs into a kernel without
-    autograd; preftune.modeling.load_model turns that off, so evaluating mid-run (eval_steps) does not
+    autograd; preftune.training_model.load_model turns that off, so evaluating mid-run (eval_steps) does not
     corrupt the gradients of the steps after it."""
     pytest.importorskip("bitsandbytes")
     import tempfile
 
-    from preftune.modeling import choose_device, load_model
+    from preftune.training_model import choose_device, load_model
 
     with tempfile.TemporaryDirectory() as folder:
         tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4).save_pretrained(folder)

@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.engine import sequence_logps
 from preftune.layout import PairTokens, collate_pairs
-from preftune.modeling import choose_device
+from preftune.training_model import choose_device
 from preftune.reference import ModelReference, PrecomputedReference, build_reference
 from preftune.rundir import REF_CACHE_DIR
 
@@ -344,7 +344,7 @@ def test_dpo_step0_is_log2_with_zero_rewards(tmp_path, kind):
 def test_run_training_dpo_precompute_cache_reused_on_resume(tmp_path, monkeypatch):
     import json
 
-    import preftune.reference as reference_module
+    import preftune.reference.build as reference_module
     from preftune.demo import build_demo_model, build_demo_tokenizer
     from preftune.run import run_training
 

@@ -22,7 +22,7 @@ from preftune.errors import PreftuneError
 from preftune.layout import PairTokens, collate_pairs
 from preftune.reft import (
     LoReFT, attach_reft, disable_reft, get_reft, load_reft, parse_layers, parse_positions,
-    reft_generate,
+    reft_generate, reft_hooks,
 )
 from preftune.rundir import REFT_CONFIG_FILE as REFT_CONFIG, REFT_WEIGHTS_FILE as REFT_WEIGHTS
 from preftune.trainer import PreferenceTrainer
@@ -56,9 +56,15 @@ def _perturb(model, seed=0, scale=1.0):
             module.source.bias.add_(scale * torch.randn(module.source.bias.shape, generator=g))
 
 
+def _context(model):
+    """The batch context the engine must be given for ``model`` (None for a plain model)."""
+    hooks = reft_hooks(model)
+    return hooks.batch_context if hooks is not None else None
+
+
 def _logps(model, pairs, layout="packed"):
     with torch.no_grad():
-        return sequence_logps(model, collate_pairs(pairs, 0, layout))
+        return sequence_logps(model, collate_pairs(pairs, 0, layout), batch_context=_context(model))
 
 
 def _max_diff(a, b) -> float:
@@ -144,9 +150,9 @@ def test_interventions_act_exactly_at_prompt_positions_of_packed_rows(positions,
     handle = layer0.register_forward_hook(lambda mod, args, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
     try:
         with torch.no_grad():
-            sequence_logps(model, batch)  # hooks on: the engine enters the batch context
+            sequence_logps(model, batch, batch_context=_context(model))  # the engine enters the batch context
             with disable_reft(model):
-                sequence_logps(model, batch)
+                sequence_logps(model, batch, batch_context=_context(model))
     finally:
         handle.remove()
     edited, plain = seen[0].reshape(rows * seq_len, -1), seen[1].reshape(rows * seq_len, -1)
@@ -185,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        seq = sequence_logps(model, batch)
+        seq = sequence_logps(model, batch, batch_context=_context(model))
         (seq.chosen_sum - seq.rejected_sum).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in get_reft(model).parameters()]))
     assert grads[0].abs().max() > 1e-4
@@ -240,7 +246,7 @@ def test_dpo_with_reft_reference_is_the_base_model(tmp_path):
 
     def reference(policy, batch):
         with torch.no_grad(), disable_reft(policy):
-            seq = sequence_logps(policy, batch)
+            seq = sequence_logps(policy, batch, batch_context=_context(policy))
         return seq.chosen_sum, seq.rejected_sum
 
     trainer = PreferenceTrainer(model=model, args=_args(tmp_path, method="dpo", beta=0.1, max_steps=6), train_pairs=TRAIN,

@@ -103,7 +103,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 
 
 def test_same_seed_same_weights(tmp_path):
-    from preftune.cli import parse_train_args
+    from preftune.commands.train import parse_train_args
     from preftune.run import run_training
 
     outs = []

@@ -6,7 +6,8 @@ rows read, row shapes, bad rows by reason, token-length percentiles of prompt / 
 rejected as training counts them (prompt with BOS, completions with EOS, before truncation),
 how many pairs the current ``--max_length`` / ``--max_prompt_length`` would truncate or drop,
 the ``max_length`` that keeps 99% of pairs whole, and one pair with its prompt/completion
-boundary marked. ``--json`` prints one object instead (keys in :func:`inspect_data`).
+boundary marked. The command is :mod:`preftune.commands.data`; ``--json`` prints the dict of
+:func:`inspect_data`.
 
 Percentiles are "inverted CDF" values: ``p99`` is the smallest length that at least 99% of
 pairs do not exceed; a pair is whole when ``|prompt| + max(|chosen|, |rejected|) <= max_length``.
@@ -14,16 +15,13 @@ pairs do not exceed; a pair is whole when ``|prompt| + max(|chosen|, |rejected|)
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections import Counter
 
 import numpy as np
 
 from ..errors import PreftuneError
 
-__all__ = ["cmd_data", "inspect_data", "build_inspect_parser"]
+__all__ = ["inspect_data", "format_report"]
 
 BOUNDARY = ("\u27e6", "\u27e7")  # ⟦ completion ⟧
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99}
@@ -137,78 +135,3 @@ def format_report(report: dict, data_label: str, tokenizer_label: str | None) ->
         lines += ["", f"example ({ex['where']}); the completion is between {BOUNDARY[0]} and {BOUNDARY[1]}:",
                   f"{ex['prompt']}{BOUNDARY[0]}{ex['chosen']}{BOUNDARY[1]}", "", f"rejected: {BOUNDARY[0]}{ex['rejected']}{BOUNDARY[1]}"]
     return "\n".join(lines)
-
-
-def build_inspect_parser():
-    """``preftune data inspect``: every data flag of ``preftune train`` (from DataArguments) plus its own."""
-    from transformers import HfArgumentParser
-
-    from ..config import DataArguments
-
-    parser = HfArgumentParser((DataArguments,), prog="preftune data inspect",
-                              description="Read preference data exactly as `preftune train` would and report rows, bad rows, "
-                                          "token lengths, what max_length cuts, and one pair with its prompt/completion boundary.")
-    parser.allow_abbrev = False
-    parser.add_argument("data", nargs="*", metavar="DATA", help="data file(s), folder(s) or hub name(s) (same as --dataset_name)")
-    parser.add_argument("--model_name_or_path", "--model-name-or-path", default=None, metavar="M",
-                        help="model (folder or hub name) whose tokenizer counts tokens; without it, only rows and bad rows are reported")
-    parser.add_argument("--tokenizer_name_or_path", "--tokenizer-name-or-path", default=None, metavar="T", help="tokenizer, if not the model's own")
-    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow tokenizer code from the model folder")
-    parser.add_argument("--config", default=None, metavar="RUN.yaml", help="a preftune train YAML file: its data options (and model) are used; flags override")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed of mixtures and --eval_fraction (default: the config's, else 42)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    return parser
-
-
-def cmd_data(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: preftune data inspect DATA [--model_name_or_path M] [data flags] [--json]\n\n"
-              "subcommands:\n  inspect   rows, bad rows, token lengths and truncation of preference data (see --help)")
-        return 0 if argv else 2
-    if argv[0] != "inspect":
-        raise PreftuneError(f"unknown `preftune data` subcommand {argv[0]!r}; use: preftune data inspect DATA")
-    from ..config import DataArguments
-
-    parser = build_inspect_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv[1:])
-    from ..cli import load_yaml
-
-    config = load_yaml(known.config) if known.config else {}
-    fields = set(DataArguments.__dataclass_fields__)
-    own = {"model_name_or_path", "tokenizer_name_or_path", "trust_remote_code", "seed"}
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in fields | own})
-    try:
-        data_args, extra, rest = parser.parse_args_into_dataclasses(args=argv[1:], return_remaining_strings=True)
-    except PreftuneError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise PreftuneError(str(e).strip().splitlines()[0]) from None
-    if rest:
-        raise PreftuneError(f"unknown option {rest[0]!r}; see preftune data inspect --help")
-    if extra.data:
-        if data_args.datasets:
-            raise PreftuneError("pass DATA or a config with datasets:, not both")
-        data_args.dataset_name = list(extra.data)
-        data_args.__post_init__()
-    tokenizer, tok_label = None, None
-    name = extra.tokenizer_name_or_path or extra.model_name_or_path
-    if name:
-        from ..modeling import load_tokenizer
-        from ..pretrained import quiet_transformers
-
-        with quiet_transformers():
-            tokenizer = load_tokenizer(name, extra.trust_remote_code, data_args.chat_template_file)
-        tok_label = name
-    seed = extra.seed if extra.seed is not None else int(config.get("seed", 42))
-    report = inspect_data(tokenizer, data_args, seed)
-    if extra.json:
-        print(json.dumps(report, ensure_ascii=False))
-    else:
-        from .splits import training_sources
-
-        label = ", ".join(s.display for s in training_sources(data_args))
-        print(format_report(report, label, tok_label))
-    sys.stdout.flush()
-    return 0

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVAL_ID_OFFSET", "columns_of", "tokenize_settings_of", "read_entries", "training_sources", "eval_sources",
-    "Selection", "select_examples", "load_sources", "pairs_of", "prepare_data", "data_from_examples", "RunData", "load_train_eval", "tokenize_split",
+    "Selection", "select_examples", "load_sources", "pairs_of", "prepare_data", "data_from_examples", "RunData", "load_source_examples", "load_train_eval", "tokenize_split",
 ]
 
 # Example ids of a separate eval split start here, so train and eval ids never collide (the
@@ -344,6 +344,16 @@ def _load_all(specs: list[DatasetSpec], data_args, id_start: int) -> tuple[list[
         lists.append(loaded.examples)
         base += len(loaded.examples)
     return lists, merged
+
+
+def load_source_examples(source_args, seed: int = 42) -> tuple[list[PreferenceExample], LoadedData]:
+    """Every example the sources of ``source_args`` select (``preftune eval --dataset_name A B``,
+    or a ``datasets:`` mixture), without a tokenizer; ``(examples, loaded)``."""
+    specs = training_sources(source_args)
+    lists, loaded = _load_all(specs, source_args, 0)
+    counts = sample_counts([len(x) for x in lists], specs)
+    selection = _gather([len(x) for x in lists], counts, specs, seed)
+    return [lists[s][p] for s, p in zip(selection.source.tolist(), selection.position.tolist())], loaded
 
 
 def load_train_eval(data_args, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample], LoadedData]:

@@ -53,13 +53,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..hf_helpers import has_chat_template
 from ..layout import PairTokens
 from .formats import PreferenceExample, common_prefix_len
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "Encoded", "encode_examples", "tokenize_examples",
+    "DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "Encoded", "encode_examples", "tokenize_examples", "prompt_bos_id",
     "render_example", "plan_truncation", "TruncationPlan", "DROP_REASONS", "NOTES",
 ]
 
@@ -156,10 +157,6 @@ class TokenizeReport:
                            "rendering of the answer", self.notes["not_prefix"])
 
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 class TemplateProblem(Exception):
     """A row the chat template cannot turn into a prompt and a completion (a bad row)."""
 
@@ -180,7 +177,7 @@ class Rendered:
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool, tools) -> str:
-    template = None if _has_template(tokenizer) else DEFAULT_CHAT_TEMPLATE
+    template = None if has_chat_template(tokenizer) else DEFAULT_CHAT_TEMPLATE
     kwargs = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          chat_template=template, **kwargs)
@@ -205,7 +202,7 @@ def _end_on_eos(text: str, eos_text: str | None) -> str:
 def render_example(tokenizer, ex: PreferenceExample, mode: str) -> Rendered:
     """The texts of one example (see the module docstring); raises TemplateProblem."""
     use_template = mode == "always" or (
-        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and _has_template(tokenizer)))
+        mode == "auto" and (ex.conversational or isinstance(ex.prompt, list) or (ex.system is not None and has_chat_template(tokenizer)))
     )
     if mode == "never" and (ex.conversational or isinstance(ex.prompt, list)):
         raise TemplateProblem("needs a chat template", "conversational data needs a chat template; use --chat_template auto")
@@ -216,7 +213,7 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str) -> Rendered:
     if ex.system is not None and not any(m["role"] == "system" for m in prompt_msgs):
         prompt_msgs = [{"role": "system", "content": ex.system}] + prompt_msgs
     completions = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in (ex.chosen, ex.rejected)]
-    notes = 0 if _has_template(tokenizer) else NOTE_DEFAULT_TEMPLATE
+    notes = 0 if has_chat_template(tokenizer) else NOTE_DEFAULT_TEMPLATE
     try:
         prompt_text = _render(tokenizer, prompt_msgs, True, ex.tools)
     except Exception as e:  # jinja's raise_exception, or a template that trips over the row
@@ -244,7 +241,7 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str) -> Rendered:
     return Rendered(prompt_text, fulls[0], fulls[1], prompt_turns, notes, templated=True)
 
 
-def _bos_policy(tokenizer) -> int | None:
+def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
     Some saved tokenizers (e.g. Llama-2's tokenizer.json converted without a BOS post-processor)
@@ -289,7 +286,7 @@ def encode_examples(tokenizer, examples: list[PreferenceExample], mode: str = "a
     c_ids = iter(_encode(tokenizer, [r.chosen_full for r in ok]))
     r_ids = iter(_encode(tokenizer, [r.rejected_full for r in ok]))
     t_ids = iter(_encode(tokenizer, [r.prompt_turns for r in ok if r.prompt_turns is not None]))
-    bos, eos = _bos_policy(tokenizer), tokenizer.eos_token_id
+    bos, eos = prompt_bos_id(tokenizer), tokenizer.eos_token_id
     out = []
     for r in rendered:
         if isinstance(r, TemplateProblem):

@@ -1,4 +1,5 @@
-"""Loading what a run saved, for inference (``preftune chat`` and ``preftune eval``).
+"""Loading what a run saved, for inference (``preftune chat``, ``eval``, ``merge``, ``report``).
+(The model a training run starts from is :mod:`preftune.training_model`.)
 
 A model argument may be:
 
@@ -20,11 +21,11 @@ same tokens and chat template.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PreftuneError
+from .model_hooks import NO_HOOKS, ModelHooks
 from .rundir import (
     ADAPTER_CONFIG_FILE,
     REFT_CONFIG_FILE,
@@ -50,7 +51,7 @@ class LoadedModel:
     kind: str  # "full model", "LoRA adapter", "ReFT", "built-in demo model"
     folder: Path | None  # local folder it was loaded from (None: hub or built in code)
     run_config: dict | None = None  # run_config.json of the run, when there is one
-    generate: object = None  # ReFT: callable(input_ids, **generate_kwargs) -> ids; else None
+    hooks: ModelHooks = NO_HOOKS  # ReFT: batch context for scoring, prefill-only generation
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -58,10 +59,8 @@ class LoadedModel:
         return bool(self.run_config and self.run_config.get("demo"))
 
     def generate_ids(self, input_ids, **kwargs):
-        """``model.generate`` (or the ReFT generation helper) on ``(1, T)`` prompt ids."""
-        if self.generate is not None:
-            return self.generate(input_ids, **kwargs)
-        return self.model.generate(input_ids, **kwargs)
+        """``model.generate`` (or the model's own generation hook, e.g. ReFT's) on ``(1, T)`` prompt ids."""
+        return (self.hooks.generate or self.model.generate)(input_ids, **kwargs)
 
 
 @contextlib.contextmanager
@@ -112,7 +111,7 @@ def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
 
 def load_run_tokenizer(primary: Path | str, fallback: str | None, trust_remote_code: bool, chat_template_file: str | None = None):
     """The tokenizer saved with the run; else the base model's."""
-    from .modeling import load_tokenizer
+    from .training_model import load_tokenizer
 
     if isinstance(primary, Path) and not any((primary / f).exists() for f in TOKENIZER_FILES):
         if fallback is None:
@@ -130,7 +129,7 @@ def demo_init_model(tokenizer, run_config: dict | None):
 
 
 def _load_full(name: str, torch_dtype: str, trust_remote_code: bool):
-    from .modeling import choose_device, load_model
+    from .training_model import choose_device, load_model
 
     choice = choose_device(torch_dtype)
     return load_model(name, _model_args(name, torch_dtype, trust_remote_code), choice)
@@ -159,7 +158,7 @@ def _base_model(folder: Path, kind: str, tokenizer, run_config, torch_dtype: str
 
 
 def _finish(model):
-    from .modeling import choose_device
+    from .training_model import choose_device
 
     model.to(choose_device().device)
     model.eval()
@@ -213,21 +212,12 @@ def load_pretrained(
 
 
 def _load_reft(path: Path, base_model, base_label: str, tokenizer, run_config, label: str) -> LoadedModel:
-    import importlib
+    from .reft import load_reft, reft_hooks
 
-    try:
-        reft = importlib.import_module("preftune.reft")
-    except ModuleNotFoundError as e:
-        if e.name != "preftune.reft":
-            raise
-        reft = None
-    if reft is None or not (hasattr(reft, "load_reft") and hasattr(reft, "reft_generate")):
-        raise PreftuneError(f"{str(path)!r} holds ReFT interventions, but this preftune has no ReFT support (preftune.reft); update preftune")
     _finish(base_model)
-    model = _finish(reft.load_reft(str(path), base_model))
-    # plain model.generate would skip the interventions: they act on the prompt inside reft_generate
-    generate = functools.partial(reft.reft_generate, model)
-    return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, generate=generate, notes=[f"base model: {base_label}"])
+    model = _finish(load_reft(str(path), base_model))
+    # plain model.generate would skip the interventions: they act on the prompt through the hooks
+    return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, hooks=reft_hooks(model), notes=[f"base model: {base_label}"])
 
 
 def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None) -> LoadedModel:
@@ -262,10 +252,10 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     tokens, then prepend BOS when the tokenizer adds one to plain text and the text does not
     already start with it (chat templates often write BOS themselves).
     """
-    from .data.tokenize import _bos_policy
+    from .data.tokenize import prompt_bos_id
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = _bos_policy(tokenizer)
+    bos = prompt_bos_id(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids

@@ -1,4 +1,6 @@
-"""Loading models and tokenizers, choosing device/precision defaults, wrapping with PEFT.
+"""The model a training run starts from: device and precision choice, loading the base model and
+tokenizer (with quantization), wrapping with PEFT. (Loading a *finished* run for chat, eval or
+export is :mod:`preftune.inference_model`.)
 
 The defaults the seeds compute by hand, done once for everyone:
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import PreftuneError
+from .hf_helpers import torch_dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", 
     # The packed layout needs an explicit 4-D mask, which only SDPA/eager accept here; FlashAttention
     # is used for the padded layout only.
     auto_attn = "flash_attention_2" if has_flash and batch_layout == "padded" else "sdpa"
-    dtype = auto_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    dtype = torch_dtype_of(torch_dtype) or auto_dtype
     attn = auto_attn if attn_implementation == "auto" else attn_implementation
     if attn in ("flash_attention_2", "flex_attention") and batch_layout == "packed":
         logger.warning("%s cannot take the packed layout's prefix-sharing mask yet; using sdpa (or pass --batch_layout padded)", attn)

@@ -1,0 +1,38 @@
+"""``preftune convert truthfulqa IN OUT``: a TruthfulQA-style table to prompt/chosen/rejected JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import PreftuneError
+
+__all__ = ["cmd_convert"]
+
+
+def cmd_convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="preftune convert", description="Convert a table to prompt/chosen/rejected JSON lines.")
+    parser.add_argument("format", choices=["truthfulqa"], help="input table format")
+    parser.add_argument("input", help="input file (csv, jsonl, json, parquet)")
+    parser.add_argument("output", help="output .jsonl file")
+    parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, help="keep at most N incorrect answers per question (seed 004 uses 1)")
+    args = parser.parse_args(argv)
+    import json
+
+    from ..data.convert import truthfulqa_to_pairs
+    from ..data.io import BadRecord, read_records
+
+    out = Path(args.output)
+    if out.exists() and out.resolve() == Path(args.input).resolve():
+        raise PreftuneError("output would overwrite the input; choose another output file")
+    records = truthfulqa_to_pairs(read_records(args.input), args.max_pairs_per_question)
+    bad = [r for r in records if isinstance(r, BadRecord)]
+    good = [r for r in records if not isinstance(r, BadRecord)]
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in good:
+            f.write(json.dumps(r.row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {len(bad)} bad rows (first: {bad[0].where}: {bad[0].detail})" if bad else ""))
+    return 0

@@ -1,0 +1,111 @@
+"""``preftune train``: options from the command line and a YAML file, then :func:`preftune.run.run_training`."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+
+from ..errors import PreftuneError
+from .options import build_parser, given_flags, unknown_option_error
+
+__all__ = ["build_train_parser", "parse_train_args", "cmd_train"]
+
+
+def build_train_parser():
+    """HfArgumentParser over (ModelArguments, DataArguments, PreftuneConfig), options grouped for --help."""
+    from ..config import TRAIN_OPTIONS
+
+    parser = build_parser(
+        "preftune train",
+        "Align a causal language model with preference data (ORPO by default). "
+        "With no --model_name_or_path and no --dataset_name, runs the built-in demo. "
+        "Every option can also be given in a YAML file (--config run.yaml); flags override the file. "
+        "Options accept --snake_case and --dash-case.",
+        TRAIN_OPTIONS,
+    )
+    parser.add_argument("--config", default=None, metavar="RUN.yaml", help="YAML file of options (flags on the command line override it).")
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML run file as a mapping of option: value; one-line errors."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PreftuneError(f"--config {path!r}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PreftuneError(f"--config {path!r}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise PreftuneError(f"--config {path!r}: expected a mapping of option: value")
+    return data
+
+
+def parse_train_args(argv: list[str]):
+    """Parse ``preftune train`` arguments into (ModelArguments, DataArguments, PreftuneConfig)."""
+    from ..config import field_groups
+
+    parser = build_train_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    known_fields = set(field_groups())
+    data = load_yaml(known.config) if known.config else {}
+    given = given_flags(argv)
+    given |= {str(k).replace("-", "_") for k in data}
+    if not given & {"model_name_or_path", "dataset_name", "datasets", "help"} and "-h" not in argv:
+        # the built-in demo: its own settings, under the YAML file and the flags
+        from ..demo import DEMO_TRAINING
+
+        parser.set_defaults(output_dir="preftune-demo", **DEMO_TRAINING)
+    if known.config:
+        unknown = [k for k in data if k.replace("-", "_") not in known_fields]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k.replace("-", "_"), known_fields, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise PreftuneError(f"--config {known.config!r}: unknown option(s) {', '.join(hints)}")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
+    try:
+        *dataclass_objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        model_args, data_args, train_args = dataclass_objs[:3]
+    except PreftuneError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise PreftuneError(str(e).strip().splitlines()[0]) from None
+    rest = [r for r in rest if r != "--config" and r != known.config]
+    if rest:
+        raise unknown_option_error(rest[0], known_fields, "train")
+    return model_args, data_args, train_args
+
+
+def _print_summary(result):
+    rows = [(k, v) for k, v in result.final_metrics.items() if isinstance(v, (int, float))]
+    keep = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "eval_loss",
+            "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "tokens_per_second")
+    print("\nsummary")
+    for k in keep:
+        for name, v in rows:
+            if name == k:
+                print(f"  {k:<26} {v:.4f}")
+    if result.demo_table:
+        print("\nbuilt-in demo, held-out prompts        before    after")
+        for name, before, after in result.demo_table:
+            print(f"  {name:<34} {before:7.1%}  {after:7.1%}")
+    print(f"\nsaved to {result.output_dir} ({result.train_pairs} training pairs, {result.seconds:.0f} s)")
+
+
+def cmd_train(argv: list[str]) -> int:
+    model_args, data_args, train_args = parse_train_args(argv)
+    from ..run import run_training
+
+    result = run_training(model_args, data_args, train_args)
+    if train_args.process_index == 0:
+        _print_summary(result)
+    return 0
