@@ -12,8 +12,9 @@ For every N and tool, each phase in a fresh process (``--worker``):
   ``maybe_apply_chat_template`` and ``tokenize_row`` maps) + the first batch of its dataloader.
 * **cached**: the same again with the caches of the first run: the "data time" to step 1.
 * **train** (preftune): the cached run, then ``--train_steps`` optimizer steps of a tiny Llama
-  (vocabulary 32,000) with the memory preflight on. Run once more on 64 pairs as a control: the
-  difference of the two peak RSS values is the data's share of the peak.
+  (vocabulary 32,000) with the memory preflight on. Every file holds the same 2,312 distinct
+  rows, so the longest batch (what the preflight runs) is the same at every size: the growth of
+  the training peak from the smallest size to the largest is the data's.
 * **legacy** (optional, ``--legacy_src DIR``): the pre-cache path (``load_examples`` +
   ``tokenize_examples`` into Python lists) from a source tree, e.g.
   ``git archive e7df296 preftune | tar -x -C DIR``.
@@ -105,7 +106,8 @@ def preftune_worker(spec: dict) -> dict:
     next(iter(loader))
     first_batch = time.perf_counter()
     out = {"pairs": len(data.train), "prepare_s": prepared - started, "data_s": first_batch - started, "base_rss_mb": base_rss,
-           "data_peak_rss_mb": peak_rss_mb(), "child_peak_rss_mb": children_peak_mb(), "from_cache": all(s["cached"] for s in data.sources)}
+           "data_peak_rss_mb": peak_rss_mb(), "child_peak_rss_mb": children_peak_mb(), "from_cache": all(s["cached"] for s in data.sources),
+           "held_rss_mb": current_rss_mb() - base_rss}
     if spec.get("train_steps"):
         from preftune.config import PreftuneConfig
         from preftune.trainer import PreferenceTrainer
@@ -197,26 +199,24 @@ def bench_size(n: int, ns, work: Path) -> dict:
     return res
 
 
-def control(ns, work: Path) -> dict:
-    data = write_rows(work / "hh-64.jsonl", 64)
-    cache = work / "preftune-cache-64"
-    spec = {"data": str(data), "threads": ns.threads, "num_proc": 1, "cache_dir": str(cache), "out_dir": str(work / "out")}
-    run_worker("preftune", spec, work)
-    return run_worker("preftune", {**spec, "train_steps": ns.train_steps}, work)
-
-
-def report(results: dict, ctrl: dict | None) -> str:
+def report(results: dict) -> str:
     g = lambda r, k: r.get(k, float("nan")) if r and "error" not in r else float("nan")  # noqa: E731
     rows = []
     for n, res in results.items():
-        p1, p2, t1, t2, lg = (res.get(k, {}) for k in ("preftune_first", "preftune_cached", "trl_first", "trl_cached", "legacy"))
-        share = g(p2, "train_peak_rss_mb") - g(ctrl, "train_peak_rss_mb") if ctrl else float("nan")
-        rows.append([f"{int(n):,}", g(p1, "data_s"), g(t1, "data_s"), g(p2, "data_s"), g(t2, "data_s"),
-                     g(p1, "data_peak_rss_mb"), g(p1, "child_peak_rss_mb"), g(t1, "data_peak_rss_mb"), g(t1, "child_peak_rss_mb"),
-                     g(p2, "data_peak_rss_mb"), g(t2, "data_peak_rss_mb"), share, g(lg, "data_s"), g(lg, "data_peak_rss_mb")])
-    headers = ["pairs", "first run s preftune", "first run s TRL", "cached s preftune", "cached s TRL",
-               "first peak MB preftune (worker)", "(largest child)", "first peak MB TRL", "(largest child)",
-               "cached peak MB preftune", "cached peak MB TRL", "data share of training peak MB", "legacy s", "legacy peak MB"]
+        p1, p2 = res.get("preftune_first", {}), res.get("preftune_cached", {})
+        if p1 or p2:
+            rows.append([f"{int(n):,}", "preftune", g(p1, "data_s"), g(p1, "data_peak_rss_mb"), g(p1, "child_peak_rss_mb"), g(p2, "data_s"),
+                         g(p2, "data_peak_rss_mb"), g(p2, "held_rss_mb"), g(p2, "train_peak_rss_mb")])
+        t1, t2 = res.get("trl_first", {}), res.get("trl_cached", {})
+        if t1 or t2:
+            rows.append([f"{int(n):,}", "TRL 1.16 ORPO", g(t1, "data_s"), g(t1, "data_peak_rss_mb"), g(t1, "child_peak_rss_mb"), g(t2, "data_s"),
+                         g(t2, "data_peak_rss_mb"), float("nan"), float("nan")])
+        lg = res.get("legacy")
+        if lg:
+            rows.append([f"{int(n):,}", "preftune before (lists)", g(lg, "data_s"), g(lg, "data_peak_rss_mb"), float("nan"), g(lg, "data_s"),
+                         g(lg, "data_peak_rss_mb"), g(lg, "rss_after_mb") - g(lg, "base_rss_mb"), float("nan")])
+    headers = ["pairs", "tool", "first run s", "first run peak MB", "largest worker MB", "cached run s (data time to step 1)",
+               "cached run peak MB", "RSS held by the data MB", "training peak MB"]
     return markdown_table(headers, rows)
 
 
@@ -246,13 +246,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = {n: bench_size(n, ns, work) for n in ns.sizes}
-        ctrl = control(ns, work) if "preftune" in ns.tools and ns.train_steps else None
     finally:
         if not ns.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(report(results, ctrl))
+    print(report(results))
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"results": results, "control": ctrl, "args": vars(ns)}, indent=1))
+        Path(ns.out).write_text(json.dumps({"results": results, "args": vars(ns)}, indent=1))
     failed = [f"{n} {k}" for n, r in results.items() for k, v in r.items() if isinstance(v, dict) and "error" in v]
     for f in failed:
         print(f"failed: {f}", file=sys.stderr)
