@@ -101,11 +101,11 @@ def preftune_worker(spec: dict) -> dict:
                          dataset_cache_dir=spec["cache_dir"], max_length=1024, max_prompt_length=512)
     data = prepare_data(tok, args, seed=42)
     prepared = time.perf_counter()
-    largest_batch(data.train, 4)  # what the memory preflight picks before step 1
-    loader = DataLoader(PairDataset(data.train), batch_size=4, shuffle=True, collate_fn=PreferenceCollator(pad_id=tok.pad_token_id))
+    largest_batch(data.train_pairs, 4)  # what the memory preflight picks before step 1
+    loader = DataLoader(PairDataset(data.train_pairs), batch_size=4, shuffle=True, collate_fn=PreferenceCollator(pad_id=tok.pad_token_id))
     next(iter(loader))
     first_batch = time.perf_counter()
-    out = {"pairs": len(data.train), "prepare_s": prepared - started, "data_s": first_batch - started, "base_rss_mb": base_rss,
+    out = {"pairs": len(data.train_pairs), "prepare_s": prepared - started, "data_s": first_batch - started, "base_rss_mb": base_rss,
            "data_peak_rss_mb": peak_rss_mb(), "child_peak_rss_mb": children_peak_mb(), "from_cache": all(s["cached"] for s in data.sources),
            "held_rss_mb": current_rss_mb() - base_rss}
     if spec.get("train_steps"):
@@ -114,7 +114,7 @@ def preftune_worker(spec: dict) -> dict:
 
         targs = PreftuneConfig(output_dir=spec["out_dir"], max_steps=spec["train_steps"], per_device_train_batch_size=4, learning_rate=1e-4,
                                logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
-        trainer = PreferenceTrainer(model=tiny_model(), args=targs, train_pairs=data.train, processing_class=tok)
+        trainer = PreferenceTrainer(model=tiny_model(), args=targs, train_pairs=data.train_pairs, processing_class=tok)
         t = time.perf_counter()
         trainer.train()
         out.update(train_s=time.perf_counter() - t, train_peak_rss_mb=peak_rss_mb())

@@ -20,7 +20,7 @@ import torch
 
 from .model_hooks import NO_HOOKS, ModelHooks
 
-__all__ = ["DEMO_VOCAB", "build_demo_tokenizer", "build_demo_model", "demo_rows", "evaluate_demo", "DEMO_TRAINING"]
+__all__ = ["DEMO_VOCAB", "DEMO_TRAINING", "DemoInputs", "build_demo_tokenizer", "build_demo_model", "demo_rows", "demo_examples", "evaluate_demo"]
 
 DEMO_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "Q:", "A:", "add", "one", "to", "copy"] + [str(d) for d in range(10)]
 
@@ -124,6 +124,34 @@ def demo_examples():
     train = [normalize_record(Record(r, f"demo row {i}"), columns, i) for i, r in enumerate(train_rows)]
     evals = [normalize_record(Record(r, f"demo eval row {i}"), columns, EVAL_ID_OFFSET + i) for i, r in enumerate(eval_rows)]
     return train, evals, eval_rows
+
+
+class DemoInputs:
+    """The built-in demo as a run's inputs (see :class:`preftune.run.RunInputs`): a word-level
+    tokenizer, the add-one/copy task, a randomly initialised tiny Llama, and the before/after
+    table on held-out prompts."""
+
+    is_demo = True
+    dataset_label = "built-in demo task (add one / copy)"
+    base_model_label = "built-in demo model (random init)"
+
+    def __init__(self):
+        self._eval_rows: list[dict] = []
+
+    def load_tokenizer(self):
+        return build_demo_tokenizer()
+
+    def load_data(self, tokenizer, data_args, seed: int):
+        from .data.splits import data_from_examples, tokenize_settings_of
+
+        train, evals, self._eval_rows = demo_examples()
+        return data_from_examples(tokenizer, train, evals, tokenize_settings_of(data_args))
+
+    def load_model(self, tokenizer, device, seed: int):
+        return build_demo_model(len(tokenizer), seed=seed)
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float]:
+        return evaluate_demo(model, tokenizer, self._eval_rows, eval_pairs, hooks)
 
 
 @torch.no_grad()

@@ -6,12 +6,8 @@ positions of each batch set before a forward (the interventions act there), gene
 intervenes on the prompt during prefill only, and saving only the interventions. Rather than
 hanging callables on the model object for other modules to discover, these travel as a
 :class:`ModelHooks` value: the engine takes ``batch_context`` as an argument, the trainer takes
-``hooks``, and a loaded model (:class:`preftune.run_loading.LoadedModel`) carries them beside the
-model.
-
-:func:`model_hooks_for` is the one place that derives them from a model (today: ReFT
-interventions found by :func:`preftune.reft.reft_hooks`); callers that built the model themselves
-pass what they got instead.
+``hooks``, and a loaded model (:class:`preftune.inference_model.LoadedModel`) carries them beside the
+model. Today only ReFT produces hooks (:func:`preftune.reft.reft_hooks`).
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
-__all__ = ["ModelHooks", "NO_HOOKS", "model_hooks_for"]
+__all__ = ["ModelHooks", "NO_HOOKS"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +38,3 @@ class ModelHooks:
 
 NO_HOOKS = ModelHooks()
 
-
-def model_hooks_for(model) -> ModelHooks:
-    """The hooks ``model`` needs: a ReFT model's (see :func:`preftune.reft.reft_hooks`), else none."""
-    from .reft import reft_hooks
-
-    return reft_hooks(model) or NO_HOOKS

@@ -109,7 +109,9 @@ def memory_preflight(trainer, pairs) -> None:
     batch_pairs = largest_batch(pairs, args.per_device_train_batch_size, args.max_tokens_per_batch)
     if not batch_pairs:
         return
-    batch = trainer._prepare_inputs(trainer.data_collator(batch_pairs))
+    from .layout import batch_to
+
+    batch = batch_to(trainer.data_collator(batch_pairs), trainer.args.device)
     model = trainer.model
     was_training = model.training
     cpu_rng = torch.get_rng_state()

@@ -1,4 +1,21 @@
-"""One training run, from configuration to a saved, aligned model (what ``preftune train`` does)."""
+"""One training run, top to bottom: what ``preftune train`` does.
+
+:func:`run_training` is a pipeline of named stages, each a function with explicit inputs and
+outputs::
+
+    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks
+    run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
+                                                          the built-in demo (preftune.demo.DemoInputs) or
+                                                          the user's model and data (UserInputs below)
+    prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs (TokenizedPairs,
+                                                          from the tokenized cache) and per-source counts
+    prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
+    prepare_reference model, data       -> reference      the DPO reference (None for reference-free methods)
+    train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
+    save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
+
+The run folder's files are named and written through :mod:`preftune.rundir`.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +24,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
+from typing import Protocol
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
-from .data.splits import data_from_examples, prepare_data, tokenize_settings_of
+from .data.splits import TrainingData
 from .errors import PreftuneError
-from .model_hooks import model_hooks_for
-from .training_model import apply_peft, choose_device, load_model, load_tokenizer
-from .outputs import MetricsFileCallback, plot_training_curves, write_model_card
-from .reliability import CheckpointMarkerCallback, InterruptCallback
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, check_output_dir, find_latest_checkpoint, resolve_resume, write_json
-from .trainer import PreferenceTrainer
+from .model_hooks import NO_HOOKS, ModelHooks
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, write_json
 
 logger = logging.getLogger("preftune")
 
-__all__ = ["run_training", "RunResult", "RunInterrupted"]
+__all__ = ["run_training", "RunResult", "RunInterrupted", "RunInputs", "UserInputs"]
 
 
 class RunInterrupted(PreftuneError):
@@ -42,6 +55,251 @@ class RunResult:
     demo_table: list[tuple[str, float, float]] | None = None
 
 
+# --- stage outputs ----------------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    output_dir: Path
+    device: object  # preftune.training_model.DeviceChoice
+    started: float  # time.perf_counter() at the start
+
+
+@dataclass
+class PreparedModel:
+    model: object
+    hooks: ModelHooks
+    saved_kind: str  # how the model card describes what the run saves
+
+
+class RunInputs(Protocol):
+    """Where a run's tokenizer, examples and starting model come from."""
+
+    is_demo: bool
+    dataset_label: str  # how the run config and model card name the data
+    base_model_label: str  # ... and the starting model
+
+    def load_tokenizer(self): ...
+
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int) -> TrainingData: ...
+
+    def load_model(self, tokenizer, device, seed: int): ...
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float] | None:
+        """Metrics shown before and after training (the demo's table); None for none."""
+
+
+@dataclass
+class UserInputs:
+    """The user's model (a folder or hub name) and preference data (``--dataset_name`` or a ``datasets:`` mixture)."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    is_demo: bool = False
+
+    @property
+    def dataset_label(self) -> str:
+        from .data.splits import describe_sources
+
+        return describe_sources(self.data_args.sources())
+
+    @property
+    def base_model_label(self) -> str:
+        return self.model_args.model_name_or_path
+
+    def load_tokenizer(self):
+        from .training_model import load_tokenizer
+
+        m = self.model_args
+        return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, m.chat_template_file)
+
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int) -> TrainingData:
+        from .data.splits import prepare_data as tokenized_data
+
+        return tokenized_data(tokenizer, data_args, seed)
+
+    def load_model(self, tokenizer, device, seed: int):
+        from .training_model import load_model
+
+        return load_model(self.model_args.model_name_or_path, self.model_args, device)
+
+    def held_out_check(self, model, tokenizer, eval_pairs, hooks):
+        return None
+
+
+# --- stages -------------------------------------------------------------------------------------------
+def _configure_logging(args: PreftuneConfig):
+    level = logging.INFO if args.should_log else logging.WARNING
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("preftune").setLevel(level)
+
+
+def setup_run(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunSetup:
+    """Logging, seed, option combinations, the output folder, device and precision; fails before any work."""
+    from transformers import set_seed
+
+    from .quant import check_bitsandbytes
+    from .rundir import check_output_dir
+    from .training_model import choose_device
+
+    _configure_logging(args)
+    started = time.perf_counter()
+    set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
+    if model_args.is_demo and data_args.has_data:
+        raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
+    if not model_args.is_demo and not data_args.has_data:
+        raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
+    resuming = bool(args.resume_from_checkpoint)
+    if args.process_index == 0:
+        out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, model_args.is_demo)
+    else:
+        out = Path(args.output_dir)
+    device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
+    logger.info("preftune: %s", device.describe())
+    check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
+    return RunSetup(out, device, started)
+
+
+def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
+    """The built-in demo when no model is named, else the user's model and data."""
+    if model_args.is_demo:
+        from .demo import DemoInputs
+
+        return DemoInputs()
+    return UserInputs(model_args, data_args)
+
+
+def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
+    """Read, select and tokenize the pairs (one-line errors naming the split or row). In a
+    multi-process run, process 0 fills the tokenized cache while the others wait, then all read it."""
+    with args.main_process_first(desc="tokenizing the data"):
+        return inputs.load_data(tokenizer, data_args, args.seed)
+
+
+def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup) -> PreparedModel:
+    """The starting model with LoRA/DoRA adapters or ReFT interventions as asked, and its hooks."""
+    from .training_model import apply_peft
+
+    model = inputs.load_model(tokenizer, setup.device, args.seed)
+    if args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    saved_kind, hooks = "full model", NO_HOOKS
+    if model_args.use_peft:
+        model = apply_peft(model, model_args, args.gradient_checkpointing)
+        saved_kind = "LoRA adapter (load with peft, or merge with `preftune merge`)"
+    if model_args.reft_layers:
+        from .reft import attach_reft, reft_hooks
+
+        model = attach_reft(model, model_args)
+        saved_kind, hooks = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})", reft_hooks(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return PreparedModel(model, hooks, saved_kind)
+
+
+def prepare_reference(prepared: PreparedModel, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup,
+                      data: TrainingData, tokenizer):
+    """The method's reference (built from the *starting* policy, before a checkpoint is loaded), or None."""
+    if not args.needs_reference:
+        return None
+    from .reference import build_reference
+
+    return build_reference(prepared.model, model_args, args, setup.device, data.train_pairs, data.eval_pairs, tokenizer)
+
+
+def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, args: PreftuneConfig, setup: RunSetup,
+          run_config: dict):
+    """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
+    from .outputs import MetricsFileCallback
+    from .reliability import CheckpointMarkerCallback, InterruptCallback
+    from .rundir import find_latest_checkpoint, resolve_resume
+    from .trainer import PreferenceTrainer
+
+    out = setup.output_dir
+    interrupt = InterruptCallback()
+    trainer = PreferenceTrainer(
+        model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
+        reference=reference, hooks=prepared.hooks, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
+    )
+    if args.process_index == 0:
+        write_json(out / RUN_CONFIG_FILE, run_config)
+    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
+    if interrupt.received is not None:
+        import signal
+
+        latest = find_latest_checkpoint(out)
+        where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
+        raise RunInterrupted(
+            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
+            f"Resume with: preftune train ... --resume_from_checkpoint latest",
+            interrupt.received,
+        )
+    return trainer, train_output
+
+
+def final_metrics(trainer, train_output, has_eval: bool) -> dict:
+    """The Trainer's summary, the last logged value of the headline metrics, and a final evaluation."""
+    final = dict(train_output.metrics)
+    last = {}
+    for rec in trainer.state.log_history:
+        last.update({k: v for k, v in rec.items() if isinstance(v, (int, float))})
+    for k in ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "tokens_per_second"):
+        if k in last:
+            final[k] = last[k]
+    if has_eval:
+        final.update(trainer.evaluate())
+    return final
+
+
+def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel, data: TrainingData, final: dict,
+                 model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, setup: RunSetup) -> float:
+    """Model and tokenizer, curves, model card and, last, run_complete.json (main process only); returns the run's seconds."""
+    from .outputs import plot_training_curves, write_model_card
+
+    out = setup.output_dir
+    seconds = time.perf_counter() - setup.started
+    if not trainer.is_world_process_zero():
+        return seconds
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    plot_training_curves(out)
+    write_model_card(out, {
+        "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+        "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
+        "data_sources": data.sources, "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+    })
+    write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo})
+    return seconds
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
+    """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
+    setup = setup_run(model_args, data_args, args)
+    inputs = run_inputs(model_args, data_args)
+    tokenizer = inputs.load_tokenizer()
+    data = prepare_data(inputs, tokenizer, data_args, args)
+    prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
+    reference = prepare_reference(prepared, model_args, args, setup, data, tokenizer)
+    before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
+
+    run_config = {
+        "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
+        "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+        "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
+        "data_sources": data.sources,
+    }
+    trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
+    final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)
+
+    table = None
+    if before is not None:
+        after = inputs.held_out_check(trainer.model, tokenizer, data.eval_pairs, trainer.hooks)
+        table = [(k, before[k], after[k]) for k in before]
+        final.update({f"demo_{k}": v for k, v in after.items()})
+    seconds = save_outputs(trainer, tokenizer, inputs, prepared, data, final, model_args, data_args, args, setup)
+    return RunResult(setup.output_dir, final, len(data.train_pairs), len(data.eval_pairs), seconds, table)
+
+
+# --- what the run config and model card record ------------------------------------------------------
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
     keys = ["method", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps",
             "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout", "nll_on_prompt"]
@@ -71,128 +329,3 @@ def _jsonable(obj):
         else:
             out[k] = str(v)
     return out
-
-
-def _configure_logging(args: PreftuneConfig):
-    level = logging.INFO if args.should_log else logging.WARNING
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("preftune").setLevel(level)
-
-
-def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
-    """Run one training job; returns where it saved and its final metrics."""
-    _configure_logging(args)
-    started = time.perf_counter()
-    from transformers import set_seed
-
-    set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
-    is_demo = model_args.is_demo
-    if is_demo and data_args.has_data:
-        raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
-    if not is_demo and not data_args.has_data:
-        raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
-    resuming = bool(args.resume_from_checkpoint)
-    out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, is_demo) if args.process_index == 0 else Path(args.output_dir)
-    choice = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", choice.describe())
-    from .quant import check_bitsandbytes
-
-    check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
-
-    demo_eval_rows = None
-    if is_demo:
-        from .demo import build_demo_model, build_demo_tokenizer, demo_examples
-
-        tokenizer = build_demo_tokenizer()
-        train_ex, eval_ex, demo_eval_rows = demo_examples()
-        data = data_from_examples(tokenizer, train_ex, eval_ex, tokenize_settings_of(data_args), "built-in demo task (add one / copy)")
-    else:
-        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code, model_args.chat_template_file)
-        with args.main_process_first(desc="tokenizing the data"):  # DDP: process 0 fills the tokenized cache, the others read it
-            data = prepare_data(tokenizer, data_args, args.seed)
-    train_pairs, eval_pairs, dataset_label = data.train, data.eval, data.label
-
-    if is_demo:
-        model = build_demo_model(len(tokenizer), seed=args.seed)
-    else:
-        model = load_model(model_args.model_name_or_path, model_args, choice)
-    if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-    saved_kind = "full model"
-    if model_args.use_peft:
-        model = apply_peft(model, model_args, args.gradient_checkpointing)
-        saved_kind = "LoRA adapter (load with peft, or merge with `preftune merge`)"
-    if model_args.reft_layers:
-        from .reft import attach_reft
-
-        model = attach_reft(model, model_args)
-        saved_kind = f"ReFT interventions ({REFT_WEIGHTS_FILE} + {REFT_CONFIG_FILE})"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-
-    reference = None
-    if args.needs_reference:
-        from .reference import build_reference
-
-        reference = build_reference(model, model_args, args, choice, train_pairs, eval_pairs, tokenizer)
-
-    demo_before = None
-    if is_demo:
-        from .demo import evaluate_demo
-
-        demo_before = evaluate_demo(model, tokenizer, demo_eval_rows, eval_pairs, model_hooks_for(model))
-
-    interrupt = InterruptCallback()
-    trainer = PreferenceTrainer(
-        model=model, args=args, train_pairs=train_pairs, eval_pairs=eval_pairs, processing_class=tokenizer,
-        reference=reference, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
-    )
-    if args.process_index == 0:
-        write_json(out / RUN_CONFIG_FILE, {
-            "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
-            "base_model": model_args.model_name_or_path or "built-in demo model", "dataset": dataset_label,
-            "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "demo": is_demo, "data_sources": data.sources,
-        })
-    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
-    if interrupt.received is not None:
-        import signal
-
-        latest = find_latest_checkpoint(out)
-        where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
-        raise RunInterrupted(
-            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
-            f"Resume with: preftune train ... --resume_from_checkpoint latest",
-            interrupt.received,
-        )
-    final = {k: v for k, v in train_output.metrics.items()}
-    last = {}
-    for rec in trainer.state.log_history:
-        last.update({k: v for k, v in rec.items() if isinstance(v, (int, float))})
-    for k in ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "tokens_per_second"):
-        if k in last:
-            final[k] = last[k]
-    if eval_pairs:
-        final.update(trainer.evaluate())
-
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-    demo_table = None
-    if is_demo:
-        from .demo import evaluate_demo
-
-        after = evaluate_demo(trainer.model, tokenizer, demo_eval_rows, eval_pairs, trainer.hooks)
-        demo_table = [(k, demo_before[k], after[k]) for k in demo_before]
-        final.update({f"demo_{k}": v for k, v in after.items()})
-    seconds = time.perf_counter() - started
-    if trainer.is_world_process_zero():
-        plot_training_curves(out)
-        write_model_card(out, {
-            "method": args.method, "base_model": model_args.model_name_or_path or "built-in demo model (random init)",
-            "dataset": dataset_label, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "saved": saved_kind,
-            "data_sources": data.sources,
-            "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
-        })
-        write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": is_demo})
-    return RunResult(out, final, len(train_pairs), len(eval_pairs), seconds, demo_table)

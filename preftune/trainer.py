@@ -24,7 +24,8 @@ from transformers import Trainer
 from .data.store import as_tokenized_pairs
 from .engine import sequence_logps
 from .hf_helpers import pad_token_id as pad_id_of, unwrap_model
-from .model_hooks import ModelHooks, model_hooks_for
+from .model_hooks import NO_HOOKS, ModelHooks
+from .reft import reft_hooks
 from .layout import PairTokens, PreferenceCollator, attention_cost_for
 from .objective import Window, compute_objective, nll_weight
 
@@ -96,7 +97,7 @@ class PreferenceTrainer(Trainer):
         pad_token_id: the id batches are padded with (default: from ``processing_class``).
         hooks: what the model needs done around it (:class:`preftune.model_hooks.ModelHooks`:
             ReFT's batch context and interventions-only saving); default: derived from ``model``
-            by :func:`preftune.model_hooks.model_hooks_for`.
+            from the ReFT interventions it carries, if any (:func:`preftune.reft.reft_hooks`).
     """
 
     def __init__(self, model, args, train_pairs=None, eval_pairs=None, processing_class=None, reference=None, pad_token_id=None,
@@ -124,7 +125,7 @@ class PreferenceTrainer(Trainer):
             **kwargs,
         )
         self.reference = reference
-        self.hooks = hooks if hooks is not None else model_hooks_for(model)
+        self.hooks = hooks if hooks is not None else (reft_hooks(model) or NO_HOOKS)
         # compute_loss already returns this micro-batch's share of the window loss
         self.loss_is_scaled_for_ga = True
         self._window: Window | None = None

@@ -57,8 +57,8 @@ def test_inspect_counts_equal_the_training_data_stage(lengths_file, demo_tokeniz
         data = prepare_data(demo_tokenizer, args, seed=42)
         stage = data.train_report
         assert report["dropped"] == sum(stage.dropped.values())
-        assert len(data.train) == report["pairs"] - report["dropped"]
-        cut = sum(1 for p, whole in zip(data.train, _whole_lengths(demo_tokenizer, args, data)) if p.packed_length < whole)
+        assert len(data.train_pairs) == report["pairs"] - report["dropped"]
+        cut = sum(1 for p, whole in zip(data.train_pairs, _whole_lengths(demo_tokenizer, args, data)) if p.packed_length < whole)
         assert report["truncated"] == cut
 
 
@@ -66,8 +66,8 @@ def _whole_lengths(tokenizer, args, data):
     import dataclasses
 
     full = prepare_data(tokenizer, dataclasses.replace(args, max_length=None, max_prompt_length=None), seed=42)
-    by_id = dict(zip(full.train.example_id.tolist(), full.train.lengths().tolist()))
-    return [by_id[i] for i in data.train.example_id.tolist()]
+    by_id = dict(zip(full.train_pairs.example_id.tolist(), full.train_pairs.lengths().tolist()))
+    return [by_id[i] for i in data.train_pairs.example_id.tolist()]
 
 
 def test_without_a_tokenizer_rows_and_bad_rows_only(lengths_file):

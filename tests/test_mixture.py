@@ -97,26 +97,26 @@ def test_mixture_counts_sampling_and_eval_fraction(three_shapes, demo_tokenizer)
     # weights 2:1 over 24 and 16: T = min(24*3/2, 16*3) = 36 -> 24 and 12; TruthfulQA: 5 of its 8 pairs.
     # 41 selected, round(41 * 0.2) = 8 held out.
     assert [s["selected"] for s in data.sources] == [24, 12, 5]
-    assert len(data.train) == 33 and len(data.eval) == 8
+    assert len(data.train_pairs) == 33 and len(data.eval_pairs) == 8
     assert [s["train_pairs"] + s["eval_pairs"] for s in data.sources] == [24, 12, 5]
-    assert not set(data.train.example_id.tolist()) & set(data.eval.example_id.tolist())
+    assert not set(data.train_pairs.example_id.tolist()) & set(data.eval_pairs.example_id.tolist())
     # ids: source bases stacked in order (24 + 16 examples before the TruthfulQA pairs)
-    tqa = data.train.example_id[data.train.store_index == 2]
+    tqa = data.train_pairs.example_id[data.train_pairs.store_index == 2]
     assert tqa.min() >= 40 and tqa.max() < 48
     again = prepare_data(demo_tokenizer, args, seed=3)
-    assert again.train.digest() == data.train.digest() and all(s["cached"] for s in again.sources)
+    assert again.train_pairs.digest() == data.train_pairs.digest() and all(s["cached"] for s in again.sources)
     other = prepare_data(demo_tokenizer, args, seed=4)
-    assert other.train.digest() != data.train.digest()
+    assert other.train_pairs.digest() != data.train_pairs.digest()
     # the eval command rebuilds the same selection without a tokenizer
     train_ex, eval_ex, _ = load_train_eval(args, seed=3)
-    assert sorted(e.example_id for e in eval_ex) == sorted(data.eval.example_id.tolist())
-    assert [e.example_id for e in train_ex] == data.train.example_id.tolist()
+    assert sorted(e.example_id for e in eval_ex) == sorted(data.eval_pairs.example_id.tolist())
+    assert [e.example_id for e in train_ex] == data.train_pairs.example_id.tolist()
 
 
 def test_up_sampled_copies_stay_on_one_side_of_the_eval_split(three_shapes, demo_tokenizer):
     a, _, _ = three_shapes
     data = prepare_data(demo_tokenizer, data_args(datasets=[{"path": str(a), "num_samples": 60}], eval_fraction=0.25), seed=0)
-    train_ids, eval_ids = data.train.example_id.tolist(), data.eval.example_id.tolist()
+    train_ids, eval_ids = data.train_pairs.example_id.tolist(), data.eval_pairs.example_id.tolist()
     copies = np.bincount(select_positions(24, 60, seed=0, label=str(a)), minlength=24)  # 2 or 3 of each
     assert len(eval_ids) == 6 == len(set(eval_ids))  # round(24 unique * 0.25), one pair each
     assert not set(train_ids) & set(eval_ids) and len(set(train_ids) | set(eval_ids)) == 24
@@ -128,8 +128,8 @@ def test_eval_split_as_its_own_mixture(three_shapes, demo_tokenizer):
     args = data_args(dataset_name=[str(a)], eval_datasets=[{"path": str(c), "format": "truthfulqa", "num_samples": 3},
                                                            {"path": str(b), "chosen_column": "good", "rejected_column": "bad", "fraction": 0.5}])
     data = prepare_data(demo_tokenizer, args, seed=0)
-    assert len(data.train) == 24 and len(data.eval) == 3 + 8
-    assert data.eval.example_id.min() >= EVAL_ID_OFFSET
+    assert len(data.train_pairs) == 24 and len(data.eval_pairs) == 3 + 8
+    assert data.eval_pairs.example_id.min() >= EVAL_ID_OFFSET
     assert [(s["role"], s["selected"]) for s in data.sources] == [("train", 24), ("eval", 3), ("eval", 8)]
 
 
@@ -143,7 +143,7 @@ def test_bad_row_names_its_source_dataset_and_line(three_shapes, demo_tokenizer,
     with pytest.raises(DataError, match=r"dataset 'extra', extra.jsonl line 2: empty field"):
         load_train_eval(data_args(datasets=entries), seed=0)
     data = prepare_data(demo_tokenizer, data_args(datasets=entries, on_bad_row="skip"), seed=0)
-    assert [s["bad_rows"] for s in data.sources] == [0, 1] and len(data.train) == 25
+    assert [s["bad_rows"] for s in data.sources] == [0, 1] and len(data.train_pairs) == 25
 
 
 def test_several_dataset_names_and_mixture_flags(three_shapes, tmp_path):

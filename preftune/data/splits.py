@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVAL_ID_OFFSET", "columns_of", "tokenize_settings_of", "read_entries", "training_sources", "eval_sources",
-    "Selection", "select_examples", "load_sources", "pairs_of", "prepare_data", "data_from_examples", "RunData", "load_source_examples", "load_train_eval", "tokenize_split",
+    "Selection", "select_examples", "load_sources", "pairs_of", "prepare_data", "data_from_examples", "TrainingData", "describe_sources", "load_source_examples", "load_train_eval", "tokenize_split",
 ]
 
 # Example ids of a separate eval split start here, so train and eval ids never collide (the
@@ -252,18 +252,18 @@ def pairs_of(selection: Selection, sources: list[LoadedSource], settings: Tokeni
 
 
 @dataclass
-class RunData:
+class TrainingData:
     """What the data stage hands to training: the pairs, and what they are made of."""
 
-    train: TokenizedPairs
-    eval: TokenizedPairs
-    label: str  # the data, in one phrase (model card, run_config.json)
+    train_pairs: TokenizedPairs
+    eval_pairs: TokenizedPairs
     sources: list[dict] = field(default_factory=list)  # per-source counts (log, run_config.json, model card)
     train_report: TokenizeReport | None = None
     eval_report: TokenizeReport | None = None
 
 
-def _label(specs: list[DatasetSpec]) -> str:
+def describe_sources(specs: list[DatasetSpec]) -> str:
+    """The data of a run in one phrase (run_config.json, the model card)."""
     if len(specs) == 1:
         return specs[0].display
     return f"mixture of {len(specs)} datasets ({', '.join(s.display for s in specs)})"
@@ -282,7 +282,7 @@ def _source_rows(sources: list[LoadedSource], selected: list[int], pairs: dict[s
     return rows
 
 
-def prepare_data(tokenizer, data_args, seed: int) -> RunData:
+def prepare_data(tokenizer, data_args, seed: int) -> TrainingData:
     """The tokenized training and eval pairs of a run (module docstring)."""
     specs = training_sources(data_args)
     if not specs:
@@ -314,15 +314,14 @@ def prepare_data(tokenizer, data_args, seed: int) -> RunData:
     for row in rows:
         logger.info("data: %s [%s] (%s): %d rows, %d bad, %d examples, %d selected -> %d train / %d eval pairs", row["dataset"], row["split"],
                     row["sampling"], row["rows"], row["bad_rows"], row["examples"], row["selected"], row.get("train_pairs", 0), row.get("eval_pairs", 0))
-    return RunData(train, evals, _label(specs), rows, train_report, eval_report if len(eval_sel) else None)
+    return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None)
 
 
-def data_from_examples(tokenizer, train: list[PreferenceExample], evals: list[PreferenceExample], settings: TokenizeSettings,
-                       label: str) -> RunData:
-    """:class:`RunData` of examples built in memory (the built-in demo)."""
+def data_from_examples(tokenizer, train: list[PreferenceExample], evals: list[PreferenceExample], settings: TokenizeSettings) -> TrainingData:
+    """:class:`TrainingData` of examples built in memory (the built-in demo)."""
     train_pairs, train_report = tokenize_split(tokenizer, train, settings, "train data")
     eval_pairs, eval_report = tokenize_split(tokenizer, evals, settings, "eval data") if evals else ([], None)
-    return RunData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), label, [], train_report, eval_report)
+    return TrainingData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), [], train_report, eval_report)
 
 
 # --- examples path (preftune eval) ------------------------------------------------------------------

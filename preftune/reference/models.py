@@ -11,7 +11,8 @@ from torch import nn
 
 from ..engine import sequence_logps
 from ..hf_helpers import find_peft_model, unwrap_model
-from ..model_hooks import model_hooks_for
+from ..model_hooks import NO_HOOKS
+from ..reft import reft_hooks
 
 __all__ = ["ReferenceFn", "ModelReference", "frozen", "model_device", "move_to"]
 
@@ -75,7 +76,7 @@ class ModelReference:
         self.adapters_off = adapters_off
         self.follow_batch_device = follow_batch_device
         # a frozen copy of a ReFT policy carries its own interventions: their batch context
-        self.batch_context = model_hooks_for(model).batch_context
+        self.batch_context = (reft_hooks(model) or NO_HOOKS).batch_context
 
     def __call__(self, policy: nn.Module | None, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         seq = self.score(batch, policy)

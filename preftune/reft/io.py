@@ -47,10 +47,10 @@ def load_reft(run_dir: str | Path, base_model: nn.Module | str | None = None) ->
         name = str(base_model) if base_model is not None else config.base_model_name_or_path
         if not name:
             raise PreftuneError(f"{str(run_dir)!r}: the ReFT config names no base model (built-in demo?); pass base_model")
-        from ..config import ModelArguments
-        from ..training_model import choose_device, load_model
+        from ..training_model import causal_lm_from_pretrained, choose_device
 
-        base_model = load_model(name, ModelArguments(model_name_or_path=name), choose_device())
+        choice = choose_device()
+        base_model = causal_lm_from_pretrained(name, kind="base model", dtype=choice.dtype, attn_implementation=choice.attn_implementation)
     if hidden_size_of(base_model) != config.hidden_size:
         raise PreftuneError(f"the ReFT interventions in {str(run_dir)!r} need hidden size {config.hidden_size}, the base model has {hidden_size_of(base_model)}")
     weights_path = run_dir / REFT_WEIGHTS_FILE
