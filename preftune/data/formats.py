@@ -152,16 +152,29 @@ def _common_message_prefix(a: list[Message], b: list[Message]) -> int:
 
 
 def common_prefix_len(a, b) -> int:
-    """Length of the longest common prefix of two strings or lists, by bisection on slice
-    equality (C-level comparisons instead of a Python loop over elements)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Length of the longest common prefix of two strings or lists.
+
+    One slice comparison settles the common case (one is a prefix of the other); otherwise
+    strings bisect on slice equality (memcmp-speed slices) and lists walk the elements (a
+    list slice copies its items, so bisection would cost more than it saves)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    if isinstance(a, str):
+        lo, hi = 0, n - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[:mid] == b[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
 
 
 def extract_string_prompt(chosen: str, rejected: str) -> int:
