@@ -139,12 +139,37 @@ def test_cache_entry_is_complete_or_absent(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", mixed_rows(10))
     cache = tmp_path / "cache"
     src = tokenized_source(tok, str(path), cache_dir=cache)
-    entries = [p for p in cache.iterdir()]
+    entries = [p for p in cache.iterdir() if p.is_dir()]
     assert [p.name for p in entries] == [src.fingerprint]  # no temporary folder left behind
     assert not (entries[0] / "scratch").exists()
     # a half-written entry (no summary.json: the last file written) is rebuilt, not read
     (entries[0] / "summary.json").unlink()
     assert not tokenized_source(tok, str(path), cache_dir=cache).from_cache
+
+
+def test_file_hash_is_remembered_by_stat_and_any_write_is_seen(tmp_path, monkeypatch):
+    import os
+
+    from preftune.data import fingerprint
+
+    path = write_jsonl(tmp_path / "d.jsonl", mixed_rows(6))
+    old = os.stat(path).st_mtime - 60
+    os.utime(path, (old, old))  # written a minute ago: past the racy window
+    reads = []
+    real = fingerprint._hash_files
+    monkeypatch.setattr(fingerprint, "_hash_files", lambda paths, root=None: reads.append(paths) or real(paths, root))
+    first = fingerprint.file_content_hash(path, tmp_path / "cache")
+    assert fingerprint.file_content_hash(path, tmp_path / "cache") == first and len(reads) == 1  # remembered
+    # same size and the same mtime put back, other bytes: the ctime still moves, so it is read again
+    path.write_text(path.read_text().replace("plus", "PLUS"))
+    os.utime(path, (old, old))
+    changed = fingerprint.file_content_hash(path, tmp_path / "cache")
+    assert changed != first and len(reads) == 2
+    # a file written just now is hashed every time (a second write in the same clock tick would not show)
+    fresh = write_jsonl(tmp_path / "fresh.jsonl", mixed_rows(8))
+    fingerprint.file_content_hash(fresh, tmp_path / "cache")
+    fingerprint.file_content_hash(fresh, tmp_path / "cache")
+    assert len(reads) == 4
 
 
 def test_tokenized_pairs_views_digest_and_pickling(tmp_path):

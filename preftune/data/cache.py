@@ -2,34 +2,24 @@
 ``datasets`` (batched, ``--dataset_num_proc`` processes), and every later run with the same
 inputs reads the result from disk.
 
-Fingerprint of an entry (sha256 over a JSON object of):
-
-* ``CACHE_FORMAT`` and the source code of the modules that read, normalise, tokenize and store
-  rows (:mod:`.io`, :mod:`.formats`, :mod:`.convert`, :mod:`.tokenize`, :mod:`.store`, this
-  one), so a changed rule never reads an old entry;
-* the source: resolved path, split, ``--dataset_format``, column names, and the **content** of
-  its files (xxh3-128 over every byte of the file, or of every file of a ``save_to_disk``
-  folder; a hub dataset: the content fingerprint ``datasets`` gives it);
-* the tokenizer: class, full serialized definition (vocabulary, merges, normalizer, pre- and
-  post-processors; the sorted vocabulary for slow tokenizers), special tokens and size;
-* the chat template text (preftune's default ChatML when the tokenizer has none);
-* the settings that change ids before truncation: ``--chat_template`` mode and EOS appending.
-
-Not in it, because they are applied when the entry is read (in milliseconds, on length arrays):
-``--max_length``, ``--max_prompt_length``, ``--truncation_mode`` (:func:`.tokenize.plan_truncation`),
-``--on_bad_row``, mixture sampling and the eval split. Changing them re-uses the entry.
+The key of an entry is :func:`.fingerprint.source_fingerprint`: the content of the data, the
+tokenizer, the chat template, the settings that change ids before truncation, and preftune's own
+reading/tokenizing code. Not in it, because they are applied when the entry is read (in
+milliseconds, on length arrays): ``--max_length``, ``--max_prompt_length``, ``--truncation_mode``
+(:func:`.tokenize.plan_truncation`), ``--on_bad_row``, mixture sampling and the eval split.
+Changing them re-uses the entry.
 
 An entry is the folder ``<cache dir>/<fingerprint>/``: a :class:`.store.PairStore` (untruncated
-ids of the usable examples) and ``summary.json`` (rows read, bad rows by reason with the first
-of each, tokenization drops, row shapes, template notes). It is built in a temporary folder and
-renamed into place, so a reader never sees half an entry; concurrent builders of one entry both
-finish and the first rename wins. The cache folder is ``--dataset_cache_dir``, else
-``$PREFTUNE_CACHE_DIR``, else ``~/.cache/preftune/tokenized``; deleting it is always safe.
+ids of the usable examples), the status of every example, and ``summary.json`` (rows read, bad
+rows by reason with the first of each, tokenization drops, row shapes, template notes). It is
+built in a temporary folder and renamed into place, so a reader never sees half an entry;
+concurrent builders of one entry both finish and the first rename wins. The cache folder is
+``--dataset_cache_dir``, else ``$PREFTUNE_CACHE_DIR``, else ``~/.cache/preftune/tokenized``;
+deleting it is always safe.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,15 +34,14 @@ from ..errors import PreftuneError
 from .convert import CONVERTERS
 from .formats import SHAPES, BadRow, ColumnMap, normalize_record
 from .io import BadRecord, Record, SourceLocation, iter_json_lines, load_hub_dataset, parse_json_line, read_records, resolve_source
+from .fingerprint import source_fingerprint
 from .store import PairStore, PairStoreWriter
-from .tokenize import DEFAULT_CHAT_TEMPLATE, DROP_REASONS, TokenizeReport, TokenizeSettings, encode_examples
+from .tokenize import DROP_REASONS, TokenizeReport, TokenizeSettings, encode_examples
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TokenizedSource", "tokenized_source", "default_cache_dir", "source_fingerprint", "tokenizer_digest"]
+__all__ = ["TokenizedSource", "tokenized_source", "default_cache_dir"]
 
-CACHE_FORMAT = "preftune-tokenized-v1"
-_CODE_MODULES = ("io.py", "formats.py", "convert.py", "tokenize.py", "store.py", "cache.py")
 AUTO_PROC_MIN_ROWS = 20_000  # below this, one process (forking workers costs more than it saves)
 
 STATUS_FILE = "example_status.npy"
@@ -98,70 +87,6 @@ class TokenizedSource:
     fingerprint: str
     from_cache: bool
     seconds: float
-
-
-# --- fingerprint ----------------------------------------------------------------------------------
-def _hash_files(paths: list[Path], root: Path | None = None) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    for p in paths:
-        h.update(str(p.relative_to(root) if root else p.name).encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _content_key(location: SourceLocation, hub_dataset=None) -> dict:
-    if location.file is not None:
-        return {"file": str(location.file.resolve()), "content": _hash_files([location.file])}
-    if location.folder is not None:
-        files = sorted(p for p in location.folder.rglob("*") if p.is_file())
-        return {"folder": str(location.folder.resolve()), "split": location.split, "content": _hash_files(files, location.folder)}
-    return {"hub": location.hub, "split": location.split, "content": getattr(hub_dataset, "_fingerprint", None)}
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """sha256 of everything about a tokenizer that can change an id (module docstring)."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id", "eos_token_id")}
-    special["all_special_tokens"] = list(getattr(tokenizer, "all_special_tokens", []))
-    special["size"] = len(tokenizer)
-    h.update(json.dumps(special, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _code_digest() -> str:
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in _CODE_MODULES:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()
-
-
-def source_fingerprint(location: SourceLocation, columns: ColumnMap, dataset_format: str, tokenizer, settings: TokenizeSettings,
-                       hub_dataset=None) -> str:
-    """The cache key of one source tokenized by ``tokenizer`` (module docstring)."""
-    template = None
-    if tokenizer is not None:
-        template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    key = {
-        "format": CACHE_FORMAT,
-        "code": _code_digest(),
-        "source": _content_key(location, hub_dataset),
-        "dataset_format": dataset_format,
-        "columns": [columns.prompt, columns.chosen, columns.rejected, columns.system, columns.tools],
-        "tokenizer": tokenizer_digest(tokenizer) if tokenizer is not None else None,
-        "chat_template": template,
-        "encoding": settings.encoding_key(),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -361,8 +286,8 @@ def tokenized_source(tokenizer, name: str, split: str = "train", columns: Column
     started = time.perf_counter()
     location = resolve_source(name, split)
     hub_dataset = load_hub_dataset(name, split) if location.hub is not None else None
-    fingerprint = source_fingerprint(location, columns, dataset_format, tokenizer, settings, hub_dataset)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    fingerprint = source_fingerprint(location, columns, dataset_format, tokenizer, settings, hub_dataset, memo_dir=root)
     entry = root / fingerprint
     from_cache = (entry / "summary.json").is_file()
     if not from_cache:
