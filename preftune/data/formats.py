@@ -142,15 +142,6 @@ def _read_tools(value: Any, field: str) -> tuple[list[dict] | None, str | None]:
     return value, None
 
 
-def _common_message_prefix(a: list[Message], b: list[Message]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def common_prefix_len(a, b) -> int:
     """Length of the longest common prefix of two strings or lists.
 
@@ -240,7 +231,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
                 return BadRow(where, "malformed messages", problem)
         chosen = _clean_messages(chosen) if isinstance(chosen, list) else [{"role": "assistant", "content": chosen}]
         rejected = _clean_messages(rejected) if isinstance(rejected, list) else [{"role": "assistant", "content": rejected}]
-        shared = _common_message_prefix(chosen, rejected)
+        shared = common_prefix_len(chosen, rejected)
         if shared == len(chosen) and shared == len(rejected):
             return BadRow(where, "chosen equals rejected", "the chosen and rejected conversations are identical")
         # the shared part must end before the first differing assistant turn
