@@ -12,7 +12,7 @@
 
 On disk the tokens are read with ``os.pread`` (no memory map), so however long a run reads
 them, they stay in the page cache and out of the process's RSS; the small per-pair arrays
-(~30 bytes a pair) are loaded.
+(~30 bytes a pair, and as much again for a run's view of them) are loaded.
 
 :class:`TokenizedPairs` (the training or eval set): a selection of rows of one or more stores,
 each with its truncation applied (:func:`preftune.data.tokenize.plan_truncation`)::
