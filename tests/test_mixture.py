@@ -189,7 +189,8 @@ def test_yaml_mixture_of_three_shapes_trains_with_counts_in_the_card(three_shape
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) >= 8 and np.mean(losses[-4:]) < np.mean(losses[:4])  # it learned something
     # preftune eval rebuilds the held-out pairs of the mixture from run_config.json
-    from preftune.evaluation import _held_out_examples
+    from preftune.config import DataSourceArguments
+    from preftune.evaluation import load_eval_examples
 
-    evals, label = _held_out_examples(config, str(out))
+    evals, label = load_eval_examples(DataSourceArguments(), given=set(), run_config=config, model_name=str(out))
     assert len(evals) == 8 and "held out" in label
