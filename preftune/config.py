@@ -18,7 +18,7 @@ from .hf_helpers import TORCH_DTYPES
 
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
-    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ReportArguments", "METHODS", "field_groups",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "METHODS", "field_groups",
     "TRAIN_OPTIONS", "GROUP_TITLES",
 ]
 
@@ -235,6 +235,9 @@ class PreftuneConfig(TrainingArguments):
     max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
+    eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
+                            "written to samples.jsonl and shown by `preftune report` (0: off; needs held-out pairs).", "training")
+    eval_generate_max_new_tokens: int = _f(64, "Longest --eval_generate answer, in tokens.", "training")
     # TrainingArguments defaults better suited to preference tuning
     learning_rate: float = _f(8e-6, "Peak learning rate (ORPO paper: 8e-6 for 7B full fine-tunes; use ~1e-4 to 5e-4 for LoRA).", "training")
     logging_steps: float = _f(10, "Log metrics every N steps.", "training")
@@ -248,7 +251,7 @@ class PreftuneConfig(TrainingArguments):
         if self.output_dir is None:
             self.output_dir = "preftune-output"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
-            # Multi-process on CPU (torchrun / accelerate launch): transformers only sets up
+            # Multi-process on CPU (torchrun, examples/cpu_2proc.sh): transformers only sets up
             # gloo DDP when use_cpu is set; without it every process trains alone.
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -266,6 +269,8 @@ class PreftuneConfig(TrainingArguments):
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
+        _require(self.eval_generate >= 0, f"--eval_generate must be >= 0 (0 turns it off), got {self.eval_generate}")
+        _require(self.eval_generate_max_new_tokens >= 1, f"--eval_generate_max_new_tokens must be at least 1, got {self.eval_generate_max_new_tokens}")
 
     @property
     def needs_reference(self) -> bool:
@@ -376,6 +381,23 @@ class ReportArguments:
         _require(self.max_generations >= 0, f"--max_generations must be >= 0, got {self.max_generations}")
 
 
+@_grouped
+@dataclass
+class ExportArguments:
+    """``preftune export`` options besides the model and how to load it."""
+
+    gguf: str | None = _f(None, "The GGUF file to write, e.g. model.gguf (required).", "export")
+    quant: str = _f("q8_0", "Type of the weight matrices: q8_0 (8-bit blocks, about half the size of f16), f16, bf16, or f32 (exact).", "export")
+    ollama: bool = _f(False, "Also write OUT.Modelfile for `ollama create` (chat template translated to Ollama's, stop tokens set).", "export")
+    overwrite: bool = _f(False, "Replace the GGUF file (and its Modelfile) if they exist.", "export")
+
+    def __post_init__(self):
+        from .export.gguf_file import QUANT_TYPES
+
+        _require(bool(self.gguf), "--gguf is required: the GGUF file to write, e.g. --gguf model.gguf")
+        _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
+
+
 GROUP_TITLES = {
     "model": "Model",
     "peft": "Parameter-efficient fine-tuning (LoRA, DoRA, QLoRA)",
@@ -388,6 +410,7 @@ GROUP_TITLES = {
     "chat": "Chat",
     "eval": "Evaluation",
     "merge": "Merge",
+    "export": "Export (GGUF)",
     "report": "Report",
 }
 

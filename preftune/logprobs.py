@@ -14,12 +14,16 @@ Given hidden states ``h`` of the *scored* positions only, shape ``(N, H)``, the 
 
 :class:`ChunkedLinearLogProbs` processes ``chunk_size`` rows at a time, so peak extra memory is
 ``O(chunk_size * V)`` instead of ``O(N * V)``. Its backward recomputes each chunk's logits
-(one extra ``(chunk, H) x (H, V)`` matmul per chunk) and uses::
+(one extra ``(chunk, H) x (H, V)`` matmul per chunk), unless the caller let it keep the forward's
+``(N, V)`` softmax (``cache_mb`` of :func:`chunked_token_logps`; ``--logprob_cache_mb``), and uses::
 
     d logp_n / d l[n, v] = 1[v = y_n] - softmax(l[n])_v
 
-The plain function :func:`reference_token_logps` computes the same thing the obvious way and is
-used by the equivalence tests and as the fallback path.
+The plain function :func:`reference_token_logps` computes the same thing the obvious way (all
+``(N, V)`` logits, then ``log_softmax``); only the tests use it, as the reference. The engine's
+other paths are its own (:mod:`preftune.engine`): a head that is not a plain ``nn.Linear`` (LoRA,
+quantized, DeepSpeed ZeRO-3 partitioned) is called chunk by chunk under activation
+checkpointing, and model types off the fast path take their logits from the full model forward.
 """
 
 from __future__ import annotations

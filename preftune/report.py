@@ -7,6 +7,7 @@ as a base64 PNG, and the CSS is inline; there is no script. It shows what the ru
 * ``run_config.json``: method, base model, data and hyper-parameters (and the full config);
 * ``run_complete.json``: the final metrics (a run without it is marked unfinished and shows
   its last logged metrics instead);
+* ``samples.jsonl`` from ``--eval_generate``: each prompt's greedy answer step by step, beside the curves;
 * ``eval.json`` and ``generations.jsonl`` from ``preftune eval``, when present.
 
 Every piece of text from those files goes through :func:`html.escape`.
@@ -69,6 +70,7 @@ img.curves{max-width:100%;height:auto;border:1px solid #eceef2}
 pre{white-space:pre-wrap;word-break:break-word;background:#f6f7f9;border-radius:4px;padding:6px 8px;margin:4px 0;font-size:.85rem}
 .gen{border-top:1px solid #eceef2;padding:10px 0}.gen h3{font-size:.95rem;margin:0 0 6px}
 .label{font-size:.8rem;color:#5a6275;margin-top:6px}
+table.samples{width:100%}table.samples pre{margin:0}tr.same pre{color:#8a91a1}
 .warn{background:#fff4e5;border-color:#f5c27a}
 footer{color:#8a91a1;font-size:.8rem;text-align:center;padding:12px}
 """
@@ -249,6 +251,46 @@ def _generations_section(rows: list[dict]) -> str:
     return f'<section id="generations"><h2>Sample generations</h2><p class="sub">Greedy answers written by <code>preftune eval --generate</code>.</p>{"".join(parts)}</section>'
 
 
+def _spread(steps: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``steps``: the first, the last and evenly spaced ones between."""
+    if len(steps) <= limit:
+        return steps
+    picks = {round(i * (len(steps) - 1) / (limit - 1)) for i in range(limit)}
+    return [steps[i] for i in sorted(picks)]
+
+
+def _samples_section(run_dir: Path, max_steps: int = 12) -> str:
+    """Each ``--eval_generate`` prompt with its answer at each recorded step; repeats are greyed."""
+    from .samples import read_samples
+
+    records = read_samples(run_dir)
+    if not records:
+        return ""
+    steps = _spread([r["step"] for r in records], max_steps)
+    by_step = {r["step"]: {s.get("example_id"): s for s in r["samples"] if isinstance(s, dict)} for r in records if r["step"] in steps}
+    prompts = {}
+    for record in records:
+        for sample in record["samples"]:
+            if isinstance(sample, dict):
+                prompts.setdefault(sample.get("example_id"), sample.get("prompt", ""))
+    parts = []
+    for number, (example_id, prompt) in enumerate(prompts.items(), start=1):
+        rows, previous = [], None
+        for step in steps:
+            answer = (by_step[step].get(example_id) or {}).get("answer")
+            if answer is None:
+                continue
+            kind = "same" if answer == previous else "changed"
+            rows.append(f'<tr class="{kind}" data-step="{step}"><td class="num">{step}</td><td><pre class="answer">{_e(answer)}</pre></td></tr>')
+            previous = answer
+        parts.append(f'<div class="gen"><h3>{number}.</h3><pre>{_e(prompt)}</pre>'
+                     f'<table class="samples"><tr><th>step</th><th>greedy answer</th></tr>{"".join(rows)}</table></div>')
+    shown = f"{len(steps)} of {len(records)} recorded steps" if len(steps) < len(records) else f"steps {', '.join(map(str, steps))}"
+    return ('<section id="samples"><h2>Sample answers during training</h2>'
+            f'<p class="sub">Greedy answers to the same {len(prompts)} held-out prompts at {_e(shown)} (<code>--eval_generate</code>, '
+            f'samples.jsonl); an answer unchanged since the previous step is grey.</p>{"".join(parts)}</section>')
+
+
 def _last_logged(run_dir: Path) -> dict:
     from .outputs import read_metrics
 
@@ -305,6 +347,7 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
         banner,
         f'<section id="summary"><div class="cards">{"".join(cards)}</div></section>' if cards else "",
         _curves_section(run_dir, rerender_curves),
+        _samples_section(run_dir),
         _final_section(final, final_title) if final else "",
         _eval_section(ev),
         _generations_section(gens),

@@ -153,7 +153,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     else:
         out = Path(args.output_dir)
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s", device.describe())
+    logger.info("preftune: %s; %d process%s", device.describe(), args.world_size, "" if args.world_size == 1 else "es")
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started)
 
@@ -169,9 +169,13 @@ def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInput
 
 def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
     """Read, select and tokenize the pairs (one-line errors naming the split or row). In a
-    multi-process run, process 0 fills the tokenized cache while the others wait, then all read it."""
+    multi-process run, process 0 fills the tokenized cache while the others wait, then all read it.
+    ``--eval_generate`` takes its prompts from the held-out pairs, so it needs some."""
     with args.main_process_first(desc="tokenizing the data"):
-        return inputs.load_data(tokenizer, data_args, args.seed)
+        data = inputs.load_data(tokenizer, data_args, args.seed)
+    if args.eval_generate and len(data.eval_pairs) == 0:
+        raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
+    return data
 
 
 def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup) -> PreparedModel:
@@ -216,9 +220,15 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
 
     out = setup.output_dir
     interrupt = InterruptCallback()
+    callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
+    if args.eval_generate:
+        from .samples import SampleAnswersCallback
+
+        pairs = data.eval_pairs[: args.eval_generate]
+        callbacks.append(SampleAnswersCallback(out, tokenizer, pairs, args.eval_generate_max_new_tokens, prepared.hooks))
     trainer = PreferenceTrainer(
         model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
-        reference=reference, hooks=prepared.hooks, callbacks=[MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt],
+        reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
     if args.process_index == 0:
         write_json(out / RUN_CONFIG_FILE, run_config)
@@ -286,6 +296,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
         "data_sources": data.sources,
+        # processes that trained together (DDP); a launcher that started fewer than asked shows here
+        "world_size": args.world_size,
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
     final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)

@@ -5,6 +5,7 @@ This module is the one place that knows the layout of a ``preftune train`` outpu
     OUT/
       run_config.json            model, data and training settings (written before training)
       metrics.jsonl              one JSON object per log event (appended during training)
+      samples.jsonl              greedy answers to fixed held-out prompts per evaluation (--eval_generate)
       checkpoint-N/              Trainer checkpoints; ``.complete`` written last, once all is on disk
       ref_logps/<fp>.safetensors precomputed DPO reference log-probs (``--precompute_ref_log_probs``)
       model.safetensors ...      the trained model (full model), or adapter_*.json/.safetensors (LoRA),
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_CONFIG_FILE", "RUN_COMPLETE_FILE", "METRICS_FILE", "CURVES_FILE", "MODEL_CARD_FILE", "EVAL_FILE",
-    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
+    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
     "TRAINER_STATE_FILE", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "check_output_dir", "list_checkpoints", "find_latest_checkpoint", "mark_checkpoint_complete",
     "resolve_resume", "read_json", "write_json", "read_run_config", "model_kind",
@@ -43,6 +44,7 @@ __all__ = [
 RUN_CONFIG_FILE = "run_config.json"
 RUN_COMPLETE_FILE = "run_complete.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 CURVES_FILE = "training_curves.png"
 MODEL_CARD_FILE = "README.md"
 REF_CACHE_DIR = "ref_logps"
@@ -105,6 +107,8 @@ def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool =
     A folder holding a finished run (``run_complete.json``) is refused unless ``overwrite`` or
     ``resuming``; a finished *demo* run may be re-run over by the demo.
     """
+    if "\0" in str(path):  # the OS refuses such names with a ValueError, not an OSError
+        raise PreftuneError(f"output_dir {str(path)!r} contains a NUL character; choose another --output_dir")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise PreftuneError(f"output_dir {str(out)!r} is a file, not a folder; choose another --output_dir")

@@ -2,25 +2,33 @@
 
 Batches are formed so that the packed tokens of each batch (``prompt + chosen + rejected``
 per pair, see :mod:`preftune.layout`) stay within ``max_tokens``, which keeps the memory peak
-steady across steps instead of being set by the longest pairs. Per epoch:
+steady across steps instead of being set by the longest pairs.
 
-1. shuffle all indices with ``(seed, epoch)``;
+Composition, once per run (from ``seed``):
+
+1. shuffle all indices;
 2. cut the shuffled list into pools of ``pool_size`` indices, sort each pool by length
    (pairs of similar length share batches, so rows pack tightly), and fill batches greedily up
-   to the budget; a pair longer than the budget gets a batch of its own;
-3. shuffle the order of the batches, then give process ``rank`` every ``num_replicas``-th
-   batch (all processes get the same number of batches, the last few dropped if needed).
+   to the budget; a pair longer than the budget gets a batch of its own.
 
-Deterministic for a seed and epoch, so resumed runs see the same batches.
+Order, per epoch (from ``seed`` and ``epoch``): shuffle the batches, then give process ``rank``
+every ``num_replicas``-th batch (all processes get the same number of batches, the last few
+dropped if needed).
+
+The composition is fixed (as fairseq's ``batch_by_size``) so that every epoch has the same
+number of batches: transformers' Trainer maps a resumed global step to (epoch, batch) with the
+first epoch's length, so epochs of varying length would resume at the wrong batch. Epoch 0 is
+the order a run always had. Deterministic for a seed and epoch, so resumed runs see the same
+batches. :class:`EpochDataLoader` passes the Trainer's ``set_epoch`` on to the sampler.
 """
 
 from __future__ import annotations
 
 import random
 
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["TokenBudgetBatchSampler", "token_budget_batches"]
+__all__ = ["TokenBudgetBatchSampler", "EpochDataLoader", "token_budget_batches"]
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int, order: list[int]) -> list[list[int]]:
@@ -55,14 +63,16 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(f"{self.seed}-{self.epoch}")
+        rng = random.Random(f"{self.seed}-0")
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         batches: list[list[int]] = []
         for start in range(0, len(order), self.pool_size):
             pool = sorted(order[start : start + self.pool_size], key=lambda i: self.lengths[i])
             batches.extend(token_budget_batches(self.lengths, self.max_tokens, pool))
-        rng.shuffle(batches)
+        # epoch 0 continues the composition's generator (the order runs have always had)
+        order_rng = rng if self.epoch == 0 else random.Random(f"{self.seed}-{self.epoch}")
+        order_rng.shuffle(batches)
         usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
         return batches[:usable]
 
@@ -71,3 +81,15 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._all_batches()) // self.num_replicas
+
+
+class EpochDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`TokenBudgetBatchSampler` whose ``set_epoch`` reaches the sampler.
+
+    transformers' Trainer calls ``set_epoch`` on the loader at the start of every epoch (a plain
+    ``DataLoader`` has none, so the sampler stayed at epoch 0); when it resumes mid-epoch it
+    wraps the sampler in accelerate's ``SkipBatchSampler`` and reaches the sampler itself.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)

@@ -155,7 +155,7 @@ class PreferenceTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if self.args.max_tokens_per_batch is None:
             return super().get_train_dataloader()
-        from .sampling import TokenBudgetBatchSampler
+        from .sampling import EpochDataLoader, TokenBudgetBatchSampler
 
         sampler = TokenBudgetBatchSampler(
             self.train_dataset.lengths(),
@@ -164,8 +164,7 @@ class PreferenceTrainer(Trainer):
             num_replicas=self.args.world_size,
             rank=self.args.process_index,
         )
-        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
-        return loader
+        return EpochDataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)

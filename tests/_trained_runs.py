@@ -11,24 +11,46 @@ import shutil
 from pathlib import Path
 
 DEMO_STEPS = 60
-_cache: dict[str, Path] = {}
+_cache: dict[str, object] = {}
 
 
 def demo_run(tmp_path_factory) -> Path:
-    """Output folder of ``preftune train --max_steps 60`` (the built-in demo), trained once."""
+    """Output folder of ``preftune train --max_steps 60`` (the built-in demo), trained once.
+
+    The weights training started from are recorded on the way (:func:`demo_initial_model`), so
+    tests can check "base" models against what the run really started from rather than against
+    a model rebuilt by the same helper the code under test uses.
+    """
     if "demo" not in _cache:
         from unittest import mock
 
         from preftune.cli import main
+        from preftune.trainer import PreferenceTrainer
 
         out = tmp_path_factory.mktemp("demo_run")
+        train = PreferenceTrainer.train
+
+        def recording_train(trainer, *args, **kwargs):
+            _cache["initial_state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            return train(trainer, *args, **kwargs)
+
         # The demo's before/after table greedily decodes 64 prompts twice, half the run's time on
         # a busy CPU; these tests never read it.
         skip_table = mock.patch("preftune.demo.evaluate_demo", return_value={"preference_accuracy": 0.0, "generation_accuracy": 0.0})
-        with skip_table:
+        with skip_table, mock.patch.object(PreferenceTrainer, "train", recording_train):
             assert main(["train", "--output_dir", str(out), "--max_steps", str(DEMO_STEPS), "--disable_tqdm", "true"]) == 0
         _cache["demo"] = out
     return _cache["demo"]
+
+
+def demo_initial_model(run: Path):
+    """The model the demo run started training from: its saved ``config.json`` built by plain
+    transformers, with the weights recorded when training began (not preftune's demo helper)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run)))
+    model.load_state_dict(_cache["initial_state"], strict=True)
+    return model.eval()
 
 
 def copy_run(run: Path, dest: Path) -> Path:

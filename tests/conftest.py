@@ -20,8 +20,8 @@ os.environ["PREFTUNE_CACHE_DIR"] = _TEST_CACHE
 atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the repository; a git worktree (e.g. wt/NAME beside main) finds it one level up.
-SHARED = next((d / "shared" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared")
+# ../shared beside the repository; a git worktree under <checkout>/../wt/NAME looks one level higher
+SHARED = next((p / "shared" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()), REPO.parent / "shared")
 SHARED_DATA = SHARED / "data"
 LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"

@@ -16,7 +16,7 @@ import torch
 
 from preftune.model_hooks import ModelHooks
 
-from _trained_runs import demo_run
+from _trained_runs import demo_initial_model, demo_run
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -198,15 +198,13 @@ def test_chat_errors_are_one_line(run, tmp_path, capsys):
 
 
 def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run, tmp_path):
-    reft = pytest.importorskip("preftune.reft")
     from transformers import AutoTokenizer
 
-    from preftune.demo import build_demo_model
+    from preftune import reft
     from preftune.inference_model import load_pretrained
 
     tok = AutoTokenizer.from_pretrained(str(run))
-    seed = json.loads((run / "run_config.json").read_text())["training"]["seed"]
-    model = build_demo_model(len(tok), seed=seed).eval()
+    model = demo_initial_model(run)  # the demo's base, as training started from it (the loader rebuilds it)
     interventions = reft.add_interventions(model, reft.ReftConfig(layers=[0, 1], rank=2, positions="l1", share_weights=True, hidden_size=64), trainable=False)
     torch.manual_seed(1)
     with torch.no_grad():

@@ -226,6 +226,19 @@ def test_missing_file_and_unsupported_type(tmp_path):
         load_examples(str(tmp_path / "x.txt"))
 
 
+def test_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
+    # the CI user is root, for whom permission bits do not apply: os.access stands in for chmod 000
+    import os
+
+    path = write_jsonl(tmp_path / "locked.jsonl", ROWS)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(path) else real_access(p, mode, *a, **k))
+    with pytest.raises(DataError, match="locked.jsonl: file is not readable .permission denied.") as e:
+        load_examples(str(path))
+    assert "\n" not in str(e.value)
+    _check(load_examples(str(write_jsonl(tmp_path / "open.jsonl", ROWS))))  # other files still load
+
+
 def test_hub_name_fails_fast_with_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PreftuneError, match="unreachable.*pass the local path"):

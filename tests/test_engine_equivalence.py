@@ -561,8 +561,11 @@ def test_cost_model_row_budget_keeps_equivalence():
     cost = attention_cost_for(model.config)
     assert 0 < cost < 1
     padded = sequence_logps(model, collate_pairs(pairs, 0, "padded"))
+    rows = {}
     for attention_cost in (1e-6, cost, 10.0):
         packed_batch = collate_pairs(pairs, 0, "packed", attention_cost=attention_cost)
+        rows[attention_cost] = packed_batch["input_ids"].shape[0]
         packed = sequence_logps(model, packed_batch)
         assert torch.allclose(packed.chosen_sum, padded.chosen_sum, atol=1e-5)
         assert torch.allclose(packed.rejected_sum, padded.rejected_sum, atol=1e-5)
+    assert rows[1e-6] == 1 and rows[10.0] > 1  # the collator really used the cost model: one row vs several

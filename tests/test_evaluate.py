@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _trained_runs import demo_eval_rows, demo_run
+from _trained_runs import demo_eval_rows, demo_initial_model, demo_run
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -77,13 +77,10 @@ def _model_and_tokenizer(path):
 
 
 def _demo_init(run):
+    """The weights the run started from (recorded during training) and the run's tokenizer."""
     from transformers import AutoTokenizer
 
-    from preftune.demo import build_demo_model
-
-    tok = AutoTokenizer.from_pretrained(str(run))
-    seed = json.loads((run / "run_config.json").read_text())["training"]["seed"]
-    return build_demo_model(len(tok), seed=seed), tok
+    return demo_initial_model(run), AutoTokenizer.from_pretrained(str(run))
 
 
 def test_eval_of_a_run_matches_plain_forward_and_the_trainers_eval(run, tmp_path, capsys):
@@ -112,9 +109,14 @@ def test_compare_base_and_generate(run, tmp_path, capsys):
     record = json.loads((out / "eval.json").read_text())
     tuned, base = record["models"]
     assert base["name"] == "base (demo init)"
-    # `base` of a demo run is the random init training started from, rebuilt from the run's seed
+    # `base` of a demo run is the random init training started from: eval rebuilds it from the
+    # run's seed; the reference is the weights recorded when that training began
     init_model, tok = _demo_init(run)
     assert_close(base["metrics"], reference_metrics(init_model, tok, demo_eval_rows()[:16], beta=0.2))
+    from preftune.inference_model import load_base
+
+    rebuilt = load_base(str(run)).model.state_dict()  # what `--compare base` evaluates: bit for bit the start
+    assert all(torch.equal(rebuilt[k], v) for k, v in init_model.state_dict().items())
     # something real moved during the 60 steps
     assert tuned["metrics"]["nll_loss"] < base["metrics"]["nll_loss"] - 0.5
     assert tuned["metrics"]["logps/chosen"] > base["metrics"]["logps/chosen"]

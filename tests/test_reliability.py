@@ -37,18 +37,29 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "model.safetensors"))
 
 
+def world_size_seen(run_dir) -> int:
+    """The number of processes the run itself trained with (rank 0 writes it in run_config.json)."""
+    return json.loads((Path(run_dir) / "run_config.json").read_text())["world_size"]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
-    """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once."""
+    """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once.
+
+    The 2-process run goes through the shipped recipe, examples/cpu_2proc.sh (torchrun), and the
+    run itself must report a world size of 2: equal outputs from a launcher that silently started
+    one process (as `accelerate launch` does on CPU) would prove nothing."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0"]
     r1 = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(single), "--per_device_train_batch_size", "8", *common],
                         capture_output=True, text=True, env=env(), timeout=300)
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "preftune", "train",
-                         "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
-                        capture_output=True, text=True, env=env(), timeout=400)
+    recipe_env = dict(env(), PYTHON=sys.executable, PET_MASTER_PORT=str(free_port()))
+    r2 = subprocess.run(["sh", str(REPO / "examples" / "cpu_2proc.sh"), "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
+                        capture_output=True, text=True, env=recipe_env, timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
+    assert world_size_seen(single) == 1 and world_size_seen(ddp) == 2
+    assert "; 2 processes" in r2.stderr and "; 1 process\n" in r1.stderr
     l1, _ = losses(single)
     l2, recs2 = losses(ddp)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]
@@ -182,3 +193,53 @@ def test_preflight_out_of_memory_suggests_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised as OOM
         memory_preflight(trainer, pairs)
+
+
+def test_token_budget_run_interrupted_in_a_later_epoch_resumes_exactly(tmp_path):
+    """--max_tokens_per_batch: a run stopped by SIGTERM in its second epoch and resumed from the
+    checkpoint ends with the weights of the uninterrupted run (same batches, same order, each epoch)."""
+    from transformers import TrainerCallback
+
+    from preftune.config import PreftuneConfig
+    from preftune.reliability import CheckpointMarkerCallback, InterruptCallback
+    from preftune.trainer import PreferenceTrainer
+    from test_trainer import random_pairs
+
+    from conftest import tiny_llama
+
+    pairs = random_pairs(40)
+
+    class SigtermAt(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)  # caught by InterruptCallback: save, then stop
+
+    def trainer(out, *callbacks):
+        args = PreftuneConfig(output_dir=str(out), report_to="none", max_tokens_per_batch=60, num_train_epochs=3, disable_tqdm=True,
+                              learning_rate=3e-3, save_strategy="no", logging_steps=1, seed=11, use_cpu=True)
+        return PreferenceTrainer(model=tiny_llama(seed=2), args=args, train_pairs=pairs, pad_token_id=0, callbacks=list(callbacks))
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    steps_per_epoch = len(full.get_train_dataloader())
+    assert full.state.global_step == 3 * steps_per_epoch
+    stop_at = steps_per_epoch + 3  # inside the second epoch
+
+    interrupt = InterruptCallback()
+    cut = trainer(tmp_path / "cut", SigtermAt(stop_at), interrupt, CheckpointMarkerCallback())
+    cut.train()
+    assert interrupt.received == signal.SIGTERM and cut.state.global_step == stop_at
+    ckpt = find_latest_checkpoint(tmp_path / "cut")
+    assert ckpt is not None and ckpt.name == f"checkpoint-{stop_at}"
+
+    resumed = trainer(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == full.state.global_step
+    want = dict(full.model.named_parameters())
+    diff = max((p - want[n]).abs().max().item() for n, p in resumed.model.named_parameters())
+    assert diff <= 1e-6, diff
+    start = dict(tiny_llama(seed=2).named_parameters())
+    assert max((p - start[n]).abs().max().item() for n, p in want.items()) > 1e-2  # the weights moved

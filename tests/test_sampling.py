@@ -34,6 +34,15 @@ def test_deterministic_per_epoch_and_reshuffled_across_epochs():
     first = list(a)
     a.set_epoch(1)
     assert list(a) != first
+    # the same batches in a new order: every epoch has the same length (what exact resume needs)
+    assert sorted(list(a)) == sorted(first) and len(a) == len(first)
+    big = lengths(3000)  # several pools
+    epochs = []
+    for epoch in (0, 1, 2):
+        s = TokenBudgetBatchSampler(big, 256, seed=3, num_replicas=2, rank=1)
+        s.set_epoch(epoch)
+        epochs.append(list(s))
+    assert len({len(e) for e in epochs}) == 1 and epochs[0] != epochs[1] != epochs[2]
 
 
 def test_replicas_disjoint_and_equal():
@@ -48,7 +57,9 @@ def test_token_budget_batches_greedy():
     assert token_budget_batches([5, 5, 5, 20, 1], 10, [0, 1, 2, 3, 4]) == [[0, 1], [2], [3], [4]]
 
 
-def test_trainer_with_token_budget(tmp_path):
+def test_trainer_trains_on_the_samplers_batches_and_reshuffles_each_epoch(tmp_path):
+    """The micro-batches the trainer computes losses on are exactly the sampler's batches, epoch by
+    epoch (the trainer must move the sampler to each new epoch), and respect the token budget."""
     from preftune.config import PreftuneConfig
     from preftune.trainer import PreferenceTrainer
     from test_trainer import random_pairs
@@ -56,14 +67,26 @@ def test_trainer_with_token_budget(tmp_path):
     from conftest import tiny_llama
 
     pairs = random_pairs(40)
-    seen = []
-    args = PreftuneConfig(output_dir=str(tmp_path), report_to="none", max_tokens_per_batch=60, num_train_epochs=1, disable_tqdm=True,
-                          learning_rate=1e-3, save_strategy="no", logging_steps=1)
+    args = PreftuneConfig(output_dir=str(tmp_path), report_to="none", max_tokens_per_batch=60, num_train_epochs=2, disable_tqdm=True,
+                          learning_rate=1e-3, save_strategy="no", logging_steps=1, seed=5)
     trainer = PreferenceTrainer(model=tiny_llama(), args=args, train_pairs=pairs, pad_token_id=0)
-    loader = trainer.get_train_dataloader()
-    for batch in loader:
-        seen.extend(batch["example_ids"].tolist())
-        assert int(batch["num_tokens"]) <= 60 or int(batch["num_pairs"]) == 1
-    assert sorted(seen) == list(range(40))
-    out = trainer.train()
-    assert trainer.state.global_step == len(loader) and out.training_loss > 0
+    trained = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *a, **k):
+        if model.training:
+            trained.append(inputs["example_ids"].tolist())
+            assert int(inputs["num_tokens"]) <= 60 or int(inputs["num_pairs"]) == 1
+        return compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = recording
+    trainer.train()
+    epochs = []
+    for epoch in (0, 1):
+        sampler = TokenBudgetBatchSampler([p.packed_length for p in pairs], 60, seed=5)
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    assert trained == epochs[0] + epochs[1]
+    assert epochs[0] != epochs[1]  # a new order in the second epoch (what the trainer must pass on)
+    assert sorted(i for b in epochs[0] for i in b) == list(range(40))
+    assert trainer.state.global_step == len(trained)

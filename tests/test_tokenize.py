@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from preftune.data.formats import PreferenceExample
-from preftune.data.tokenize import DEFAULT_CHAT_TEMPLATE, TokenizeSettings, tokenize_examples
+from preftune.data.tokenize import TokenizeSettings, tokenize_examples
 
 LLAMA2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -83,8 +83,16 @@ def test_default_template_used_once_and_logged(llama2_tokenizer, caplog):
         pairs, report = tokenize_examples(tok, rows, no_limits())
     assert report.used_default_template
     assert sum("default ChatML template" in r.message for r in caplog.records) == 1
-    assert "<|im_start|>assistant" in tok.decode(pairs[0].prompt)
-    assert DEFAULT_CHAT_TEMPLATE.startswith("{% for message in messages %}")
+    # the pair is the ChatML text written out by hand (BOS added, as for plain text), not just
+    # anything containing the assistant marker
+    chatml_prompt = "<|im_start|>user\nq0<|im_end|>\n<|im_start|>assistant\n"
+    natural = lambda text: [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert pairs[0].prompt == natural(chatml_prompt)
+    assert pairs[0].prompt + pairs[0].chosen == natural(chatml_prompt + "a<|im_end|>\n") + [tok.eos_token_id]
+    # a tokenizer with its own template does not get the default
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    _, own = tokenize_examples(tok, rows[:1], no_limits())
+    assert not own.used_default_template
 
 
 def test_truncation_keep_end_keep_start_and_completion(demo_tokenizer):

@@ -23,6 +23,9 @@ def reft_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         raise PreftuneError("reft_generate: this model carries no ReFT interventions (load them with load_reft)")
     if generate_kwargs.get("use_cache") is False:
         raise PreftuneError("reft_generate needs use_cache=True: the interventions act on the prompt during prefill only")
+    # Explicitly: a model saved by a training run has use_cache=False in its config (the Trainer
+    # sets it), and without the cache every step would recompute the prompt without interventions.
+    generate_kwargs["use_cache"] = True
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if attention_mask is None:
