@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["TokenizedSource", "tokenized_source", "default_cache_dir"]
 
 AUTO_PROC_MIN_ROWS = 20_000  # below this, one process (forking workers costs more than it saves)
+PROGRESS_MIN_ROWS = 20_000  # below this, tokenizing takes seconds: no progress bar between the log lines
 
 STATUS_FILE = "example_status.npy"
 # Row status in the tokenized table.
@@ -240,29 +242,44 @@ def _unwrap_generation_error(e: Exception):
     raise e
 
 
+@contextmanager
+def _progress_bars(shown: bool):
+    """``datasets``' progress bars on or off for the block, then as they were (they are global)."""
+    import datasets
+
+    was_shown = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_shown else datasets.disable_progress_bars)()
+
+
 def _build(folder: Path, name: str, split: str, location: SourceLocation, columns: ColumnMap, dataset_format: str,
            tokenizer, settings: TokenizeSettings, num_proc: int | None, hub_dataset, fingerprint: str) -> None:
     import datasets
 
     scratch = folder / "scratch"
     scratch.mkdir(parents=True)
-    try:
-        raw = datasets.Dataset.from_generator(
-            _raw_rows, gen_kwargs={"name": name, "split": split, "location": location, "hub_dataset": hub_dataset},
-            features=datasets.Features({k: datasets.Value("string") for k in ("where", "text", "reason", "detail")}),
-            cache_dir=str(scratch / "raw"), fingerprint=f"raw{fingerprint[:32]}",
-        )
+    try:  # reading the rows into Arrow: no bar (its "Generating train split" names nothing the user chose)
+        with _progress_bars(False):
+            raw = datasets.Dataset.from_generator(
+                _raw_rows, gen_kwargs={"name": name, "split": split, "location": location, "hub_dataset": hub_dataset},
+                features=datasets.Features({k: datasets.Value("string") for k in ("where", "text", "reason", "detail")}),
+                cache_dir=str(scratch / "raw"), fingerprint=f"raw{fingerprint[:32]}",
+            )
     except Exception as e:  # noqa: BLE001 - re-raised below
         _unwrap_generation_error(e)
     procs = min(_num_proc(num_proc, len(raw)), max(len(raw), 1))
-    mapped = raw.map(
-        _tokenize_rows, batched=True, batch_size=500, num_proc=procs if procs > 1 else None,
-        remove_columns=raw.column_names, features=_output_features(),
-        fn_kwargs={"tokenizer": tokenizer, "columns": columns, "dataset_format": dataset_format, "mode": settings.chat_template,
-                   "add_eos": settings.add_eos, "json_lines": location.is_json_lines},
-        cache_file_name=str(scratch / "tokenized.arrow"), new_fingerprint=f"tok{fingerprint[:32]}", load_from_cache_file=False,
-        desc=f"tokenizing {name}",
-    )
+    with _progress_bars(len(raw) >= PROGRESS_MIN_ROWS and datasets.is_progress_bar_enabled()):
+        mapped = raw.map(
+            _tokenize_rows, batched=True, batch_size=500, num_proc=procs if procs > 1 else None,
+            remove_columns=raw.column_names, features=_output_features(),
+            fn_kwargs={"tokenizer": tokenizer, "columns": columns, "dataset_format": dataset_format, "mode": settings.chat_template,
+                       "add_eos": settings.add_eos, "json_lines": location.is_json_lines},
+            cache_file_name=str(scratch / "tokenized.arrow"), new_fingerprint=f"tok{fingerprint[:32]}", load_from_cache_file=False,
+            desc=f"tokenizing {name}",
+        )
     summary = SourceSummary(rows=len(raw))
     max_id = len(tokenizer) - 1 if tokenizer is not None else 0
     writer = PairStoreWriter(folder, max_id=max_id)
