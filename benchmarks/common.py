@@ -491,7 +491,6 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
         **optional,
         method=method,
         beta=spec["beta"],
-        loss_type="sigmoid",
         nll_on_prompt=spec.get("nll_on_prompt", False),
         batch_layout=spec["layout"],
         logprob_chunk_size=spec["chunk_size"],

@@ -26,6 +26,7 @@ COMMANDS = {
     "report": ("preftune.commands.report", "cmd_report", "write a self-contained HTML report of a run"),
     "merge": ("preftune.commands.merge", "cmd_merge", "merge a LoRA adapter into its base model"),
     "export": ("preftune.commands.export", "cmd_export", "write a model as a GGUF file for llama.cpp / Ollama / LM Studio"),
+    "verify": ("preftune.commands.verify", "cmd_verify", "check a run folder and its checkpoints for damaged or missing files"),
     "convert": ("preftune.commands.convert", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
     "data": ("preftune.commands.data", "cmd_data", "inspect preference data: bad rows, token lengths, what max_length cuts"),
 }

@@ -15,14 +15,13 @@ from transformers import TrainingArguments
 
 from .errors import PreftuneError
 from .hf_helpers import TORCH_DTYPES
+from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_LOSS_TYPES
 
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
-    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "METHODS", "field_groups",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
     "TRAIN_OPTIONS", "GROUP_TITLES",
 ]
-
-METHODS = ("orpo", "dpo", "simpo", "cpo", "sft")
 
 
 # Help group of every field, per options class, filled by @_grouped (argparse rejects unknown
@@ -50,6 +49,16 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _method_help() -> str:
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in _methods().items()) + "."
+
+
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
 
 
 def _require(cond: bool, msg: str):
@@ -135,6 +144,8 @@ class DataSourceArguments:
     rejected_column: str = _f("rejected", "Column with the dispreferred answer.", "data")
     system_column: str = _f("system", "Column with an optional system prompt.", "data")
     tools_column: str = _f("tools", "Column with optional tool (function) JSON schemas, passed to the chat template.", "data")
+    completion_column: str = _f("completion", "Unpaired data (--method kto): column with the completion.", "data")
+    label_column: str = _f("label", "Unpaired data (--method kto): column with the label, true (desirable) or false (undesirable).", "data")
     on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
 
     def __post_init__(self):
@@ -217,16 +228,34 @@ class DataArguments(DataSourceArguments, TokenizeArguments):
 class PreftuneConfig(TrainingArguments):
     """``TrainingArguments`` plus the preference-method settings. ``ORPOConfig`` is the same class."""
 
-    method: str = _f("orpo", "Alignment method: orpo (default), dpo, simpo, cpo, sft.", "method")
-    beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO: inverse temperature beta.", "method")
-    loss_type: str = _f("sigmoid", "DPO loss variant (TRL names): sigmoid, ipo, hinge, robust.", "method")
-    label_smoothing: float = _f(0.0, "DPO robust: assumed label-noise rate eps in [0, 0.5).", "method")
+    method: str = _f("orpo", "Alignment method: " + _method_help(), "method")
+    beta: float = _f(0.1, "ORPO: weight of the odds-ratio term (the paper's lambda, the authors' alpha). DPO/SimPO/CPO/KTO: inverse temperature beta (IPO's tau).", "method")
+    loss_type: list[str] | None = _f(
+        None,
+        "Loss variant(s), TRL's names. dpo: " + ", ".join(DPO_LOSS_TYPES) + " (default sigmoid); several at once are summed "
+        "with --loss_weights, e.g. --loss_type sigmoid sft --loss_weights 1.0 0.5 (RPO) or a YAML list. kto: " + ", ".join(KTO_LOSS_TYPES) + " (default kto).",
+        "method",
+    )
+    loss_weights: list[float] | None = _f(None, "DPO: one weight per --loss_type (default 1.0 each).", "method")
+    label_smoothing: float = _f(0.0, "DPO: label-noise rate eps in [0, 0.5): robust, exo_pair (needs > 0), aot, aot_unpaired, and conservative DPO for sigmoid.", "method")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma.", "method")
     cpo_alpha: float = _f(1.0, "CPO: weight of the NLL term.", "method")
+    ld_alpha: float | None = _f(None, "DPO (LD-DPO): weight alpha in [0, 1] of completion tokens beyond the shorter completion of each pair (1: plain DPO, 0: shared length only).", "method")
+    f_divergence_type: str = _f("reverse_kl", "DPO (f-DPO): " + ", ".join(F_DIVERGENCES) + "; a non-default one needs loss types built on the reward difference: "
+                                + ", ".join(F_DIVERGENCE_LOSS_TYPES) + ".", "method")
+    f_alpha_divergence_coef: float = _f(0.5, "DPO: alpha of --f_divergence_type alpha_divergence.", "method")
+    discopop_tau: float = _f(0.05, "DPO: temperature tau of --loss_type discopop.", "method")
+    use_weighting: bool = _f(False, "DPO (WPO): weight each pair by its length-normalised policy probabilities.", "method")
+    bco_running_mean: bool = _f(False, "DPO bco_pair: shift rewards by their running mean over optimizer steps (the BCO paper's delta; TRL 1.16 uses none). Saved in checkpoints.", "method")
+    desirable_weight: float = _f(1.0, "KTO: weight of the desirable examples' losses (lambda_D).", "method")
+    undesirable_weight: float = _f(1.0, "KTO: weight of the undesirable examples' losses (lambda_U).", "method")
     nll_on_prompt: bool = _f(False, "Include prompt tokens in the NLL (TRL's ORPO behaviour); the paper uses completion tokens only.", "method")
     router_aux_loss_coef: float | None = _f(None, "MoE: weight of the router load-balancing loss (default: the model config's, when it sets output_router_logits).", "method")
-    ref_model_name_or_path: str | None = _f(None, "DPO: reference model (default: the starting policy; for PEFT runs, the base model with adapters disabled).", "method")
-    precompute_ref_log_probs: bool = _f(False, "DPO: compute reference log-probs once before training, cached on disk under output_dir.", "method")
+    ref_model_name_or_path: str | None = _f(None, "DPO/KTO: reference model (default: the starting policy; for PEFT runs, the base model with adapters disabled).", "method")
+    precompute_ref_log_probs: bool = _f(False, "DPO/KTO: compute reference log-probs once before training, cached on disk under output_dir.", "method")
+    sync_ref_model: bool = _f(False, "DPO/KTO (TR-DPO): every --ref_model_sync_steps steps set the reference to alpha * policy + (1 - alpha) * reference. Needs a separate reference model (not PEFT adapters-off, not precomputed).", "method")
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO: alpha in [0, 1] of --sync_ref_model.", "method")
+    ref_model_sync_steps: int = _f(512, "TR-DPO: optimizer steps between reference updates (the paper's tau).", "method")
     batch_layout: str = _f("packed", "packed: prefix-shared, padding-free (default); padded: TRL-style reference layout.", "engine")
     row_budget: int | None = _f(None, "packed layout: tokens per packed row (default: chosen per batch by a cost model of padding vs attention).", "engine")
     max_tokens_per_batch: int | None = _f(None, "Form batches by token count instead of pair count (steady memory peak).", "engine")
@@ -258,12 +287,8 @@ class PreftuneConfig(TrainingArguments):
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
-        _require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        from .losses import DPO_LOSS_TYPES
-
-        _require(self.loss_type in DPO_LOSS_TYPES, f"--loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}")
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
-        _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        self._check_method()
         _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
         _require(self.logprob_chunk_size >= 1, f"--logprob_chunk_size must be at least 1, got {self.logprob_chunk_size}")
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
@@ -272,9 +297,55 @@ class PreftuneConfig(TrainingArguments):
         _require(self.eval_generate >= 0, f"--eval_generate must be >= 0 (0 turns it off), got {self.eval_generate}")
         _require(self.eval_generate_max_new_tokens >= 1, f"--eval_generate_max_new_tokens must be at least 1, got {self.eval_generate_max_new_tokens}")
 
+    def _check_method(self) -> None:
+        """Resolve ``loss_type`` and check every method setting against the method's declaration."""
+        from .methods import Hyperparameters, get_method
+
+        spec = get_method(self.method)
+        if isinstance(self.loss_type, str):  # a YAML scalar or a Python string
+            self.loss_type = [self.loss_type]
+        if isinstance(self.loss_weights, (int, float)):
+            self.loss_weights = [self.loss_weights]
+        if self.loss_type is None:
+            self.loss_type = list(spec.loss_types[:1])
+        _require(bool(spec.loss_types) or not self.loss_type, f"--loss_type chooses a variant of dpo or kto; --method {spec.name} has none (drop --loss_type)")
+        for name in self.loss_type:
+            _require(name in spec.loss_types, f"--loss_type must be one of {', '.join(spec.loss_types)} for --method {spec.name}, got {name!r}")
+        _require(self.loss_type or not spec.loss_types, f"--loss_type needs at least one of {', '.join(spec.loss_types)}")
+        if self.loss_weights is not None:
+            _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.loss_weights), f"--loss_weights must be numbers, got {self.loss_weights}")
+            self.loss_weights = [float(w) for w in self.loss_weights]
+        # another method's optional knob is a mistake, not something to ignore silently
+        defaults = Hyperparameters(loss_type=tuple(self.loss_type))
+        for name in ("loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type", "use_weighting", "bco_running_mean",
+                     "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) != getattr(defaults, name) and name not in spec.hyperparameters:
+                users = ", ".join(m for m, s in _methods().items() if name in s.hyperparameters)
+                raise PreftuneError(f"--{name} does not apply to --method {spec.name} (it is a setting of {users}); drop it")
+        _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        _require(self.f_divergence_type in F_DIVERGENCES, f"--f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {self.f_divergence_type!r}")
+        _require(self.discopop_tau > 0, f"--discopop_tau must be positive, got {self.discopop_tau}")
+        _require(self.desirable_weight >= 0 and self.undesirable_weight >= 0, "--desirable_weight and --undesirable_weight must be >= 0")
+        _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
+        _require(self.ref_model_sync_steps >= 1, f"--ref_model_sync_steps must be at least 1, got {self.ref_model_sync_steps}")
+        if self.sync_ref_model:
+            _require(spec.needs_reference, f"--sync_ref_model updates a reference model; --method {spec.name} has none")
+            _require(not self.precompute_ref_log_probs, "--sync_ref_model updates the reference during training, so its log-probs cannot be "
+                     "precomputed: drop --precompute_ref_log_probs or --sync_ref_model")
+        if spec.validate is not None:
+            spec.validate(self)
+        if spec.mismatched_completions(Hyperparameters.from_config(self)):
+            # each example's KL completion comes from its batch neighbours in data order (TRL's rule)
+            _require(self.train_sampling_strategy in ("random", "sequential"), f"--method {spec.name} takes batches in data order (its KL completions "
+                     f"come from each batch's neighbours); --train_sampling_strategy {self.train_sampling_strategy} would break that pairing")
+            self.train_sampling_strategy = "sequential"
+
     @property
     def needs_reference(self) -> bool:
-        return self.method == "dpo"
+        from .methods import get_method
+
+        return get_method(self.method).needs_reference
 
 
 ORPOConfig = PreftuneConfig
@@ -398,6 +469,14 @@ class ExportArguments:
         _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
 
 
+@_grouped
+@dataclass
+class VerifyArguments:
+    """``preftune verify`` options besides the run folder."""
+
+    sizes_only: bool = _f(False, "Compare file sizes only, without reading the files (instant; blind to damage that keeps the size).", "verify")
+
+
 GROUP_TITLES = {
     "model": "Model",
     "peft": "Parameter-efficient fine-tuning (LoRA, DoRA, QLoRA)",
@@ -412,6 +491,7 @@ GROUP_TITLES = {
     "merge": "Merge",
     "export": "Export (GGUF)",
     "report": "Report",
+    "verify": "Verify",
 }
 
 TRAIN_OPTIONS = (ModelArguments, DataArguments, PreftuneConfig)

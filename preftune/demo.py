@@ -137,20 +137,26 @@ class DemoInputs:
 
     def __init__(self):
         self._eval_rows: list[dict] = []
+        self._eval_examples: list = []
 
     def load_tokenizer(self):
         return build_demo_tokenizer()
 
-    def load_data(self, tokenizer, data_args, seed: int):
+    def load_data(self, tokenizer, data_args, seed: int, unpaired: bool = False, kl_group: int | None = None):
         from .data.splits import data_from_examples, tokenize_settings_of
 
-        train, evals, self._eval_rows = demo_examples()
-        return data_from_examples(tokenizer, train, evals, tokenize_settings_of(data_args))
+        train, self._eval_examples, self._eval_rows = demo_examples()
+        return data_from_examples(tokenizer, train, self._eval_examples, tokenize_settings_of(data_args), unpaired, kl_group)
 
     def load_model(self, tokenizer, device, seed: int):
         return build_demo_model(len(tokenizer), seed=seed)
 
     def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float]:
+        if eval_pairs and eval_pairs[0].label is not None:  # an unpaired method (KTO): the table compares pairs
+            from .data.tokenize import TokenizeSettings, tokenize_examples
+
+            settings = TokenizeSettings(max_length=DEMO_TRAINING["max_length"], max_prompt_length=DEMO_TRAINING["max_prompt_length"])
+            eval_pairs = tokenize_examples(tokenizer, self._eval_examples, settings)[0]
         return evaluate_demo(model, tokenizer, self._eval_rows, eval_pairs, hooks)
 
 

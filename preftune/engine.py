@@ -5,7 +5,9 @@
 into per-token log-probs through the LM head in chunks (:mod:`preftune.logprobs`). It returns
 per-sequence sums and counts, from which every loss takes what it needs: length-averaged
 log-probs (ORPO, SimPO), summed log-probs (DPO, CPO) and the chosen NLL, all from the same
-per-token values in one pass.
+per-token values in one pass. On request it also returns WPO's per-sequence "aligned" sums
+(``Σ_t log p(y_t) − log Σ_v p_v²``, no gradient), and a batch may weight completion tokens
+(LD-DPO's ``score_weight``, see :mod:`preftune.layout`).
 
 For model families whose logits are not simply ``lm_head(hidden)`` up to a known transform,
 the engine falls back to the full model forward (all logits) with a one-line warning.
@@ -16,20 +18,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, ContextManager, TypeVar
+from typing import Callable, ContextManager, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from .hf_helpers import unwrap_model
-from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps
+from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps, log_sum_sq_probs
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["SequenceLogps", "resolve_lm_head", "sequence_logps", "token_logps", "score_pairs", "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
+__all__ = ["SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
+           "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
@@ -51,9 +54,12 @@ class LMHeadSpec:
 class SequenceLogps:
     """Per-sequence statistics of one batch of ``B`` pairs. Shapes ``(B,)``.
 
-    ``*_sum``: summed completion log-probs; ``*_count``: completion tokens;
-    ``nll_sum``/``nll_count``: summed negative log-likelihood and token count of the chosen
-    sequence (completion only, or prompt + completion when prompt tokens were scored).
+    ``*_sum``: summed completion log-probs (each token times its ``score_weight`` when the batch
+    has one: LD-DPO); ``*_count``: completion tokens; ``nll_sum``/``nll_count``: summed negative
+    log-likelihood (unweighted) and token count of the chosen sequence (completion only, or
+    prompt + completion when prompt tokens were scored). ``*_aligned_sum`` (only when asked
+    for, no gradient): ``Σ_t log p(y_t) − log Σ_v p_v²`` over completion tokens, for WPO.
+    For unpaired examples (KTO) "chosen" is the completion and "rejected" its KL completion.
     """
 
     chosen_sum: torch.Tensor
@@ -63,6 +69,8 @@ class SequenceLogps:
     nll_sum: torch.Tensor
     nll_count: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    chosen_aligned_sum: torch.Tensor | None = None
+    rejected_aligned_sum: torch.Tensor | None = None
 
     @property
     def chosen_avg(self) -> torch.Tensor:
@@ -156,14 +164,17 @@ def _attention_mask_for(
     return {"full_attention": convert(mask), "sliding_attention": convert(sliding)}
 
 
-def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0) -> torch.Tensor:
+def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0,
+                with_log_sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``(S,)`` and, when asked for, ``log Σ_v p_v²`` ``(S,)`` (no gradient)."""
     head = spec.head
     # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
     if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
-        return chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb)
+        out = chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb, with_log_sum_sq)
+        return out if with_log_sum_sq else (out, None)
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
-    pieces = []
+    pieces, squares = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         t = targets[start : start + chunk_size]
@@ -176,7 +187,12 @@ def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, c
             pieces.append(torch.utils.checkpoint.checkpoint(piece, h, use_reentrant=False))
         else:
             pieces.append(piece(h))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        if with_log_sum_sq:
+            with torch.no_grad():
+                squares.append(log_sum_sq_probs(spec.transform.apply(head(h).float())))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(pieces) if pieces else empty
+    return logps, ((torch.cat(squares) if squares else empty) if with_log_sum_sq else None)
 
 
 def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) -> torch.Tensor | None:
@@ -196,6 +212,15 @@ def _router_aux_loss(model: nn.Module, router_logits, token_mask: torch.Tensor) 
 _WRAPPER_CLASS_NAMES = {"DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine", "DataParallel"}
 
 BatchContext = Callable[[dict], ContextManager] | None
+
+
+class TokenLogps(NamedTuple):
+    """Per scored token, ``(S,)`` float32: ``logps``; ``log_sum_sq`` (``log Σ_v p_v²``, no gradient,
+    only when asked for); and the batch's MoE ``aux_loss`` (scalar, or None)."""
+
+    logps: torch.Tensor
+    aux_loss: torch.Tensor | None
+    log_sum_sq: torch.Tensor | None = None
 
 
 def run_inside_wrapper(model: nn.Module, compute: Callable[[nn.Module], T]) -> T:
@@ -223,17 +248,19 @@ def run_inside_wrapper(model: nn.Module, compute: Callable[[nn.Module], T]) -> T
 
 
 def token_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
-                batch_context: BatchContext = None):
-    """Per-token log-probs of the scored tokens, ``(S,)`` float32, and the MoE aux loss (or None).
+                batch_context: BatchContext = None, with_log_sum_sq: bool = False) -> TokenLogps:
+    """Per-token log-probs of the scored tokens (see :class:`TokenLogps`).
 
     ``batch_context(batch)``, when given, is entered around the decoder forward (a model's
     :class:`preftune.model_hooks.ModelHooks`; ReFT sets its prompt positions there). A
     distributed wrapper runs the computation inside its forward (:func:`run_inside_wrapper`).
+    ``with_log_sum_sq``: also return ``log Σ_v p_v²`` per token (WPO).
     """
-    return run_inside_wrapper(model, lambda inner: _token_logps_local(inner, batch, chunk_size, cache_mb, batch_context))
+    return run_inside_wrapper(model, lambda inner: _token_logps_local(inner, batch, chunk_size, cache_mb, batch_context, with_log_sum_sq))
 
 
-def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float, batch_context: BatchContext):
+def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb: float, batch_context: BatchContext,
+                       with_log_sum_sq: bool = False) -> TokenLogps:
     config = getattr(unwrap_model(model), "config", None)
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
@@ -254,7 +281,7 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
-        logps = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb)
+        logps, log_sum_sq = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb, with_log_sum_sq)
     else:
         dtype = next(model.parameters()).dtype
         kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
@@ -263,21 +290,31 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
         logits = out.logits  # (R, T, V)
         selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_index"]).float()
         logps = selected.gather(1, batch["score_target"][:, None]).squeeze(1) - torch.logsumexp(selected, -1)
+        log_sum_sq = log_sum_sq_probs(selected.detach()) if with_log_sum_sq else None
     aux = _router_aux_loss(model, getattr(out, "router_logits", None), batch["token_mask"]) if want_router else None
-    return logps, aux
+    return TokenLogps(logps, aux, log_sum_sq)
 
 
-def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> SequenceLogps:
-    """Sum per-token log-probs ``(S,)`` into per-sequence statistics ``(B,)`` via ``score_seq``."""
+def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None, log_sum_sq: torch.Tensor | None = None) -> SequenceLogps:
+    """Sum per-token log-probs ``(S,)`` into per-sequence statistics ``(B,)`` via ``score_seq``.
+
+    Completion sums weight each token by ``batch["score_weight"]`` when present (LD-DPO); the
+    NLL and the WPO aligned sums (from ``log_sum_sq``, when given) are unweighted.
+    """
     b = int(batch["num_pairs"])
     seq = batch["score_seq"]
     is_completion = batch["score_is_completion"]
     zeros = torch.zeros(2 * b, dtype=logps.dtype, device=logps.device)
-    completion_sum = zeros.index_add(0, seq, torch.where(is_completion, logps, torch.zeros_like(logps)))
+    weighted = logps * batch["score_weight"].to(logps.dtype) if "score_weight" in batch else logps
+    completion_sum = zeros.index_add(0, seq, torch.where(is_completion, weighted, torch.zeros_like(logps)))
     completion_count = zeros.detach().index_add(0, seq, is_completion.to(logps.dtype))
     # chosen NLL: every scored token of the chosen sequence (completion, plus prompt if scored)
     all_sum = zeros.index_add(0, seq, logps)
     all_count = zeros.detach().index_add(0, seq, torch.ones_like(logps))
+    aligned = None
+    if log_sum_sq is not None:
+        per_token = torch.where(is_completion, logps.detach() - log_sum_sq, torch.zeros_like(logps))
+        aligned = zeros.detach().index_add(0, seq, per_token)
     return SequenceLogps(
         chosen_sum=completion_sum[:b],
         rejected_sum=completion_sum[b:],
@@ -286,18 +323,21 @@ def reduce_sequence_logps(batch: dict, logps: torch.Tensor, aux_loss=None) -> Se
         nll_sum=-all_sum[:b],
         nll_count=all_count[:b],
         aux_loss=aux_loss,
+        chosen_aligned_sum=aligned[:b] if aligned is not None else None,
+        rejected_aligned_sum=aligned[b:] if aligned is not None else None,
     )
 
 
 def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE, cache_mb: float = 0.0,
-                   batch_context: BatchContext = None) -> SequenceLogps:
+                   batch_context: BatchContext = None, with_aligned: bool = False) -> SequenceLogps:
     """Run ``model`` on a collated batch and return per-sequence log-prob statistics.
 
     ``cache_mb``: see :func:`preftune.logprobs.chunked_token_logps` (trade memory for one matmul).
-    ``batch_context``: see :func:`token_logps`.
+    ``batch_context``: see :func:`token_logps`. ``with_aligned``: also return WPO's
+    ``*_aligned_sum`` (one extra reduction per token).
     """
-    logps, aux = token_logps(model, batch, chunk_size, cache_mb, batch_context)
-    return reduce_sequence_logps(batch, logps, aux)
+    out = token_logps(model, batch, chunk_size, cache_mb, batch_context, with_log_sum_sq=with_aligned)
+    return reduce_sequence_logps(batch, out.logps, out.aux_loss, out.log_sum_sq)
 
 
 def forward_scorer(model: nn.Module, batch_context: BatchContext = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Callable[[dict], SequenceLogps]:
@@ -317,13 +357,15 @@ def score_pairs(
     row_budget: int | None = None,
     score_prompt: bool = False,
     by_length: bool = False,
+    tail_weight: float | None = None,
 ) -> SequenceLogps:
     """Forward-only :class:`SequenceLogps` of many pairs: ``score_batch`` on ``batch_size`` pairs at a time.
 
     The one forward-only scorer: evaluation, the demo's before/after table and the DPO reference
     precompute all come through here. ``by_length`` batches the pairs in order of length (denser
     rows); either way the fields come back in the order of ``pairs``, shapes ``(N,)``, float32 on
-    the CPU. ``score_batch`` is e.g. :func:`forward_scorer` of a model.
+    the CPU. ``score_batch`` is e.g. :func:`forward_scorer` of a model. ``tail_weight``: LD-DPO's
+    token weights (:func:`preftune.layout.collate_pairs`).
     """
     from .layout import batch_to, collate_pairs
 
@@ -336,7 +378,7 @@ def score_pairs(
     columns = {f: torch.empty(n, dtype=torch.float32) for f in _SEQ_FIELDS}
     for start in range(0, n, step):
         idx = order[start : start + step]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=score_prompt, row_budget=row_budget)
+        batch = collate_pairs([pairs[i] for i in idx], pad_id, layout, score_prompt=score_prompt, row_budget=row_budget, tail_weight=tail_weight)
         seq = score_batch(batch_to(batch, device))
         rows = torch.tensor(idx, dtype=torch.long)
         for f in _SEQ_FIELDS:

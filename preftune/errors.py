@@ -21,3 +21,10 @@ class DataError(PreftuneError):
         if fix:
             msg += f" (fix: {fix})"
         super().__init__(msg)
+
+
+def describe_exception(err: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (cut to ``limit`` characters): how a one-line error
+    names a failure that came from a library (a torn safetensors header, a failed torch.save)."""
+    first = (str(err).strip().splitlines() or [""])[0][:limit]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

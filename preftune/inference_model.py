@@ -24,20 +24,11 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .model_hooks import NO_HOOKS, ModelHooks
-from .rundir import (
-    ADAPTER_CONFIG_FILE,
-    REFT_CONFIG_FILE,
-    RUN_CONFIG_FILE,
-    TOKENIZER_FILES,
-    list_checkpoints,
-    model_kind,
-    read_json,
-    read_run_config,
-)
+from .rundir import ADAPTER_CONFIG_FILE, REFT_CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILES, RunFolder, open_run, read_json
 
-__all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "encode_prompt", "quiet_transformers"]
+__all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "load_errors_in_one_line", "encode_prompt", "quiet_transformers"]
 
 
 
@@ -91,16 +82,6 @@ def quiet_transformers():
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _no_model_error(folder: Path) -> PreftuneError:
-    checkpoints = [path for _, path in list_checkpoints(folder)]  # newest first
-    msg = f"{str(folder)!r} holds no saved model (no config.json, adapter_config.json or reft_config.json)"
-    if checkpoints:
-        return PreftuneError(f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[0])!r}")
-    if (folder / RUN_CONFIG_FILE).is_file():
-        return PreftuneError(f"{msg}; the run in it did not finish (no model was saved)")
-    return PreftuneError(f"{msg}; pass the output folder of `preftune train` or a save_pretrained folder")
 
 
 def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
@@ -165,8 +146,9 @@ def _finish(model):
     return model
 
 
-def check_model_arg(name: str) -> Path | None:
-    """Fail early, in one line, on a model argument that cannot be loaded; the folder or None (hub)."""
+def check_model_arg(name: str) -> RunFolder | None:
+    """Fail early, in one line, on a model argument that cannot be loaded: a local folder is opened
+    and verified against its manifest (:func:`preftune.rundir.open_run`); None for a hub name."""
     path = Path(name).expanduser()
     if path.is_file():
         raise PreftuneError(f"{name!r} is a file; pass the folder that holds the model")
@@ -174,9 +156,20 @@ def check_model_arg(name: str) -> Path | None:
         if _looks_like_path(name):
             raise PreftuneError(f"model folder {name!r} not found")
         return None
-    if model_kind(path) is None:
-        raise _no_model_error(path)
-    return path
+    return open_run(path)
+
+
+@contextlib.contextmanager
+def load_errors_in_one_line(folder: Path, what: str):
+    """A local folder's files that fail to load (a folder without a manifest, e.g. a plain
+    save_pretrained folder, is not verified beforehand) end in one line, not a traceback."""
+    try:
+        yield
+    except PreftuneError:
+        raise
+    except Exception as e:
+        raise PreftuneError(f"cannot load the {what} in {str(folder)!r} ({describe_exception(e)}); "
+                            f"check it with `preftune verify {folder}`") from e
 
 
 def load_pretrained(
@@ -185,15 +178,23 @@ def load_pretrained(
     trust_remote_code: bool = False,
     chat_template_file: str | None = None,
     label: str | None = None,
+    run: RunFolder | None = None,
 ) -> LoadedModel:
-    """Load ``name`` (run folder, adapter folder, ReFT folder or hub name) for inference."""
-    path = check_model_arg(name)
-    if path is None:
+    """Load ``name`` (run folder, adapter folder, ReFT folder or hub name) for inference.
+
+    ``run``: the folder as already opened by :func:`check_model_arg` (saves hashing it twice).
+    """
+    run = run or check_model_arg(name)
+    if run is None:
         tokenizer = load_run_tokenizer(name, None, trust_remote_code, chat_template_file)
         model = _load_full(name, torch_dtype, trust_remote_code)
         return LoadedModel(_finish(model), tokenizer, label or name, "full model", None)
-    kind = model_kind(path)
-    run_config = read_run_config(path)
+    with load_errors_in_one_line(run.path, run.kind):
+        return _load_local(run, name, torch_dtype, trust_remote_code, chat_template_file, label)
+
+
+def _load_local(run: RunFolder, name: str, torch_dtype: str, trust_remote_code: bool, chat_template_file: str | None, label: str | None):
+    path, kind, run_config = run.path, run.kind, run.run_config
     base = _base_name(path, kind, run_config) if kind != "full model" else None
     tokenizer = load_run_tokenizer(path, base, trust_remote_code, chat_template_file)
     if kind == "full model":
@@ -220,22 +221,22 @@ def _load_reft(path: Path, base_model, base_label: str, tokenizer, run_config, l
     return LoadedModel(model, tokenizer, label, "ReFT", path, run_config, hooks=reft_hooks(model), notes=[f"base model: {base_label}"])
 
 
-def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None) -> LoadedModel:
+def load_base(name: str, torch_dtype: str = "auto", trust_remote_code: bool = False, chat_template_file: str | None = None,
+              run: RunFolder | None = None) -> LoadedModel:
     """The model the run in ``name`` started from, with the run's tokenizer (``--compare base``)."""
     path = Path(name).expanduser()
     if not path.is_dir():
         raise PreftuneError(f"--compare base needs MODEL to be a local run folder; {name!r} is not a folder")
-    kind = model_kind(path)
-    if kind is None:
-        raise _no_model_error(path)
-    run_config = read_run_config(path)
+    run = run or open_run(path)
+    kind, run_config = run.kind, run.run_config
     if kind == "full model":
         if run_config is None:
             raise PreftuneError(f"--compare base: {name!r} has no {RUN_CONFIG_FILE}, so its base model is unknown; pass --compare BASE_MODEL")
         base = None if run_config.get("demo") else (run_config.get("model") or {}).get("model_name_or_path")
     else:
         base = _base_name(path, kind, run_config)
-    tokenizer = load_run_tokenizer(path, base, trust_remote_code, chat_template_file)
+    with load_errors_in_one_line(path, "tokenizer"):
+        tokenizer = load_run_tokenizer(path, base, trust_remote_code, chat_template_file)
     if base is None:
         if not (run_config and run_config.get("demo")):
             raise PreftuneError(f"--compare base: cannot tell the base model of {name!r}; pass --compare BASE_MODEL")

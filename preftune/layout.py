@@ -25,6 +25,15 @@ Both layouts describe the tokens to score the same way, as flat indices into the
                             the chosen NLL only when ``nll_on_prompt``)
 
 so the log-prob code downstream never knows which layout it is reading.
+
+Unpaired examples (KTO) use the same layouts: ``chosen`` holds the example's completion and
+``rejected`` its KL completion (a mismatched completion scored after the same prompt; empty when
+the loss needs none), so the segment ``[prompt, completion, kl_completion]`` runs the prompt once.
+Their labels come back as ``desirable`` ``(B,)`` bool.
+
+With ``tail_weight`` (LD-DPO's α) the batch also holds ``score_weight`` ``(S,)`` float32: 1 for
+the first ``min(|y_w|, |y_l|)`` completion tokens of each pair, α for the tokens after that (the
+"verbose" tail of the longer completion), 1 for prompt tokens.
 """
 
 from __future__ import annotations
@@ -33,24 +42,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "pack_segments", "choose_row_budget", "attention_cost_for", "batch_to", "PreferenceCollator"]
+__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "nll_token_count", "pack_segments", "choose_row_budget", "attention_cost_for", "batch_to", "PreferenceCollator"]
 
 LAYOUTS = ("packed", "padded")
 
 
 @dataclass
 class PairTokens:
-    """One tokenized preference pair. ``chosen``/``rejected`` are completions (EOS included)."""
+    """One tokenized preference pair. ``chosen``/``rejected`` are completions (EOS included).
+
+    An unpaired example (KTO) has a ``label`` (True: desirable); ``chosen`` is its completion and
+    ``rejected`` its KL completion, which may be empty.
+    """
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
     example_id: int = -1  # row index in the source data, for error messages and logs
+    label: bool | None = None  # unpaired examples only
 
     def __post_init__(self):
         if len(self.prompt) < 1:
             raise ValueError("a pair needs at least one prompt token (e.g. BOS) to score its first completion token")
-        if len(self.chosen) < 1 or len(self.rejected) < 1:
+        if len(self.chosen) < 1 or (len(self.rejected) < 1 and self.label is None):
             raise ValueError("a pair needs non-empty chosen and rejected completions")
 
     @property
@@ -128,30 +142,37 @@ class _ScoreLists:
     target: list[int] = field(default_factory=list)
     seq: list[int] = field(default_factory=list)
     is_completion: list[bool] = field(default_factory=list)
+    weight: list[float] = field(default_factory=list)
 
-    def add_run(self, first_predictor: int, tokens: list[int], seq: int, is_completion: bool):
+    def add_run(self, first_predictor: int, tokens: list[int], seq: int, is_completion: bool, weights: list[float] | None = None):
         """Token ``tokens[j]`` is predicted by the hidden state at ``first_predictor + j``."""
         self.index.extend(range(first_predictor, first_predictor + len(tokens)))
         self.target.extend(tokens)
         self.seq.extend([seq] * len(tokens))
         self.is_completion.extend([is_completion] * len(tokens))
+        self.weight.extend(weights if weights is not None else [1.0] * len(tokens))
 
-    def add(self, predictor: int, token: int, seq: int):
-        self.index.append(predictor)
-        self.target.append(token)
-        self.seq.append(seq)
-        self.is_completion.append(True)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+    def tensors(self, with_weights: bool) -> dict[str, torch.Tensor]:
+        out = {
             "score_index": torch.tensor(self.index, dtype=torch.long),
             "score_target": torch.tensor(self.target, dtype=torch.long),
             "score_seq": torch.tensor(self.seq, dtype=torch.long),
             "score_is_completion": torch.tensor(self.is_completion, dtype=torch.bool),
         }
+        if with_weights:
+            out["score_weight"] = torch.tensor(self.weight, dtype=torch.float32)
+        return out
 
 
-def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool) -> dict:
+def _tail_weights(p: PairTokens, tail_weight: float | None) -> tuple[list[float] | None, list[float] | None]:
+    """LD-DPO token weights of the chosen and rejected completions (None: all ones)."""
+    if tail_weight is None:
+        return None, None
+    shared = min(len(p.chosen), len(p.rejected))
+    return ([1.0] * shared + [tail_weight] * (len(p.chosen) - shared), [1.0] * shared + [tail_weight] * (len(p.rejected) - shared))
+
+
+def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool, tail_weight: float | None = None) -> dict:
     b = len(pairs)
     rows = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     t = max(len(r) for r in rows)
@@ -164,10 +185,11 @@ def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool) ->
         attention_mask[r, : len(row)] = 1
     for i, p in enumerate(pairs):
         n_p = len(p.prompt)
+        chosen_w, rejected_w = _tail_weights(p, tail_weight)
         if score_prompt:
             scores.add_run(i * t, p.prompt[1:], seq=i, is_completion=False)
-        scores.add_run(i * t + n_p - 1, p.chosen, seq=i, is_completion=True)
-        scores.add_run((b + i) * t + n_p - 1, p.rejected, seq=b + i, is_completion=True)
+        scores.add_run(i * t + n_p - 1, p.chosen, seq=i, is_completion=True, weights=chosen_w)
+        scores.add_run((b + i) * t + n_p - 1, p.rejected, seq=b + i, is_completion=True, weights=rejected_w)
         spans += [(i, 0, n_p), (b + i, 0, n_p)]
     position_ids = torch.arange(t).expand(2 * b, t).clone()
     return {
@@ -176,11 +198,12 @@ def _collate_padded(pairs: list[PairTokens], pad_id: int, score_prompt: bool) ->
         "position_ids": position_ids,
         "token_mask": attention_mask.bool(),
         "prompt_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 3),
-        **scores.tensors(),
+        **scores.tensors(tail_weight is not None),
     }
 
 
-def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, row_budget: int | None, attention_cost: float | None = None) -> dict:
+def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, row_budget: int | None, attention_cost: float | None = None,
+                    tail_weight: float | None = None) -> dict:
     b = len(pairs)
     lengths = [p.packed_length for p in pairs]
     if row_budget is None and attention_cost is not None:
@@ -215,12 +238,14 @@ def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, ro
             block[n_p + n_c :, n_p : n_p + n_c] = False  # (rejected queries, chosen keys)
             mask[r, 0, seg, seg] = block
             base = r * t + offset
+            chosen_w, rejected_w = _tail_weights(p, tail_weight)
             if score_prompt:
                 scores.add_run(base, p.prompt[1:], seq=i, is_completion=False)
-            scores.add_run(base + n_p - 1, p.chosen, seq=i, is_completion=True)
-            # first rejected token is predicted by the last prompt token, the rest by rejected tokens
-            scores.add(base + n_p - 1, p.rejected[0], seq=b + i)
-            scores.add_run(base + n_p + n_c, p.rejected[1:], seq=b + i, is_completion=True)
+            scores.add_run(base + n_p - 1, p.chosen, seq=i, is_completion=True, weights=chosen_w)
+            if n_r:
+                # first rejected token is predicted by the last prompt token, the rest by rejected tokens
+                scores.add_run(base + n_p - 1, p.rejected[:1], seq=b + i, is_completion=True, weights=rejected_w[:1] if rejected_w else None)
+                scores.add_run(base + n_p + n_c, p.rejected[1:], seq=b + i, is_completion=True, weights=rejected_w[1:] if rejected_w else None)
             spans.append((r, offset, n_p))
             offset += length
         if offset < t:
@@ -232,8 +257,13 @@ def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, ro
         "position_ids": position_ids,
         "token_mask": token_mask,
         "prompt_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 3),
-        **scores.tensors(),
+        **scores.tensors(tail_weight is not None),
     }
+
+
+def nll_token_count(pair: PairTokens, score_prompt: bool) -> int:
+    """Tokens of ``pair`` in the chosen NLL: its completion, plus the scored prompt tokens."""
+    return len(pair.chosen) + (len(pair.prompt) - 1 if score_prompt else 0)
 
 
 def collate_pairs(
@@ -243,6 +273,7 @@ def collate_pairs(
     score_prompt: bool = False,
     row_budget: int | None = None,
     attention_cost: float | None = None,
+    tail_weight: float | None = None,
 ) -> dict:
     """Build model inputs for ``pairs``; see the module docstring for the returned keys.
 
@@ -251,24 +282,29 @@ def collate_pairs(
     it rows are as long as the longest pair.
 
     Extra keys: ``num_pairs`` (int), ``example_ids`` ``(B,)``, ``num_tokens`` (real tokens fed
-    to the model), ``num_nll_tokens`` (tokens in the chosen NLL), ``layout`` (str).
+    to the model), ``num_nll_tokens`` (tokens in the chosen NLL), ``desirable`` ``(B,)`` bool
+    (unpaired examples only); ``score_weight`` with ``tail_weight`` (LD-DPO's α).
     """
     if not pairs:
         raise ValueError("cannot collate an empty batch")
+    labels = [p.label for p in pairs]
+    if any(label is None for label in labels) and any(label is not None for label in labels):
+        raise ValueError("a batch mixes preference pairs and labelled (unpaired) examples")
     if layout == "packed":
-        batch = _collate_packed(pairs, pad_id, score_prompt, row_budget, attention_cost)
+        batch = _collate_packed(pairs, pad_id, score_prompt, row_budget, attention_cost, tail_weight)
     elif layout == "padded":
-        batch = _collate_padded(pairs, pad_id, score_prompt)
+        batch = _collate_padded(pairs, pad_id, score_prompt, tail_weight)
     else:
         raise ValueError(f"unknown batch layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     b = len(pairs)
-    nll_tokens = sum(len(p.chosen) + (len(p.prompt) - 1 if score_prompt else 0) for p in pairs)
     batch.update(
         num_pairs=torch.tensor(b),
         example_ids=torch.tensor([p.example_id for p in pairs], dtype=torch.long),
         num_tokens=batch["token_mask"].sum(),
-        num_nll_tokens=torch.tensor(nll_tokens),
+        num_nll_tokens=torch.tensor(sum(nll_token_count(p, score_prompt) for p in pairs)),
     )
+    if labels[0] is not None:
+        batch["desirable"] = torch.tensor(labels, dtype=torch.bool)
     return batch
 
 
@@ -286,6 +322,7 @@ class PreferenceCollator:
     score_prompt: bool = False
     row_budget: int | None = None
     attention_cost: float | None = None
+    tail_weight: float | None = None
 
     def __call__(self, pairs: list[PairTokens]) -> dict:
-        return collate_pairs(pairs, self.pad_id, self.layout, self.score_prompt, self.row_budget, self.attention_cost)
+        return collate_pairs(pairs, self.pad_id, self.layout, self.score_prompt, self.row_budget, self.attention_cost, self.tail_weight)

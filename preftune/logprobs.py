@@ -24,6 +24,10 @@ The plain function :func:`reference_token_logps` computes the same thing the obv
 other paths are its own (:mod:`preftune.engine`): a head that is not a plain ``nn.Linear`` (LoRA,
 quantized, DeepSpeed ZeRO-3 partitioned) is called chunk by chunk under activation
 checkpointing, and model types off the fast path take their logits from the full model forward.
+
+On request the forward also returns, without gradient, ``log Σ_v p_v²`` per row (``p`` the
+softmax of ``l``): WPO's weights need it (:func:`preftune.losses.wpo_weights`), and the softmax
+is already in the buffer, so it costs one reduction per chunk.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunked_token_logps", "reference_token_logps"]
+__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunked_token_logps", "reference_token_logps", "log_sum_sq_probs"]
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -100,10 +104,11 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False):  # noqa: D401
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, with_log_sum_sq=False):  # noqa: D401
         n, vocab = hidden.shape[0], weight.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        log_sum_sq = torch.empty(n if with_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
         w = weight.float()
         b = bias.float() if bias is not None else None
         probs = torch.empty(n, vocab, dtype=torch.float32, device=hidden.device) if cache_probs else None
@@ -116,14 +121,17 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             lse = _softmax_inplace(dst)
             out[start:end] = target_logit - lse
             lse_all[start:end] = lse
+            if with_log_sum_sq:  # log Σ p² = 2 log ||p||_2
+                log_sum_sq[start:end] = torch.linalg.vector_norm(dst, dim=1).log_().mul_(2.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, probs)
         ctx.transform = transform
         ctx.chunk_size = chunk_size
         ctx.has_bias = bias is not None
-        return out
+        ctx.mark_non_differentiable(log_sum_sq)
+        return out, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_log_sum_sq=None):
         hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
         tf: LogitTransform = ctx.transform
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
@@ -184,6 +192,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -195,20 +204,30 @@ def chunked_token_logps(
     transform: LogitTransform = LogitTransform(),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cache_mb: float = 0.0,
-) -> torch.Tensor:
+    with_log_sum_sq: bool = False,
+):
     """Log-prob of ``targets`` ``(N,)`` under ``transform(hidden @ weight.T + bias)``; returns ``(N,)`` float32.
 
     With gradients disabled (evaluation, reference models) this runs the forward loop only.
     ``cache_mb``: when gradients are needed and the ``(N, V)`` float32 softmax fits in this many
     MiB, keep it from the forward instead of recomputing the logits in the backward.
+    ``with_log_sum_sq``: return ``(logp, log Σ_v p_v²)``, the second ``(N,)`` without gradient.
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if with_log_sum_sq else empty
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     cache = needs_grad and hidden.shape[0] * weight.shape[0] * 4 <= cache_mb * 2**20
-    return ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache)
+    logp, log_sum_sq = ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache, with_log_sum_sq)
+    return (logp, log_sum_sq) if with_log_sum_sq else logp
+
+
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v softmax(l)_v²`` per row of ``logits`` ``(N, V)``: ``logsumexp(2l) − 2 logsumexp(l)``."""
+    logits = logits.float()
+    return torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * torch.logsumexp(logits, dim=-1)
 
 
 def reference_token_logps(

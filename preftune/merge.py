@@ -22,9 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .hf_helpers import TORCH_DTYPES, torch_dtype_of
-from .rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE, REFT_CONFIG_FILE
+from .rundir import ADAPTER_CONFIG_FILE, RunFolder, open_run
 
 __all__ = ["merge_adapter"]
 
@@ -40,19 +40,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_adapter_dir(adapter_dir: Path) -> dict:
+def _check_adapter_dir(adapter_dir: Path) -> tuple[dict, RunFolder]:
     if not adapter_dir.is_dir():
         raise PreftuneError(f"adapter folder {str(adapter_dir)!r} not found")
-    if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
-        if (adapter_dir / REFT_CONFIG_FILE).is_file():
+    run = open_run(adapter_dir)  # verified against its manifest: one line if damaged, unfinished or foreign
+    if run.kind != "LoRA adapter":
+        if run.kind == "ReFT":
             raise PreftuneError(
                 f"{str(adapter_dir)!r} holds ReFT interventions, which act on activations at prompt positions and cannot be "
                 "merged into weights; load them with preftune.reft.load_reft"
             )
-        if (adapter_dir / MODEL_CONFIG_FILE).is_file():
-            raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG_FILE}); there is nothing to merge")
-        raise PreftuneError(f"{str(adapter_dir)!r} has no {ADAPTER_CONFIG_FILE}; pass the output_dir of a --use_peft run")
-    return _read_json(adapter_dir / ADAPTER_CONFIG_FILE)
+        raise PreftuneError(f"{str(adapter_dir)!r} already holds a full model (no {ADAPTER_CONFIG_FILE}); there is nothing to merge")
+    return _read_json(adapter_dir / ADAPTER_CONFIG_FILE), run
 
 
 def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
@@ -83,16 +82,17 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
     if torch_dtype not in TORCH_DTYPES:
         raise PreftuneError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
-    adapter_config = _check_adapter_dir(adapter_dir)
+    adapter_config, run = _check_adapter_dir(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     base_name = base_model or adapter_config.get("base_model_name_or_path") or None
-    from .inference_model import demo_init_model, load_run_tokenizer, read_run_config
+    from .inference_model import demo_init_model, load_errors_in_one_line, load_run_tokenizer
 
-    tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code, chat_template_file)
+    with load_errors_in_one_line(adapter_dir, "tokenizer"):
+        tokenizer = load_run_tokenizer(adapter_dir, base_name, trust_remote_code, chat_template_file)
     if base_name is not None:
         base = _load_base(base_name, torch_dtype, trust_remote_code)
     else:
-        run_config = read_run_config(adapter_dir)
+        run_config = run.run_config
         base = demo_init_model(tokenizer, run_config) if run_config and run_config.get("demo") else None
         if base is None:
             raise PreftuneError(f"{str(adapter_dir / ADAPTER_CONFIG_FILE)!r} names no base model (base_model_name_or_path); pass --base_model PATH")
@@ -100,8 +100,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
 
     try:
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # a shape mismatch, or (without a manifest to check first) a damaged adapter file
+        raise PreftuneError(f"cannot apply the adapter in {str(adapter_dir)!r} to {base_name or 'the demo model'!r} ({describe_exception(e)})") from e
     merged.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)

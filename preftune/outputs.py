@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .errors import PreftuneError
 from .rundir import CURVES_FILE, METRICS_FILE, MODEL_CARD_FILE
 
 __all__ = ["MetricsFileCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
@@ -41,11 +42,15 @@ class MetricsFileCallback(TrainerCallback):
         for k, v in logs.items():
             if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
                 record[k] = v
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # full disk, file-size limit: stop in one line (a torn last line is skipped on reading)
+            raise PreftuneError(f"cannot append to {str(self.path)!r} at step {state.global_step}: {e.strerror or e}; "
+                                "free space, then resume with --resume_from_checkpoint latest") from e
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

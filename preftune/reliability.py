@@ -5,9 +5,11 @@
   A second signal falls back to the default handler (immediate exit).
 * :class:`CheckpointMarkerCallback`: after the Trainer has written *all* of ``checkpoint-N``
   (model, optimizer, scheduler, RNG, trainer state), it writes ``checkpoint-N/.complete``
-  (fsynced). :func:`preftune.rundir.find_latest_checkpoint` considers only marked checkpoints, so a process
-  killed in the middle of a save never leaves a checkpoint that ``--resume_from_checkpoint
-  latest`` would pick up.
+  (fsynced) holding the size and hash of every file, then deletes checkpoints beyond
+  ``--save_total_limit``. :func:`preftune.rundir.find_latest_checkpoint` considers only
+  checkpoints that verify against their marker, so neither a process killed in the middle of a
+  save nor a file damaged later leaves a checkpoint that ``--resume_from_checkpoint latest``
+  would pick up.
 * :func:`memory_preflight`: one forward + backward pass on the largest batch the run can see,
   before the first step, so that an out-of-memory error happens in the first minute with a
   message that suggests the fix, not hours later.
@@ -17,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from .errors import PreftuneError
-from .rundir import CHECKPOINT_PREFIX, mark_checkpoint_complete
+from .rundir import checkpoint_path
+from .saving import discard_unusable_checkpoints_after, mark_checkpoint_complete, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,34 @@ class InterruptCallback(TrainerCallback):
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Mark ``checkpoint-N`` complete once everything in it has been written (see :mod:`preftune.rundir`)."""
+    """Mark ``checkpoint-N`` complete once everything in it has been written, then rotate old ones.
+
+    ``on_save`` runs after ``Trainer._save_checkpoint`` wrote model, optimizer, scheduler, RNG and
+    trainer state. All processes first meet at a barrier (each writes its own ``rng_state_<rank>.pth``
+    and, under FSDP/DeepSpeed, its shards), then process 0 writes the manifest marker
+    (:func:`preftune.saving.mark_checkpoint_complete`) and deletes checkpoints beyond ``keep_last``
+    (:func:`preftune.saving.rotate_checkpoints`). When training starts (or resumes at step K),
+    damaged or incomplete checkpoints newer than K are removed, since the run writes them again
+    and writers read what they find in place. :class:`preftune.trainer.PreferenceTrainer` adds
+    this callback itself and switches off transformers' own rotation, which would run before the
+    marker.
+    """
+
+    def __init__(self, keep_last: int | None = None):
+        self.keep_last = keep_last
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # nothing is being written yet: no process can race this
+            discard_unusable_checkpoints_after(args.output_dir, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         if state.is_world_process_zero:
-            mark_checkpoint_complete(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}", state.global_step)
+            step = state.global_step
+            if mark_checkpoint_complete(checkpoint_path(args.output_dir, step), step):
+                rotate_checkpoints(args.output_dir, self.keep_last, step, protect=state.best_model_checkpoint)
 
 
 def _is_oom(err: BaseException) -> bool:

@@ -23,21 +23,21 @@ import math
 from pathlib import Path
 
 from .errors import PreftuneError
-from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE
+from .rundir import EVAL_FILE, GENERATIONS_JSONL, METRICS_FILE, REPORT_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, open_run
 
 __all__ = ["write_report", "render_report"]
 
 # Hyper-parameters shown in the summary table, by run_config.json section (others: "full configuration").
+# The method's own hyper-parameters come from its declaration (preftune.methods), after "method".
 _SHOWN = {
-    "training": ["method", "beta", "loss_type", "simpo_gamma", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+    "training": ["method", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
                  "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed",
                  "batch_layout", "nll_on_prompt"],
     "model": ["use_peft", "lora_r", "lora_alpha", "use_dora", "load_in_4bit", "reft_layers", "reft_rank", "reft_positions", "torch_dtype"],
     "data": ["max_length", "max_prompt_length", "truncation_mode", "chat_template", "eval_split", "eval_fraction", "max_train_samples"],
 }
 # Shown only when they differ from these defaults (the rest always shown when set).
-_QUIET_DEFAULTS = {"use_peft": False, "use_dora": False, "load_in_4bit": False, "loss_type": "sigmoid", "simpo_gamma": 0.5,
-                   "reft_rank": 4, "reft_positions": "f1+l1", "nll_on_prompt": False}
+_QUIET_DEFAULTS = {"use_peft": False, "use_dora": False, "load_in_4bit": False, "reft_rank": 4, "reft_positions": "f1+l1", "nll_on_prompt": False}
 _PEFT_ONLY = {"lora_r", "lora_alpha", "use_dora"}
 _REFT_ONLY = {"reft_rank", "reft_positions"}
 # Which way is better, for the colour of the eval difference column (metrics absent: no colour).
@@ -175,7 +175,9 @@ def _config_section(config: dict | None) -> str:
         return '<section id="config"><h2>Configuration</h2><p>No run_config.json in this folder.</p></section>'
     rows = []
     model = config.get("model") or {}
-    for section, keys in _SHOWN.items():
+    shown = dict(_SHOWN)
+    shown["training"] = ["method", *_method_hyperparameters((config.get("training") or {}).get("method")), *_SHOWN["training"][1:]]
+    for section, keys in shown.items():
         values = config.get(section) or {}
         for k in keys:
             if k not in values or values[k] is None:
@@ -194,6 +196,14 @@ def _config_section(config: dict | None) -> str:
         f'<table id="hyperparameters"><tr><th>setting</th><th>value</th></tr>{"".join(rows)}</table>'
         f"<details><summary>full configuration (run_config.json)</summary><pre>{_e(full)}</pre></details></section>"
     )
+
+
+def _method_hyperparameters(name) -> tuple[str, ...]:
+    """The hyper-parameters ``name``'s declaration lists (none for an unknown or missing method)."""
+    from .methods import METHODS
+
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    return spec.hyperparameters if spec is not None else ()
 
 
 def _eval_section(ev: dict | None) -> str:
@@ -365,6 +375,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, max_gene
     known = (RUN_CONFIG_FILE, RUN_COMPLETE_FILE, METRICS_FILE, EVAL_FILE)
     if not any((run_dir / f).is_file() for f in known):
         raise PreftuneError(f"{str(run_dir)!r} is not a run folder of `preftune train` (it has none of {', '.join(known)})")
+    open_run(run_dir, need_model=False)  # its records verified against the manifest: one line if damaged
     page = render_report(run_dir, max_generations)
     out = Path(output).expanduser() if output else run_dir / REPORT_FILE
     tmp = out.with_name(out.name + ".tmp")

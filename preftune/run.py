@@ -3,18 +3,20 @@
 :func:`run_training` is a pipeline of named stages, each a function with explicit inputs and
 outputs::
 
-    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks
+    setup_run        options            -> RunSetup       output folder, device and precision, seed, checks,
+                                                          the checkpoint to resume from (one that verifies)
     run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
                                                           the built-in demo (preftune.demo.DemoInputs) or
                                                           the user's model and data (UserInputs below)
     prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs (TokenizedPairs,
                                                           from the tokenized cache) and per-source counts
     prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
-    prepare_reference model, data       -> reference      the DPO reference (None for reference-free methods)
+    prepare_reference model, data       -> reference      the reference (None for reference-free methods)
     train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
     save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
 
-The run folder's files are named and written through :mod:`preftune.rundir`.
+The run folder's files are named and written through :mod:`preftune.rundir`; writes that must not
+half-succeed (checkpoint markers, the final save, run_complete.json) go through :mod:`preftune.saving`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import TrainingData
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_COMPLETE_FILE, RUN_CONFIG_FILE, write_json
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
 
 logger = logging.getLogger("preftune")
 
@@ -61,6 +63,7 @@ class RunSetup:
     output_dir: Path
     device: object  # preftune.training_model.DeviceChoice
     started: float  # time.perf_counter() at the start
+    resume: str | None  # the checkpoint to resume from, verified against its manifest (None: a fresh run)
 
 
 @dataclass
@@ -79,7 +82,8 @@ class RunInputs(Protocol):
 
     def load_tokenizer(self): ...
 
-    def load_data(self, tokenizer, data_args: DataArguments, seed: int) -> TrainingData: ...
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int, unpaired: bool = False, kl_group: int | None = None) -> TrainingData:
+        """The run's pairs; ``unpaired``/``kl_group``: labelled examples with KL completions (KTO)."""
 
     def load_model(self, tokenizer, device, seed: int): ...
 
@@ -111,10 +115,15 @@ class UserInputs:
         m = self.model_args
         return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, m.chat_template_file)
 
-    def load_data(self, tokenizer, data_args: DataArguments, seed: int) -> TrainingData:
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int, unpaired: bool = False, kl_group: int | None = None) -> TrainingData:
+        from .data.splits import data_from_examples, load_train_eval, tokenize_settings_of
         from .data.splits import prepare_data as tokenized_data
 
-        return tokenized_data(tokenizer, data_args, seed)
+        if not unpaired:
+            return tokenized_data(tokenizer, data_args, seed)
+        # unpaired (KTO): in memory, in data order (an example's KL completion is its neighbour's)
+        train, evals, _ = load_train_eval(data_args, seed, unpaired=True)
+        return data_from_examples(tokenizer, train, evals, tokenize_settings_of(data_args), unpaired=True, kl_group=kl_group)
 
     def load_model(self, tokenizer, device, seed: int):
         from .training_model import load_model
@@ -137,7 +146,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     from transformers import set_seed
 
     from .quant import check_bitsandbytes
-    from .rundir import check_output_dir
+    from .rundir import check_output_dir, resolve_resume
     from .training_model import choose_device
 
     _configure_logging(args)
@@ -152,10 +161,11 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
         out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, model_args.is_demo)
     else:
         out = Path(args.output_dir)
+    resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     logger.info("preftune: %s; %d process%s", device.describe(), args.world_size, "" if args.world_size == 1 else "es")
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
-    return RunSetup(out, device, started)
+    return RunSetup(out, device, started, resume)
 
 
 def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
@@ -168,11 +178,16 @@ def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInput
 
 
 def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
-    """Read, select and tokenize the pairs (one-line errors naming the split or row). In a
+    """Read, select and tokenize the pairs (one-line errors naming the split or row); the method's
+    declaration says whether they become pairs or labelled examples with KL completions. In a
     multi-process run, process 0 fills the tokenized cache while the others wait, then all read it.
     ``--eval_generate`` takes its prompts from the held-out pairs, so it needs some."""
+    from .methods import Hyperparameters, get_method
+
+    spec = get_method(args.method)
+    kl_group = args.per_device_train_batch_size if spec.mismatched_completions(Hyperparameters.from_config(args)) else None
     with args.main_process_first(desc="tokenizing the data"):
-        data = inputs.load_data(tokenizer, data_args, args.seed)
+        data = inputs.load_data(tokenizer, data_args, args.seed, spec.unpaired, kl_group)
     if args.eval_generate and len(data.eval_pairs) == 0:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
     return data
@@ -214,13 +229,14 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
           run_config: dict):
     """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
     from .outputs import MetricsFileCallback
-    from .reliability import CheckpointMarkerCallback, InterruptCallback
-    from .rundir import find_latest_checkpoint, resolve_resume
+    from .reliability import InterruptCallback
+    from .rundir import checkpoint_path, find_latest_checkpoint
+    from .saving import begin_run, writes_fail_cleanly
     from .trainer import PreferenceTrainer
 
     out = setup.output_dir
     interrupt = InterruptCallback()
-    callbacks = [MetricsFileCallback(str(out)), CheckpointMarkerCallback(), interrupt]
+    callbacks = [MetricsFileCallback(str(out)), interrupt]  # PreferenceTrainer adds the checkpoint marker callback itself
     if args.eval_generate:
         from .samples import SampleAnswersCallback
 
@@ -231,8 +247,11 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
         reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
     if args.process_index == 0:
+        begin_run(out)  # an earlier run_complete.json no longer describes the folder
         write_json(out / RUN_CONFIG_FILE, run_config)
-    train_output = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, out))
+    # a failed write while saving checkpoint-N removes it and ends in one line naming the checkpoint to resume from
+    with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
+        train_output = trainer.train(resume_from_checkpoint=setup.resume)
     if interrupt.received is not None:
         import signal
 
@@ -262,22 +281,26 @@ def final_metrics(trainer, train_output, has_eval: bool) -> dict:
 
 def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel, data: TrainingData, final: dict,
                  model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, setup: RunSetup) -> float:
-    """Model and tokenizer, curves, model card and, last, run_complete.json (main process only); returns the run's seconds."""
+    """Model and tokenizer, curves, model card and, last, run_complete.json with the manifest of what a
+    reader needs (main process only); returns the run's seconds. The model is staged and moved into
+    place; a failed write leaves no file of the attempt and no run_complete.json, in one line."""
     from .outputs import plot_training_curves, write_model_card
+    from .saving import finish_run, save_final_model, writes_fail_cleanly
 
     out = setup.output_dir
     seconds = time.perf_counter() - setup.started
     if not trainer.is_world_process_zero():
         return seconds
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    plot_training_curves(out)
-    write_model_card(out, {
-        "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
-        "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
-        "data_sources": data.sources, "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
-    })
-    write_json(out / RUN_COMPLETE_FILE, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo})
+    with writes_fail_cleanly(out, "the final model"):
+        model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
+    with writes_fail_cleanly(out, "the run's records"):
+        plot_training_curves(out)
+        write_model_card(out, {
+            "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
+            "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
+            "data_sources": data.sources, "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+        })
+        finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, model_files)
     return seconds
 
 
@@ -313,15 +336,16 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
 # --- what the run config and model card record ------------------------------------------------------
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
-    keys = ["method", "beta", "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout", "nll_on_prompt"]
+    """The model card's hyper-parameters: the method's own (its declaration lists them) and the run's."""
+    from .methods import get_method
+
+    keys = ["method", *get_method(args.method).hyperparameters, "learning_rate", "lr_scheduler_type", "warmup_ratio", "num_train_epochs",
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "seed", "batch_layout",
+            "nll_on_prompt"]
     out = {k: getattr(args, k) for k in keys}
+    out.update({k: " ".join(map(str, v)) for k, v in out.items() if isinstance(v, list)})  # loss_type, loss_weights
     out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     out["optim"] = str(getattr(args.optim, "value", args.optim))
-    if args.method == "dpo":
-        out["loss_type"] = args.loss_type
-    if args.method == "simpo":
-        out["simpo_gamma"] = args.simpo_gamma
     out.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
     return out
 

@@ -6,18 +6,24 @@ This module is the one place that knows the layout of a ``preftune train`` outpu
       run_config.json            model, data and training settings (written before training)
       metrics.jsonl              one JSON object per log event (appended during training)
       samples.jsonl              greedy answers to fixed held-out prompts per evaluation (--eval_generate)
-      checkpoint-N/              Trainer checkpoints; ``.complete`` written last, once all is on disk
+      checkpoint-N/              Trainer checkpoints; ``.complete`` written last, once all is on disk,
+                                 holding the size and xxh3-128 hash of every file in the checkpoint
       ref_logps/<fp>.safetensors precomputed DPO reference log-probs (``--precompute_ref_log_probs``)
       model.safetensors ...      the trained model (full model), or adapter_*.json/.safetensors (LoRA),
                                  or reft_config.json + reft_interventions.safetensors (ReFT)
       tokenizer files
       training_curves.png        curves drawn from metrics.jsonl
       README.md                  model card
-      run_complete.json          written last: the run finished (final metrics, seconds)
+      run_complete.json          written last: the run finished (final metrics, seconds) and the size
+                                 and hash of every model, tokenizer and record file it wrote
       eval.json, generations.*   written by ``preftune eval``
       report.html                written by ``preftune report``
 
-Other modules import the names below instead of spelling file names themselves.
+Other modules import the names below instead of spelling file names themselves. Every command that
+reads a run goes through :func:`open_run`, which checks the folder against its manifest first and
+fails in one line naming the damaged file; ``--resume_from_checkpoint`` goes through
+:func:`resolve_resume`, which uses only checkpoints that verify. The writing side (markers,
+rotation, the final save) is :mod:`preftune.saving`; the hashing is :mod:`preftune.integrity`.
 """
 
 from __future__ import annotations
@@ -26,18 +32,21 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PreftuneError
+from .integrity import ManifestCheck, bytes_digest, check_manifest, is_manifest
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_CONFIG_FILE", "RUN_COMPLETE_FILE", "METRICS_FILE", "CURVES_FILE", "MODEL_CARD_FILE", "EVAL_FILE",
     "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
-    "TRAINER_STATE_FILE", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
-    "TOKENIZER_FILES", "check_output_dir", "list_checkpoints", "find_latest_checkpoint", "mark_checkpoint_complete",
-    "resolve_resume", "read_json", "write_json", "read_run_config", "model_kind",
+    "TRAINER_STATE_FILE", "SYNCED_REF_MODEL_FILE", "CHECKPOINT_PREFIX", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
+    "TOKENIZER_FILES", "RUN_RECORD_FILES", "UNCHECKED_FILES", "check_output_dir", "checkpoint_path", "list_checkpoints", "checkpoint_status",
+    "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "run_status", "folder_status", "FolderStatus", "RunFolder",
+    "open_run", "read_json", "write_json", "read_sealed_json", "read_run_config", "model_kind",
 ]
 
 # --- what a training run writes ------------------------------------------------------------------
@@ -51,12 +60,17 @@ REF_CACHE_DIR = "ref_logps"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE_MARKER = ".complete"
 TRAINER_STATE_FILE = "trainer_state.json"  # written by transformers.Trainer into every checkpoint
+SYNCED_REF_MODEL_FILE = "ref_model.safetensors"  # TR-DPO's synced reference, in every checkpoint (preftune.ref_sync)
 # --- what the saved model consists of (one of three kinds) -----------------------------------------
 MODEL_CONFIG_FILE = "config.json"  # a full model (save_pretrained)
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA/DoRA adapter (peft)
 REFT_CONFIG_FILE = "reft_config.json"  # ReFT interventions
 REFT_WEIGHTS_FILE = "reft_interventions.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# what `preftune report` reads: checked even when the model files are not needed
+RUN_RECORD_FILES = (RUN_CONFIG_FILE, METRICS_FILE, SAMPLES_FILE)
+# written for people and never read back (users edit model cards): left out of the manifest
+UNCHECKED_FILES = (MODEL_CARD_FILE, CURVES_FILE)
 # --- what the after-training commands write ---------------------------------------------------------
 EVAL_FILE = "eval.json"
 GENERATIONS_JSONL = "generations.jsonl"
@@ -75,14 +89,55 @@ def read_json(path: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write ``data`` as indented JSON through a temporary file and ``os.replace``: a reader (or a
-    crash) never sees half a file."""
+_SEAL_KEY = "checksum"
+
+
+def _seal_of(data: dict) -> str:
+    return bytes_digest(json.dumps({k: v for k, v in data.items() if k != _SEAL_KEY}, sort_keys=True, ensure_ascii=False).encode())
+
+
+def write_json(path: str | Path, data: dict, seal: bool = False) -> Path:
+    """Write ``data`` as indented JSON through a temporary file, fsync and ``os.replace``: a reader
+    (or a crash, or a full disk) never sees half a file. ``seal`` adds a ``checksum`` of the content
+    so that :func:`read_sealed_json` notices a flipped byte in the file itself."""
     path = Path(path)
+    if seal:
+        data = {**data, _SEAL_KEY: _seal_of(data)}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def read_sealed_json(path: str | Path) -> tuple[dict | None, str | None]:
+    """``(data, None)`` for a file written by ``write_json(..., seal=True)`` and unchanged since;
+    ``(None, problem)`` when it is missing, unreadable, not JSON or its checksum does not match.
+    A record from before sealing (neither ``checksum`` nor ``manifest``) is returned as it is."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "not valid JSON"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    if _SEAL_KEY not in data and "manifest" not in data:
+        return data, None  # written before records were sealed (no manifest either): nothing to check
+    if data.get(_SEAL_KEY) != _seal_of(data):
+        return None, "its checksum does not match its content"
+    return {k: v for k, v in data.items() if k != _SEAL_KEY}, None
 
 
 def read_run_config(folder: str | Path | None) -> dict | None:
@@ -128,6 +183,13 @@ def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool =
     return out
 
 
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Every ``checkpoint-N`` folder in ``output_dir`` as ``(N, path)``, newest first."""
     out = Path(output_dir)
@@ -137,61 +199,201 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """Whether ``path`` was completely written (its marker exists, written after everything else)."""
-    return (path / CHECKPOINT_COMPLETE_MARKER).exists() and (path / TRAINER_STATE_FILE).exists()
+@dataclass
+class FolderStatus:
+    """What checking a checkpoint or run folder against its manifest found.
+
+    ``state``: ``ok`` (every file verified), ``unverified`` (complete, but written before manifests
+    existed, or not written by ``preftune train``), ``damaged`` (a file is missing or differs; or the
+    marker itself is damaged) or ``incomplete`` (never finished: no marker).
+    """
+
+    path: Path
+    state: str
+    detail: str
+    check: ManifestCheck | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state in ("ok", "unverified")
+
+
+def _status_from_check(path: Path, check: ManifestCheck) -> FolderStatus:
+    if check.ok:
+        if not check.contents:
+            return FolderStatus(path, "ok", f"{check.files} files, sizes as recorded (contents not read)", check)
+        return FolderStatus(path, "ok", f"{check.files} files verified ({check.bytes / 1e6:.1f} MB hashed in {check.seconds:.2f} s)", check)
+    first, more = check.problems[0].describe(), len(check.problems) - 1
+    return FolderStatus(path, "damaged", first + (f" (and {more} more file{'s' if more > 1 else ''})" if more else ""), check)
+
+
+def checkpoint_status(path: Path, contents: bool = True) -> FolderStatus:
+    """Check ``checkpoint-N`` against the manifest in its ``.complete`` marker (``contents``: hash
+    every file; else sizes only)."""
+    marker = path / CHECKPOINT_COMPLETE_MARKER
+    if not marker.exists():
+        return FolderStatus(path, "incomplete", f"no {CHECKPOINT_COMPLETE_MARKER} marker (interrupted while saving)")
+    try:
+        legacy = int(marker.read_text(encoding="utf-8").strip())  # marker of a preftune before manifests: the step
+    except (OSError, UnicodeDecodeError, ValueError):
+        legacy = None
+    if legacy is not None:
+        if (path / TRAINER_STATE_FILE).is_file():
+            return FolderStatus(path, "unverified", f"complete; its {CHECKPOINT_COMPLETE_MARKER} marker predates manifests")
+        return FolderStatus(path, "incomplete", f"no {TRAINER_STATE_FILE}")
+    data, problem = read_sealed_json(marker)
+    if data is None or not is_manifest(data.get("manifest")):
+        return FolderStatus(path, "damaged", f"its {CHECKPOINT_COMPLETE_MARKER} marker is damaged ({problem or 'no manifest'})")
+    return _status_from_check(path, check_manifest(path, data["manifest"], contents))
+
+
+def latest_checkpoint(output_dir: str | Path, contents: bool = True) -> tuple[Path | None, list[FolderStatus]]:
+    """The newest checkpoint that verifies, and the statuses of the newer ones that did not."""
+    skipped = []
+    for _, path in list_checkpoints(output_dir):
+        status = checkpoint_status(path, contents)
+        if status.usable:
+            return path, skipped
+        skipped.append(status)
+    return None, skipped
 
 
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was completely written, or None."""
+    """The newest ``checkpoint-N`` in ``output_dir`` that verifies, or None; logs each one skipped and why."""
+    path, skipped = latest_checkpoint(output_dir)
+    for status in skipped:
+        logger.warning("skipping %s: %s", status.path, status.detail)
+    return path
+
+
+def _newest_good_clause(output_dir: Path, exclude: Path | None = None) -> str:
     for _, path in list_checkpoints(output_dir):
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", path)
-    return None
-
-
-def _fsync_files(folder: Path) -> None:
-    """fsync every file in ``folder`` so a marker written afterwards never precedes the data on disk."""
-    for p in folder.iterdir():
-        if p.is_file():
-            try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-
-
-def mark_checkpoint_complete(checkpoint: Path, step: int) -> bool:
-    """Write ``checkpoint/.complete`` (fsynced, after fsyncing the checkpoint's files).
-
-    Returns False (and writes nothing) when the checkpoint lacks the Trainer's state file, i.e. the
-    Trainer did not finish writing it.
-    """
-    if not (checkpoint.is_dir() and (checkpoint / TRAINER_STATE_FILE).exists()):
-        return False
-    _fsync_files(checkpoint)
-    with open(checkpoint / CHECKPOINT_COMPLETE_MARKER, "w") as f:
-        f.write(str(step))
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+        if path != exclude and checkpoint_status(path).usable:
+            return f"the newest good checkpoint is {str(path)!r}"
+    return f"no checkpoint in {str(output_dir)!r} verifies"
 
 
 def resolve_resume(value: str | None, output_dir: Path) -> str | None:
-    """``--resume_from_checkpoint``: None, ``latest`` (the newest complete checkpoint) or a folder."""
+    """``--resume_from_checkpoint``: None, ``latest`` (the newest checkpoint that verifies) or a folder
+    (which must verify). Fails in one line naming the damaged file and the checkpoint to use instead."""
     if not value:
         return None
     if str(value) == "latest":
-        last = find_latest_checkpoint(output_dir)
+        last, skipped = latest_checkpoint(output_dir)
+        for status in skipped:
+            logger.warning("skipping %s: %s", status.path, status.detail)
         if last is None:
-            raise PreftuneError(f"--resume_from_checkpoint latest: no complete {CHECKPOINT_PREFIX}* folder in {str(output_dir)!r}")
-        logger.info("resuming from %s", last)
+            why = f" ({skipped[0].path.name}: {skipped[0].detail})" if skipped else ""
+            raise PreftuneError(f"--resume_from_checkpoint latest: no complete {CHECKPOINT_PREFIX}* folder in {str(output_dir)!r} verifies{why}; "
+                                "start again without --resume_from_checkpoint")
+        logger.warning("resuming from %s", last)
         return str(last)
-    path = Path(value)
-    if not (path.is_dir() and (path / TRAINER_STATE_FILE).exists()):
+    path = Path(value).expanduser()
+    if not (path.is_dir() and ((path / TRAINER_STATE_FILE).exists() or (path / CHECKPOINT_COMPLETE_MARKER).exists())):
         raise PreftuneError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint folder (no {TRAINER_STATE_FILE})")
+    status = checkpoint_status(path)
+    if not status.usable:
+        raise PreftuneError(f"--resume_from_checkpoint {value!r}: {status.detail}; {_newest_good_clause(path.parent, exclude=path)} "
+                            "(pass it, or --resume_from_checkpoint latest)")
     return str(path)
+
+
+# --- a finished run ---------------------------------------------------------------------------------
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is (or was becoming) the output of ``preftune train``."""
+    return any((folder / name).is_file() for name in (RUN_CONFIG_FILE, RUN_COMPLETE_FILE))
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    return bool(_CHECKPOINT_RE.match(folder.name)) or (folder / CHECKPOINT_COMPLETE_MARKER).exists()
+
+
+def run_status(folder: Path, contents: bool = True, only: tuple[str, ...] | None = None) -> FolderStatus:
+    """Check a run folder against the manifest in ``run_complete.json`` (``only``: just these files)."""
+    path = folder / RUN_COMPLETE_FILE
+    if not path.exists():
+        return FolderStatus(folder, "incomplete", f"the run did not finish (no {RUN_COMPLETE_FILE})")
+    record, problem = read_sealed_json(path)
+    if record is None:
+        return FolderStatus(folder, "damaged", f"{RUN_COMPLETE_FILE} is damaged ({problem})")
+    if "manifest" not in record:
+        return FolderStatus(folder, "unverified", f"finished; its {RUN_COMPLETE_FILE} predates manifests")
+    if not is_manifest(record["manifest"]):
+        return FolderStatus(folder, "damaged", f"{RUN_COMPLETE_FILE} is damaged (its manifest is malformed)")
+    return _status_from_check(folder, check_manifest(folder, record["manifest"], contents, set(only) if only else None))
+
+
+def folder_status(folder: Path, contents: bool = True, only: tuple[str, ...] | None = None) -> FolderStatus:
+    """The status of a checkpoint, a run folder or (``unverified``) any other folder."""
+    if is_checkpoint_folder(folder):
+        return checkpoint_status(folder, contents)
+    if is_run_folder(folder):
+        return run_status(folder, contents, only)
+    return FolderStatus(folder, "unverified", "no manifest (not written by preftune train)")
+
+
+@dataclass
+class RunFolder:
+    """A run folder, checkpoint or model folder checked by :func:`open_run`, ready to be read."""
+
+    path: Path
+    status: FolderStatus
+    kind: str | None  # model_kind(path)
+    run_config: dict | None  # run_config.json (None: none, or not a run)
+    complete: dict | None  # run_complete.json without its manifest (None: unfinished, or not a run)
+
+
+def _no_model_message(folder: Path) -> str:
+    msg = f"{str(folder)!r} holds no saved model (no {MODEL_CONFIG_FILE}, {ADAPTER_CONFIG_FILE} or {REFT_CONFIG_FILE})"
+    checkpoints = list_checkpoints(folder)
+    if checkpoints:
+        return f"{msg}; the run saved checkpoints, e.g. pass {str(checkpoints[0][1])!r}"
+    if is_run_folder(folder):
+        return f"{msg}; the run in it did not finish (no model was saved)"
+    return f"{msg}; pass the output folder of `preftune train` or a save_pretrained folder"
+
+
+def _where_to_go(status: FolderStatus) -> str:
+    """The fix for a damaged or incomplete folder: the checkpoint to use or resume from."""
+    folder = status.path
+    run = folder.parent if is_checkpoint_folder(folder) else folder
+    good = _newest_good_clause(run, exclude=folder)
+    if is_checkpoint_folder(folder):
+        return f"{good} (pass it instead)" if good.startswith("the newest") else good
+    if good.startswith("the newest"):
+        return f"{good}: finish the run with `preftune train ... --output_dir {str(run)!r} --resume_from_checkpoint latest`"
+    return f"{good}; restore the folder from a copy or train again"
+
+
+def open_run(path: str | Path, need_model: bool = True) -> RunFolder:
+    """Open a run folder (or a checkpoint, or any save_pretrained folder) for reading, verified.
+
+    Every command that reads a run calls this first (chat, eval, merge, report, export). Raises a
+    one-line :class:`PreftuneError` when the folder is missing, damaged (a file missing or differing
+    from the manifest written when the run finished), incomplete (the run or checkpoint never
+    finished; only when ``need_model``) or foreign (no model in it; only when ``need_model``). The
+    message names the file and the checkpoint to use instead.
+
+    ``need_model=False`` (``preftune report``): the model files are not hashed, only the records
+    (:data:`RUN_RECORD_FILES`) and ``run_complete.json``; an unfinished run is returned with
+    ``complete=None``. A folder without a manifest (a plain ``save_pretrained`` folder, a run from a
+    preftune before manifests) is returned with status ``unverified``.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise PreftuneError(f"folder {str(path)!r} not found")
+    if not folder.is_dir():
+        raise PreftuneError(f"{str(path)!r} is a file; pass the folder that holds the run or model")
+    status = folder_status(folder, contents=True, only=None if need_model else RUN_RECORD_FILES)
+    if status.state == "damaged":
+        raise PreftuneError(f"{str(folder)!r}: {status.detail}; {_where_to_go(status)}")
+    if status.state == "incomplete" and need_model:
+        raise PreftuneError(f"{str(folder)!r}: {status.detail}, so its model files may be partial; {_where_to_go(status)}")
+    kind = model_kind(folder)
+    if need_model and kind is None:
+        raise PreftuneError(_no_model_message(folder))
+    complete = None
+    if (folder / RUN_COMPLETE_FILE).exists():
+        complete, _ = read_sealed_json(folder / RUN_COMPLETE_FILE)
+        complete = {k: v for k, v in (complete or {}).items() if k != "manifest"} or None
+    return RunFolder(folder, status, kind, read_run_config(folder), complete)

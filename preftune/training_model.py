@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PreftuneError
+from .errors import PreftuneError, describe_exception
 from .hf_helpers import torch_dtype_of
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def causal_lm_from_pretrained(name: str, kind: str = "model", **kwargs):
     except ValueError as e:
         raise PreftuneError(f"cannot load the {kind} {name!r}: {str(e).strip().splitlines()[0]}") from None
     except Exception as e:
-        if _is_local(name):
-            raise
+        if _is_local(name):  # a damaged or foreign file (e.g. a truncated safetensors header)
+            raise PreftuneError(f"cannot load the {kind} from {name!r} ({describe_exception(e)})") from e
         raise hub_error(kind, name, e) from None
 
 

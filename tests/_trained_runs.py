@@ -63,3 +63,16 @@ def demo_eval_rows() -> list[dict]:
     from preftune.demo import demo_rows
 
     return demo_rows()[1]
+
+
+def mark_finished(folder: Path, demo: bool = True) -> None:
+    """Record ``folder`` as a finished run, as ``preftune train`` does last: ``run_complete.json`` with the
+    manifest of the files in it now. Tests that build or edit a run folder by hand call this, since
+    every reader verifies the folder against that manifest first."""
+    from preftune.rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD, REPORT_FILE, RUN_COMPLETE_FILE, read_sealed_json
+    from preftune.saving import finish_run
+
+    record, _ = read_sealed_json(folder / RUN_COMPLETE_FILE)
+    record = {k: v for k, v in (record or {"demo": demo}).items() if k != "manifest"}
+    later = {RUN_COMPLETE_FILE, EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD, REPORT_FILE}  # written by other commands
+    finish_run(folder, record, [p.name for p in folder.iterdir() if p.is_file() and p.name not in later])

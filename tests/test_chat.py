@@ -16,7 +16,7 @@ import torch
 
 from preftune.model_hooks import ModelHooks
 
-from _trained_runs import demo_initial_model, demo_run
+from _trained_runs import demo_initial_model, demo_run, mark_finished
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -214,6 +214,7 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     reft.save_reft(model, folder)
     tok.save_pretrained(str(folder))
     (folder / "run_config.json").write_text((run / "run_config.json").read_text())
+    mark_finished(folder)  # readers verify a run folder against the manifest its run wrote last
 
     loaded = load_pretrained(str(folder))
     assert loaded.kind == "ReFT" and loaded.hooks.generate is not None and loaded.hooks.batch_context is not None

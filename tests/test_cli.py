@@ -59,7 +59,12 @@ def test_every_example_config_parses(path):
         assert holders, f"{path.name}: {key} is not an option"
         got = getattr(holders[0], key)
         got = getattr(got, "value", got)  # transformers' enums (lr_scheduler_type, eval_strategy, ...)
+        if isinstance(got, list) and not isinstance(value, list):
+            value = [value]  # list options (loss_type) take one value as a list of one
         assert got == value or str(got) == str(value), (path.name, key, value, got)
+    from preftune.methods import METHODS
+
+    assert parsed[2].method in METHODS
 
 
 def test_flags_override_yaml_and_dash_case(tmp_path):
@@ -136,6 +141,23 @@ def test_cli_trains_on_jsonl_and_writes_outputs(tiny_model_dir, prefs_jsonl, tmp
     again = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out), "--max_steps", "1")
     assert again.returncode == 2 and "already holds a finished run" in again.stderr and "Traceback" not in again.stderr
     assert (out / "model.safetensors").exists()
+
+
+def test_cli_trains_kto_from_yaml_on_unpaired_rows(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"Q: copy {i % 10} A:", "completion": f" {(i + i % 3) % 10}", "label": i % 3 == 0} for i in range(12)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "kto.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\nmethod: kto\nloss_type: kto\nper_device_train_batch_size: 4\n"
+                   f"max_steps: 2\nlogging_steps: 1\nlearning_rate: 1.0e-3\noutput_dir: {tmp_path / 'run'}\ndisable_tqdm: true\n")
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # 4 desirable vs 8 undesirable with weights 1/1: TRL's advice on the weights
+    assert "--desirable_weight in [2.0, 2.66]" in r.stderr and "--undesirable_weight in [0.38, 0.5]" in r.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records if "kl" in rec] == [1, 2]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "**KTO**" in card and "| desirable_weight | 1 |" in card and "| loss_type | kto |" in card
 
 
 def test_cli_bad_row_is_one_line_error(tiny_model_dir, tmp_path):

@@ -15,7 +15,6 @@ checks could not fail (``test_equivalence_checks_have_power`` guards this).
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 
 from preftune.engine import reduce_sequence_logps, sequence_logps, token_logps
 from preftune.layout import PairTokens, collate_pairs, pack_segments
+from preftune.methods import Hyperparameters, get_method
 from preftune.objective import Window, compute_objective
 
 V = 101  # vocab size; ids 0 (pad), 1 (bos), 2 (eos) are special
@@ -134,16 +134,15 @@ MODEL_CASES = [
 
 
 def orpo_loss_of(seq, batch):
-    args = SimpleNamespace(method="orpo", beta=0.25, cpo_alpha=1.0)
     window = Window(pairs=float(batch["num_pairs"]), nll_tokens=float(batch["num_nll_tokens"]))
-    return compute_objective(args, seq, window).loss
+    return compute_objective(get_method("orpo"), Hyperparameters(beta=0.25), seq, window).loss
 
 
 def run_layout(model, pairs, layout, score_prompt=False, row_budget=None, chunk_size=7, per_token=False):
     """Collate ``pairs`` and run the engine; with ``per_token`` also return the per-token
     log-probs ordered by (sequence, position), which is comparable across layouts."""
     batch = collate_pairs(pairs, pad_id=0, layout=layout, score_prompt=score_prompt, row_budget=row_budget)
-    logps, aux = token_logps(model, batch, chunk_size=chunk_size)
+    logps, aux, _ = token_logps(model, batch, chunk_size=chunk_size)
     seq = reduce_sequence_logps(batch, logps, aux)
     if per_token:
         order = torch.sort(batch["score_seq"], stable=True).indices
@@ -281,10 +280,10 @@ def test_moe_aux_loss(family):
     (g,) = torch.autograd.grad(s_pk.aux_loss, router)
     assert torch.isfinite(g).all() and g.abs().max() > 0
     # compute_objective adds it with aux_coef
-    args = SimpleNamespace(method="orpo", beta=0.25, cpo_alpha=1.0)
+    orpo, hp = get_method("orpo"), Hyperparameters(beta=0.25)
     window = Window(pairs=float(len(pairs)), nll_tokens=float(b_pk["num_nll_tokens"]))
-    with_aux = compute_objective(args, s_pk, window, aux_coef=0.01).loss
-    without = compute_objective(args, s_pk, window, aux_coef=0.0).loss
+    with_aux = compute_objective(orpo, hp, s_pk, window, aux_coef=0.01).loss
+    without = compute_objective(orpo, hp, s_pk, window, aux_coef=0.0).loss
     torch.testing.assert_close(with_aux - without, 0.01 * s_pk.aux_loss, rtol=1e-5, atol=1e-7)
 
 

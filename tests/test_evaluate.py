@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _trained_runs import demo_eval_rows, demo_initial_model, demo_run
+from _trained_runs import demo_eval_rows, demo_initial_model, demo_run, mark_finished
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -145,6 +145,7 @@ def test_lora_adapter_folder_with_a_data_file_and_column_mapping(run, tmp_path):
     lora.save_pretrained(str(adapter))
     tok.save_pretrained(str(adapter))
     (adapter / "run_config.json").write_text((run / "run_config.json").read_text())  # a demo run: base = demo init
+    mark_finished(adapter)
     rows = demo_eval_rows()[:12]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n" for r in rows))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from _gguf_models import EDGE_TEXTS, LLAMA2_CHAT, hh_texts, one_line_error, qwen2_style_tokenizer, save_model, tiny
+from _trained_runs import mark_finished
 from conftest import LLAMA2_TOKENIZER
 from preftune.cli import main
 
@@ -228,6 +229,7 @@ def test_demo_reft_other_families_and_bad_outputs_are_refused_in_one_line(tmp_pa
     demo_tok = build_demo_tokenizer()
     demo = save_model(tmp_path, build_demo_model(len(demo_tok)), demo_tok, "demo")
     (demo / "run_config.json").write_text(json.dumps({"demo": True}), encoding="utf-8")
+    mark_finished(demo)  # a finished run: readers verify it against its manifest first
     err = one_line_error(capsys, ["export", str(demo), "--gguf", str(tmp_path / "demo.gguf")])
     assert "word-level" in err and "GGUF cannot represent" in err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))  # nothing half-written

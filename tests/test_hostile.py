@@ -197,6 +197,7 @@ def test_tokenize_arbitrary_unicode_respects_limits(llama_or_demo_tokenizer, raw
 def test_huge_field_is_truncated_not_fatal(tmp_path, llama_or_demo_tokenizer):
     big = "word " * 200_000  # 1 MB
     path = tmp_path / "big.jsonl"
+    # " 1" and " 2" are words of both tokenizers (the demo one maps "yes" and "no" both to <unk>)
     path.write_text(json.dumps({"prompt": big, "chosen": " 1", "rejected": " 2"}) + "\n" + json.dumps({"prompt": "p", "chosen": big, "rejected": " 2"}) + "\n")
     data = load_examples(str(path))
     pairs, report = tokenize_examples(llama_or_demo_tokenizer, data.examples, TokenizeSettings(max_length=64, max_prompt_length=32))

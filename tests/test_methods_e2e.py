@@ -6,7 +6,7 @@ rejected one from the upper half (50-96). Held-out pairs are fresh random draws.
 ``tiny_llama`` from conftest, PreferenceTrainer for 30 steps of 16 pairs (constant lr 3e-3),
 evaluated on 32 held-out pairs before and after. Assertions are on the measured metrics:
 preference methods must raise the held-out ``rewards/margins`` (and lower their loss), SFT must
-lower the held-out NLL. A method whose loss had the wrong sign, or whose reference leaked
+lower the held-out NLL; KTO trains on the same pairs split into labelled completions. A method whose loss had the wrong sign, or whose reference leaked
 gradients, would fail these. (The built-in demo task needs hundreds of steps before ORPO's
 preference shows on held-out prompts, too slow for a unit test; its DPO run is in
 test_reference.py through ``run_training``.)
@@ -43,6 +43,16 @@ TRAIN = low_vs_high_pairs(256, seed=0)
 HELD_OUT = low_vs_high_pairs(32, seed=1, id_offset=10**9)
 
 
+def labelled(pairs: list[PairTokens], batch_size: int = 16) -> list[PairTokens]:
+    """KTO examples from pairs: chosen desirable, rejected undesirable, interleaved, with KL completions."""
+    from preftune.data.unpaired import add_kl_completions
+
+    examples = []
+    for p in pairs:
+        examples += [PairTokens(p.prompt, p.chosen, [], 2 * p.example_id, label=True), PairTokens(p.prompt, p.rejected, [], 2 * p.example_id + 1, label=False)]
+    return add_kl_completions(examples, batch_size)
+
+
 def train_tiny(tmp_path, method: str, use_peft: bool = False, **overrides):
     from preftune.training_model import apply_peft
     from preftune.reference import build_reference
@@ -59,8 +69,9 @@ def train_tiny(tmp_path, method: str, use_peft: bool = False, **overrides):
     if use_peft:
         model = apply_peft(model, model_args)
     tokenizer = SimpleNamespace(pad_token_id=0)
-    reference = build_reference(model, model_args, args, choose_device("float32", "sdpa"), TRAIN, HELD_OUT, tokenizer) if args.needs_reference else None
-    trainer = PreferenceTrainer(model=model, args=args, train_pairs=TRAIN, eval_pairs=HELD_OUT, reference=reference, pad_token_id=0)
+    train, held_out = (labelled(TRAIN), labelled(HELD_OUT)) if method == "kto" else (TRAIN, HELD_OUT)
+    reference = build_reference(model, model_args, args, choose_device("float32", "sdpa"), train, held_out, tokenizer) if args.needs_reference else None
+    trainer = PreferenceTrainer(model=model, args=args, train_pairs=train, eval_pairs=held_out, reference=reference, pad_token_id=0)
     started = time.perf_counter()
     before = trainer.evaluate()
     trainer.train()
@@ -106,6 +117,16 @@ def test_dpo_reference_variants_train(tmp_path, variant):
     assert after["eval_rewards/margins"] > 0.05
     assert after["eval_rewards/accuracies"] >= 0.75
     assert after["eval_loss"] < math.log(2)
+
+
+@pytest.mark.slow
+def test_kto_raises_heldout_margin(tmp_path):
+    """KTO on the same task as unpaired examples: desirable rewards rise above undesirable ones."""
+    before, after, logs = train_tiny(tmp_path, "kto", beta=0.1)
+    assert abs(before["eval_rewards/margins"]) <= 1e-5 and before["eval_loss"] == pytest.approx(0.5, abs=1e-5)  # policy == reference
+    assert after["eval_rewards/margins"] > 0.5
+    assert after["eval_loss"] < 0.45
+    assert logs[-1]["kl"] >= 0 and logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _trained_runs import copy_run, demo_run
+from _trained_runs import copy_run, demo_run, mark_finished
 from preftune.cli import main
 
 pytestmark = pytest.mark.slow
@@ -176,6 +176,7 @@ def test_user_text_is_escaped(evaluated_run, tmp_path):
     (run / "run_config.json").write_text(json.dumps(config))
     rows = [{"prompt": evil, "chosen": "a & b", "rejected": "</pre>", "where": evil, "answers": [{"model": evil, "answer": evil}]}]
     (run / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mark_finished(run)  # the edited run_config.json is now what the run recorded
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text(encoding="utf-8")
     cells = parse(page)

@@ -59,15 +59,17 @@ def test_gradient_accumulation_is_not_mean_of_micro_means(tmp_path):
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, pad_token_id=0)
     from preftune.engine import sequence_logps
     from preftune.layout import collate_pairs
+    from preftune.methods import Hyperparameters, get_method
     from preftune.objective import Window, compute_objective
 
     micro = [collate_pairs(pairs[i:i + 2], 0, score_prompt=True) for i in range(0, 8, 2)]
     whole = collate_pairs(pairs, 0, score_prompt=True)
     seqs = [sequence_logps(model, b) for b in micro]
     window = Window(pairs=8, nll_tokens=float(whole["num_nll_tokens"]))
-    exact = sum(compute_objective(args, s, window).loss for s in seqs)
-    full = compute_objective(args, sequence_logps(model, whole), Window(8, float(whole["num_nll_tokens"]))).loss
-    naive = sum(compute_objective(args, s, Window(2, float(b["num_nll_tokens"]))).loss for s, b in zip(seqs, micro)) / 4
+    orpo, hp = get_method(args.method), Hyperparameters.from_config(args)
+    exact = sum(compute_objective(orpo, hp, s, window).loss for s in seqs)
+    full = compute_objective(orpo, hp, sequence_logps(model, whole), Window(8, float(whole["num_nll_tokens"]))).loss
+    naive = sum(compute_objective(orpo, hp, s, Window(2, float(b["num_nll_tokens"]))).loss for s, b in zip(seqs, micro)) / 4
     assert torch.allclose(exact, full, atol=1e-5)
     assert abs(naive.item() - full.item()) > 1e-3
     del trainer

@@ -55,12 +55,12 @@ def _output_dir(eval_args, model_name: str) -> Path:
     return out
 
 
-def _load_compare(other: str, model_name: str, load):
+def _load_compare(other: str, model_name: str, load, model_run, other_run):
     from ..inference_model import load_base, load_pretrained
 
     if other == "base" and not Path("base").exists():
-        return load_base(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file)
-    return load_pretrained(other, load.torch_dtype, load.trust_remote_code, load.chat_template_file)
+        return load_base(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file, run=model_run)
+    return load_pretrained(other, load.torch_dtype, load.trust_remote_code, load.chat_template_file, run=other_run)
 
 
 def _evaluate(eval_args, source_args, tokenize_args, generation, load, where, given: set[str]) -> int:
@@ -69,23 +69,22 @@ def _evaluate(eval_args, source_args, tokenize_args, generation, load, where, gi
     from ..evaluation import write_generations
     from ..hf_helpers import pad_token_id
     from ..inference_model import check_model_arg, load_pretrained
-    from ..rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD, read_run_config
+    from ..rundir import EVAL_FILE, GENERATIONS_JSONL, GENERATIONS_MD
 
     started = time.perf_counter()
     model_name = where.model
-    folder = check_model_arg(model_name)
-    if eval_args.compare and eval_args.compare != "base":
-        check_model_arg(eval_args.compare)
+    run = check_model_arg(model_name)  # verified against its manifest: one line if damaged or unfinished
+    compare_run = check_model_arg(eval_args.compare) if eval_args.compare and eval_args.compare != "base" else None
     out_dir = _output_dir(eval_args, model_name)
-    run_config = read_run_config(folder)
+    run_config = run.run_config if run is not None else None
     settings = resolve_settings(tokenize_args, eval_args, given, run_config)
     examples, data_label = load_eval_examples(source_args, given, run_config, model_name)
     if eval_args.max_samples is not None:
         examples = examples[: eval_args.max_samples]
 
-    models = [load_pretrained(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file)]
+    models = [load_pretrained(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file, run=run)]
     if eval_args.compare:
-        models.append(_load_compare(eval_args.compare, model_name, load))
+        models.append(_load_compare(eval_args.compare, model_name, load, run, compare_run))
     results, answers = [], []
     for loaded in models:
         pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)

@@ -12,11 +12,13 @@ import numpy as np
 from ..errors import DataError, PreftuneError
 from .convert import CONVERTERS
 from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
-from .io import read_records
+from .io import BadRecord, read_records
+from .unpaired import UnpairedExample, is_unpaired_record, normalize_unpaired_record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedData", "load_examples", "split_eval", "held_out_mask", "ColumnMap", "PreferenceExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
+__all__ = ["LoadedData", "load_examples", "split_eval", "held_out_mask", "ColumnMap", "PreferenceExample", "UnpairedExample",
+           "BAD_ROW_POLICIES", "DATASET_FORMATS"]
 
 BAD_ROW_POLICIES = ("error", "skip")
 DATASET_FORMATS = ("auto", *CONVERTERS)
@@ -24,7 +26,7 @@ DATASET_FORMATS = ("auto", *CONVERTERS)
 
 @dataclass
 class LoadedData:
-    examples: list[PreferenceExample]
+    examples: list  # PreferenceExample, or for unpaired data UnpairedExample
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     first_skipped: dict = field(default_factory=dict)  # reason -> first BadRow message
 
@@ -41,11 +43,15 @@ def load_examples(
     on_bad_row: str = "error",
     dataset_format: str = "auto",
     id_offset: int = 0,
+    unpaired: bool = False,
 ) -> LoadedData:
     """Read ``name`` (file, folder or hub name) and normalise every row.
 
     ``on_bad_row="error"`` raises :class:`DataError` at the first bad row, naming the file,
-    line/row and field; ``"skip"`` drops bad rows and counts them by reason.
+    line/row and field; ``"skip"`` drops bad rows and counts them by reason. ``unpaired`` (KTO):
+    rows shaped ``prompt, completion, label`` become :class:`UnpairedExample`; a dataset of
+    preference pairs (decided by its first row) is read as pairs, to be split later
+    (:func:`preftune.data.unpaired.unpair_examples`).
     """
     if on_bad_row not in BAD_ROW_POLICIES:
         raise PreftuneError(f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
@@ -55,9 +61,11 @@ def load_examples(
     if dataset_format != "auto":
         records = CONVERTERS[dataset_format](records)
     loaded = LoadedData(examples=[])
+    first = next((r for r in records if not isinstance(r, BadRecord)), None)
+    normalize = normalize_unpaired_record if unpaired and first is not None and is_unpaired_record(first, columns) else normalize_record
     for rec in records:
         # ids count usable examples, as the tokenized cache numbers them (positions)
-        result = normalize_record(rec, columns, example_id=id_offset + len(loaded.examples))
+        result = normalize(rec, columns, example_id=id_offset + len(loaded.examples))
         if isinstance(result, BadRow):
             if on_bad_row == "error":
                 raise DataError(result.where, f"{result.reason}: {result.detail}", "fix the row, or pass --on_bad_row skip to skip bad rows")
@@ -66,7 +74,9 @@ def load_examples(
             continue
         loaded.examples.append(result)
     if not loaded.examples:
-        raise DataError(name, f"no usable preference pairs ({loaded.skip_summary()})", "check the column names (--chosen_column, --rejected_column, --prompt_column)")
+        columns_hint = "--completion_column, --label_column, --prompt_column" if normalize is normalize_unpaired_record else "--chosen_column, --rejected_column, --prompt_column"
+        what = "unpaired examples" if normalize is normalize_unpaired_record else "preference pairs"
+        raise DataError(name, f"no usable {what} ({loaded.skip_summary()})", f"check the column names ({columns_hint})")
     return loaded
 
 

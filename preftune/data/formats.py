@@ -26,7 +26,8 @@ from typing import Any
 
 from .io import BadRecord, Record
 
-__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "common_prefix_len", "ASSISTANT_MARKERS", "SHAPES"]
+__all__ = ["ColumnMap", "PreferenceExample", "BadRow", "normalize_record", "extract_string_prompt", "common_prefix_len", "check_messages",
+           "as_text", "ASSISTANT_MARKERS", "SHAPES"]
 
 Message = dict[str, Any]
 Content = str | list[Message]
@@ -59,6 +60,8 @@ class ColumnMap:
     rejected: str = "rejected"
     system: str = "system"
     tools: str = "tools"
+    completion: str = "completion"  # unpaired (KTO) rows
+    label: str = "label"
 
 
 @dataclass
@@ -89,7 +92,7 @@ class BadRow:
         return f"{self.where}: {self.reason}: {self.detail}"
 
 
-def _check_messages(value: Any, field: str) -> str | None:
+def check_messages(value: Any, field: str) -> str | None:
     """Return an error detail if ``value`` is not a valid message list.
 
     Every message needs a known role and string content; an assistant message that carries
@@ -190,7 +193,7 @@ def extract_string_prompt(chosen: str, rejected: str) -> int:
     return cut + 1 if cut >= 0 else 0
 
 
-def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
+def as_text(value: Any, field: str) -> tuple[str | None, str | None]:
     if value is None:
         return None, f"{field!r} is missing (null)"
     if not isinstance(value, str):
@@ -208,6 +211,9 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
     for field in (columns.chosen, columns.rejected):
         if field not in row:
             have = ", ".join(sorted(map(str, row.keys()))) or "none"
+            if columns.completion in row and columns.label in row:
+                return BadRow(where, "missing column", f"no {field!r} column: this is an unpaired row ({columns.completion!r}, {columns.label!r}); "
+                              "train on unpaired data with --method kto")
             return BadRow(where, "missing column", f"no {field!r} column (columns: {have}); map yours with --{'chosen' if field == columns.chosen else 'rejected'}_column")
     chosen, rejected = row[columns.chosen], row[columns.rejected]
     prompt = row.get(columns.prompt)
@@ -226,7 +232,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
                 continue
             if not isinstance(value, list):
                 return BadRow(where, "wrong type", f"{field!r} must be a string or a message list, got {type(value).__name__}")
-            problem = _check_messages(value, field)
+            problem = check_messages(value, field)
             if problem:
                 return BadRow(where, "malformed messages", problem)
         chosen = _clean_messages(chosen) if isinstance(chosen, list) else [{"role": "assistant", "content": chosen}]
@@ -244,7 +250,7 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
                     return BadRow(where, "empty field", f"{columns.prompt!r} is empty")
                 explicit = [{"role": "user", "content": prompt}]
             elif isinstance(prompt, list):
-                problem = _check_messages(prompt, columns.prompt)
+                problem = check_messages(prompt, columns.prompt)
                 if problem:
                     return BadRow(where, "malformed messages", problem)
                 explicit = _clean_messages(prompt)
@@ -264,10 +270,10 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
             prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
         return PreferenceExample(prompt_msgs, chosen_c, rejected_c, system, where, example_id, tools, "conversational")
 
-    chosen, problem = _as_text(chosen, columns.chosen)
+    chosen, problem = as_text(chosen, columns.chosen)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
-    rejected, problem = _as_text(rejected, columns.rejected)
+    rejected, problem = as_text(rejected, columns.rejected)
     if problem:
         return BadRow(where, "empty field" if "empty" in problem else "wrong type" if "must be" in problem else "missing value", problem)
     if prompt is None and columns.prompt in row:
@@ -282,12 +288,12 @@ def normalize_record(record: Record | BadRecord, columns: ColumnMap, example_id:
         shape = "implicit prompt"
     else:
         if isinstance(prompt, list):
-            problem = _check_messages(prompt, columns.prompt)
+            problem = check_messages(prompt, columns.prompt)
             if problem:
                 return BadRow(where, "malformed messages", problem)
             prompt, shape = _clean_messages(prompt), "conversational"
         else:
-            prompt, problem = _as_text(prompt, columns.prompt)
+            prompt, problem = as_text(prompt, columns.prompt)
             if problem:
                 return BadRow(where, "empty field" if "empty" in problem else "wrong type", problem)
             shape = "standard"

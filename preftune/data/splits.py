@@ -32,6 +32,7 @@ from .formats import ColumnMap, PreferenceExample
 from .mixture import DatasetSpec, mixture_order, parse_dataset_entries, sample_counts, select_positions
 from .store import TokenizedPairs
 from .tokenize import DROP_REASONS, TokenizeReport, TokenizeSettings, count_truncation, plan_truncation, tokenize_examples
+from .unpaired import tokenize_unpaired
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ TEMPLATE_REASONS = ("needs a chat template", "chat template error", "completion 
 def columns_of(data_args) -> ColumnMap:
     """The column mapping named by a :class:`preftune.config.DataArguments`."""
     return ColumnMap(data_args.prompt_column, data_args.chosen_column, data_args.rejected_column, data_args.system_column,
-                     getattr(data_args, "tools_column", "tools"))
+                     data_args.tools_column, data_args.completion_column, data_args.label_column)
 
 
 def tokenize_settings_of(data_args) -> TokenizeSettings:
@@ -317,20 +318,24 @@ def prepare_data(tokenizer, data_args, seed: int) -> TrainingData:
     return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None)
 
 
-def data_from_examples(tokenizer, train: list[PreferenceExample], evals: list[PreferenceExample], settings: TokenizeSettings) -> TrainingData:
-    """:class:`TrainingData` of examples built in memory (the built-in demo)."""
-    train_pairs, train_report = tokenize_split(tokenizer, train, settings, "train data")
-    eval_pairs, eval_report = tokenize_split(tokenizer, evals, settings, "eval data") if evals else ([], None)
+def data_from_examples(tokenizer, train: list, evals: list, settings: TokenizeSettings, unpaired: bool = False,
+                       kl_group: int | None = None) -> TrainingData:
+    """:class:`TrainingData` of examples tokenized in memory: the built-in demo, and unpaired
+    (KTO) runs, whose KL completions follow the data order (:mod:`preftune.data.unpaired`)."""
+    kind = dict(unpaired=unpaired, kl_group=kl_group)
+    train_pairs, train_report = tokenize_split(tokenizer, train, settings, "train data", **kind)
+    eval_pairs, eval_report = tokenize_split(tokenizer, evals, settings, "eval data", **kind) if evals else ([], None)
     return TrainingData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), [], train_report, eval_report)
 
 
 # --- examples path (preftune eval) ------------------------------------------------------------------
-def _load_all(specs: list[DatasetSpec], data_args, id_start: int) -> tuple[list[list[PreferenceExample]], LoadedData]:
+def _load_all(specs: list[DatasetSpec], data_args, id_start: int, unpaired: bool = False) -> tuple[list[list], LoadedData]:
     merged = LoadedData(examples=[])
     lists, base = [], id_start
     for spec in specs:
         try:
-            loaded = load_examples(spec.path, spec.split, spec.columns, data_args.on_bad_row, spec.dataset_format, id_offset=base)
+            loaded = load_examples(spec.path, spec.split, spec.columns, data_args.on_bad_row, spec.dataset_format, id_offset=base,
+                                   unpaired=unpaired)
         except DataError as e:
             if len(specs) > 1:
                 raise DataError(f"dataset {spec.display!r}, {e.where}", e.problem, e.fix) from None
@@ -355,13 +360,17 @@ def load_source_examples(source_args, seed: int = 42) -> tuple[list[PreferenceEx
     return [lists[s][p] for s, p in zip(selection.source.tolist(), selection.position.tolist())], loaded
 
 
-def load_train_eval(data_args, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample], LoadedData]:
+def load_train_eval(data_args, seed: int, unpaired: bool = False) -> tuple[list, list, LoadedData]:
     """Training and held-out examples exactly as :func:`prepare_data` selects them, without a
-    tokenizer. Returns ``(train, eval, loaded)``; ``loaded`` counts the skipped rows."""
+    tokenizer. Returns ``(train, eval, loaded)``; ``loaded`` counts the skipped rows.
+
+    ``unpaired`` (KTO): unpaired rows are read as :class:`preftune.data.UnpairedExample`; pairs
+    stay pairs here (split into labelled completions at tokenization, after the eval split, so a
+    pair's two halves never land on both sides)."""
     specs = training_sources(data_args)
-    lists, loaded = _load_all(specs, data_args, 0)
+    lists, loaded = _load_all(specs, data_args, 0, unpaired)
     espec = eval_sources(data_args)
-    elists = _load_all(espec, data_args, EVAL_ID_OFFSET)[0] if espec else []
+    elists = _load_all(espec, data_args, EVAL_ID_OFFSET, unpaired)[0] if espec else []
     train_sel, eval_sel, _ = select_examples([len(x) for x in lists], specs, data_args, seed, [len(x) for x in elists], espec)
     pick = lambda sel, groups: [groups[s][p] for s, p in zip(sel.source.tolist(), sel.position.tolist())]  # noqa: E731
     train = pick(train_sel, lists)
@@ -370,18 +379,26 @@ def load_train_eval(data_args, seed: int) -> tuple[list[PreferenceExample], list
     return train, evals, loaded
 
 
-def tokenize_split(tokenizer, examples: list[PreferenceExample], settings: TokenizeSettings, label: str, on_bad_row: str = "error"):
+def tokenize_split(tokenizer, examples: list, settings: TokenizeSettings, label: str, on_bad_row: str = "error", unpaired: bool = False,
+                   kl_group: int | None = None):
     """:func:`tokenize_examples` whose failures name ``label`` (e.g. "train data") in one line.
 
-    Logs the tokenization summary; raises when every pair of a non-empty split was dropped.
-    Returns ``(pairs, report)``.
+    ``unpaired``: labelled examples instead (:func:`preftune.data.unpaired.tokenize_unpaired`;
+    pairs are split first), each with a KL completion from its group of ``kl_group`` (None: none).
+    Logs the tokenization summary; raises when every example of a non-empty split was dropped, or
+    when one example is left where KL completions need two. Returns ``(pairs, report)``.
     """
     try:
-        pairs, report = tokenize_examples(tokenizer, examples, settings, on_bad_row)
+        if unpaired:
+            pairs, report = tokenize_unpaired(tokenizer, examples, settings, kl_group)
+        else:
+            pairs, report = tokenize_examples(tokenizer, examples, settings, on_bad_row)
     except ValueError as e:
         raise PreftuneError(f"{label}: {e}") from None
     logger.info("%s: %s", label, report.summary())
     if not pairs and examples:
-        raise PreftuneError(f"{label}: every pair was dropped during tokenization ({report.summary()}); raise --max_length")
+        raise PreftuneError(f"{label}: every example was dropped during tokenization ({report.summary()}); raise --max_length")
+    if kl_group is not None and len(pairs) == 1:
+        raise PreftuneError(f"{label}: one example left after tokenization; the KL term needs at least two (each example is scored "
+                            "with another example's completion)")
     return pairs, report
-

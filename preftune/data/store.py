@@ -238,8 +238,11 @@ class TokenizedPairs(Sequence):
         pairs = list(pairs)
         by_id = sorted(range(len(pairs)), key=lambda i: pairs[i].example_id)
         ordered = [pairs[i] for i in by_id]
+        labels = None  # unpaired examples (KTO) keep their labels; -1: none
+        if any(p.label is not None for p in ordered):
+            labels = [-1 if p.label is None else int(p.label) for p in ordered]
         store = PairStore.from_lists([p.prompt for p in ordered], [p.chosen for p in ordered], [p.rejected for p in ordered],
-                                     np.zeros(len(pairs), dtype=np.int32), np.arange(len(pairs)))
+                                     np.zeros(len(pairs), dtype=np.int32), np.arange(len(pairs)), labels)
         rows = np.empty(len(pairs), dtype=np.int64)
         rows[np.asarray(by_id, dtype=np.int64)] = np.arange(len(pairs))
         return cls.from_store(store, rows, [p.example_id for p in pairs])
@@ -284,8 +287,9 @@ class TokenizedPairs(Sequence):
         full = store.pair_tokens(r)
         p_all, c_all = int(store.prompt_len[r]), int(store.chosen_len[r])
         s, p, c, rj = int(self.prompt_start[i]), int(self.prompt_len[i]), int(self.chosen_len[i]), int(self.rejected_len[i])
+        label = None if store.label is None or store.label[r] < 0 else bool(store.label[r])
         return PairTokens(full[s : s + p].tolist(), full[p_all : p_all + c].tolist(),
-                          full[p_all + c_all : p_all + c_all + rj].tolist(), int(self.example_id[i]))
+                          full[p_all + c_all : p_all + c_all + rj].tolist(), int(self.example_id[i]), label=label)
 
     def lengths(self) -> np.ndarray:
         """Packed length ``|prompt| + |chosen| + |rejected|`` of every pair, ``(N,)`` int64."""

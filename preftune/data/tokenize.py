@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "Encoded", "encode_examples", "tokenize_examples", "prompt_bos_id",
-    "render_example", "plan_truncation", "TruncationPlan", "DROP_REASONS", "NOTES",
+    "render_example", "render_completions", "encode_texts", "split_at_prompt", "truncate_prompt", "completion_room",
+    "plan_truncation", "TruncationPlan", "DROP_REASONS", "NOTES",
 ]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
@@ -118,6 +119,7 @@ class TokenizeReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     notes: Counter = field(default_factory=Counter)  # NOTES name -> count
+    unit: str = "pairs"  # "examples" for unpaired data
 
     @property
     def boundary_merges(self) -> int:
@@ -133,7 +135,7 @@ class TokenizeReport:
                 self.notes[name] += count
 
     def summary(self) -> str:
-        parts = [f"{self.kept} pairs tokenized"]
+        parts = [f"{self.kept} {self.unit} tokenized"]
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} prompts truncated")
         if self.completion_truncated:
@@ -241,6 +243,39 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str) -> Rendered:
     return Rendered(prompt_text, fulls[0], fulls[1], prompt_turns, notes, templated=True)
 
 
+def render_completions(tokenizer, prompt, system: str | None, completions: list, mode: str, report: TokenizeReport) -> tuple[str, list[str], bool]:
+    """A prompt and the completions that follow it as text: ``(prompt_text, completion_texts, templated)``
+    (unpaired examples, :mod:`preftune.data.unpaired`).
+
+    Same template rule as :func:`render_example`; each completion text is the suffix the template
+    adds after the prompt, and a template whose generation prompt is not a prefix of the
+    conversation is refused here (``ValueError``).
+    """
+    conversational = isinstance(prompt, list) or any(isinstance(c, list) for c in completions)
+    use_template = mode == "always" or (mode == "auto" and (conversational or (system is not None and has_chat_template(tokenizer))))
+    if mode == "never" and conversational:
+        raise ValueError("conversational data needs a chat template; use --chat_template auto")
+    if not use_template:
+        return (prompt if system is None else f"{system}\n\n{prompt}"), list(completions), False
+    prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system is not None and not any(m["role"] == "system" for m in prompt_msgs):
+        prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
+    if not has_chat_template(tokenizer):
+        report.notes["default_template"] += 1
+    prompt_text = _render(tokenizer, prompt_msgs, True, None)
+    texts = []
+    for completion in completions:
+        msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        full = _render(tokenizer, prompt_msgs + msgs, False, None)
+        if not full.startswith(prompt_text):
+            raise ValueError(
+                "the chat template does not render the prompt as a prefix of the full conversation, "
+                "so the prompt/completion boundary is ambiguous; pass a simpler --chat_template_file"
+            )
+        texts.append(full[len(prompt_text):])
+    return prompt_text, texts, True
+
+
 def prompt_bos_id(tokenizer) -> int | None:
     """The BOS id to put first in every prompt (TRL's rule): the tokenizer's BOS if it has one.
 
@@ -269,8 +304,40 @@ class Encoded:
     bad: tuple[str, str] | None = None
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without the tokenizer's special tokens."""
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def split_at_prompt(tokenizer, prompt_ids: list[int], full_ids: list[list[int]], add_eos: bool = True) -> tuple[list[int], list[list[int]], bool]:
+    """The boundary rule of the module docstring for one prompt and the full texts that extend it
+    (unpaired examples; pairs go through :func:`encode_examples`).
+
+    Returns ``(prompt, completions, merged)``: the longest common prefix of ``prompt_ids`` and
+    every ``full_ids`` (after the BOS rule), each full text's tokens after it (EOS appended once),
+    and whether a token merged across the boundary.
+    """
+    bos, eos = prompt_bos_id(tokenizer), tokenizer.eos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids, full_ids = [bos] + prompt_ids, [[bos] + f for f in full_ids]
+    k = min(common_prefix_len(prompt_ids, f) for f in full_ids)
+    completions = [f[k:] for f in full_ids]
+    if add_eos and eos is not None:
+        completions = [c if c and c[-1] == eos else c + [eos] for c in completions]
+    return prompt_ids[:k], completions, k < len(prompt_ids)
+
+
+def truncate_prompt(prompt: list[int], settings: TokenizeSettings) -> tuple[list[int], bool]:
+    """The prompt cut to ``max_prompt_length`` by ``truncation_mode``, and whether it was cut."""
+    limit = settings.max_prompt_length
+    if limit is None or len(prompt) <= limit:
+        return prompt, False
+    return (prompt[-limit:] if settings.truncation_mode == "keep_end" else prompt[:limit]), True
+
+
+def completion_room(prompt: list[int], settings: TokenizeSettings) -> int | None:
+    """Tokens left for a completion after ``prompt`` (None: no limit)."""
+    return None if settings.max_length is None else settings.max_length - len(prompt)
 
 
 def encode_examples(tokenizer, examples: list[PreferenceExample], mode: str = "auto", add_eos: bool = True) -> list[Encoded]:
@@ -282,10 +349,10 @@ def encode_examples(tokenizer, examples: list[PreferenceExample], mode: str = "a
         except TemplateProblem as problem:
             rendered.append(problem)
     ok = [r for r in rendered if isinstance(r, Rendered)]
-    p_ids = iter(_encode(tokenizer, [r.prompt for r in ok]))
-    c_ids = iter(_encode(tokenizer, [r.chosen_full for r in ok]))
-    r_ids = iter(_encode(tokenizer, [r.rejected_full for r in ok]))
-    t_ids = iter(_encode(tokenizer, [r.prompt_turns for r in ok if r.prompt_turns is not None]))
+    p_ids = iter(encode_texts(tokenizer, [r.prompt for r in ok]))
+    c_ids = iter(encode_texts(tokenizer, [r.chosen_full for r in ok]))
+    r_ids = iter(encode_texts(tokenizer, [r.rejected_full for r in ok]))
+    t_ids = iter(encode_texts(tokenizer, [r.prompt_turns for r in ok if r.prompt_turns is not None]))
     bos, eos = prompt_bos_id(tokenizer), tokenizer.eos_token_id
     out = []
     for r in rendered:

@@ -46,18 +46,20 @@ def _check_output(out: Path, ollama: bool, overwrite: bool) -> None:
         raise PreftuneError(f"{existing[0]!r} exists; pass --overwrite to replace it, or choose another --gguf name")
 
 
-def _check_kind(name: str) -> None:
-    """Refuse what cannot become weights before anything heavy is loaded."""
+def _check_kind(name: str):
+    """Refuse what cannot become weights before anything heavy is loaded; the local folder, opened and
+    verified against its manifest (:func:`preftune.rundir.open_run`: one line if damaged or
+    unfinished), or None for a hub name."""
     from ..inference_model import check_model_arg
-    from ..rundir import model_kind
 
-    path = check_model_arg(name)
-    if path is None:
-        return
-    if model_kind(path) == "ReFT":
+    run = check_model_arg(name)
+    if run is None:
+        return None
+    path = run.path
+    if run.kind == "ReFT":
         raise PreftuneError(f"{name!r} holds ReFT interventions, which act on activations at chosen prompt positions and are not weights, "
                             "so no GGUF file can carry them; train with --use_peft (or a full fine-tune) to export")
-    if model_kind(path) == "full model":
+    if run.kind == "full model":
         from transformers import AutoConfig
 
         from .architectures import family_for
@@ -67,6 +69,7 @@ def _check_kind(name: str) -> None:
         except (OSError, ValueError) as e:
             raise PreftuneError(f"cannot read {str(path / 'config.json')!r}: {str(e).strip().splitlines()[0]}") from None
         family_for(config)  # an unsupported family fails before the weights are read
+    return run
 
 
 def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool = False, overwrite: bool = False,
@@ -85,9 +88,9 @@ def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool =
     if torch_dtype not in TORCH_DTYPES:
         raise PreftuneError(f"--torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {torch_dtype!r}")
     _check_output(out, ollama, overwrite)
-    _check_kind(model)
+    run = _check_kind(model)
     with quiet_transformers():
-        loaded = load_pretrained(model, torch_dtype, trust_remote_code, chat_template_file)
+        loaded = load_pretrained(model, torch_dtype, trust_remote_code, chat_template_file, run=run)
     family = family_for(loaded.model.config)
     rows = loaded.model.get_input_embeddings().weight.shape[0]
     vocab = gguf_vocab(loaded.tokenizer, rows)

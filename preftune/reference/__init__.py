@@ -35,8 +35,9 @@ fingerprint is a sha256 over (see :func:`reference_fingerprint`):
 A later run with the same fingerprint (including ``--resume_from_checkpoint``, which rebuilds the
 starting model before loading the checkpoint) reads the file instead of running the model. Any
 change gives another file name, so a stale table is never read; a file whose stored fingerprint
-or example ids do not match is recomputed and replaced. Files are written to a temporary name and
-``os.replace``-d into place, so a reader never sees half a file.
+or example ids do not match, or whose values differ from the xxh3-128 digest written with them in
+its metadata (a flipped byte: :func:`check_cache_file`), is recomputed and replaced. Files are
+written to a temporary name and ``os.replace``-d into place, so a reader never sees half a file.
 
 Multi-process runs (DDP): every process loads the cache or, on a miss, computes the whole table
 itself (no collective calls, so no barrier can time out during a long pass); only process 0
@@ -47,10 +48,10 @@ fingerprint and cache file) and :mod:`.build` (which reference a run gets).
 """
 
 from .build import build_reference
-from .cache import PrecomputedReference, compute_reference_table, model_digest, pairs_digest, reference_fingerprint
+from .cache import PrecomputedReference, check_cache_file, compute_reference_table, model_digest, pairs_digest, reference_fingerprint
 from .models import ModelReference, ReferenceFn
 
 __all__ = [
     "build_reference", "ModelReference", "ReferenceFn", "PrecomputedReference", "compute_reference_table",
-    "reference_fingerprint", "pairs_digest", "model_digest",
+    "reference_fingerprint", "pairs_digest", "model_digest", "check_cache_file",
 ]

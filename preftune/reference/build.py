@@ -28,6 +28,7 @@ def _engine_settings(args, choice, model_args) -> dict:
         "dtype": str(getattr(choice, "dtype", None)),
         "attn_implementation": getattr(choice, "attn_implementation", None),
         "layout": getattr(args, "batch_layout", "packed"),
+        "ld_alpha": getattr(args, "ld_alpha", None),  # LD-DPO weights the summed log-probs
         "load_in_4bit": bool(getattr(model_args, "load_in_4bit", False)),
         "load_in_8bit": bool(getattr(model_args, "load_in_8bit", False)),
         "bnb_4bit_quant_type": getattr(model_args, "bnb_4bit_quant_type", None),
@@ -95,7 +96,8 @@ def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokeniz
     device = model_device(ref_model)
     started = time.perf_counter()
     ids, chosen, rejected = compute_reference_table(
-        reference.score, pairs, pad_token_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget
+        reference.score, pairs, pad_token_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget,
+        getattr(args, "ld_alpha", None),
     )
     seconds = time.perf_counter() - started
     written = getattr(args, "process_index", 0) == 0 and write_cache(path, fingerprint, ids, chosen, rejected, description)
@@ -112,7 +114,9 @@ def build_reference(model, model_args, args, choice, train_pairs, eval_pairs, to
     reference is the *starting* policy (see the module docstring for the three kinds).
     Returns None for methods that need no reference.
     """
-    if not getattr(args, "needs_reference", args.method == "dpo"):
+    from ..methods import get_method
+
+    if not get_method(args.method).needs_reference:
         return None
     if args.precompute_ref_log_probs:
         pairs = TokenizedPairs.concat([as_tokenized_pairs(train_pairs), as_tokenized_pairs(eval_pairs)])

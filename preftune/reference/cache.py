@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.store import TokenizedPairs, as_tokenized_pairs
 from ..engine import SequenceLogps, score_pairs
+from ..errors import describe_exception
 from ..hf_helpers import unwrap_model
 from ..rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_FORMAT", "PrecomputedReference", "compute_reference_table", "pairs_digest", "model_digest", "files_digest",
-    "reference_fingerprint", "read_cache", "write_cache",
+    "reference_fingerprint", "read_cache", "write_cache", "check_cache_file",
 ]
 
 CACHE_FORMAT = "preftune-ref-logps-v1"  # part of every fingerprint: bump when the table's meaning changes
@@ -77,7 +78,7 @@ def _unique_pairs(pairs) -> TokenizedPairs:
     first[1:] = ids[order][1:] != ids[order][:-1]
     for k in np.flatnonzero(~first):
         p, q = pairs[int(order[k])], pairs[int(order[k - 1])]
-        if (q.prompt, q.chosen, q.rejected) != (p.prompt, p.chosen, p.rejected):
+        if (q.prompt, q.chosen, q.rejected, q.label) != (p.prompt, p.chosen, p.rejected, p.label):
             raise ValueError(
                 f"example id {p.example_id} names two different pairs; precomputed reference log-probs are keyed by "
                 "example id, so train and eval pairs need distinct ids (preftune's loader offsets eval ids by 10**9)"
@@ -93,16 +94,20 @@ def compute_reference_table(
     device: torch.device | str,
     layout: str = "packed",
     row_budget: int | None = None,
+    tail_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward-only pass of the reference (``score_batch``, e.g. ``ModelReference.score``) over
     ``pairs`` (:class:`preftune.data.store.TokenizedPairs` or a list of PairTokens).
 
     Returns ``(example_ids, chosen, rejected)``, each ``(N,)``, sorted by example id (ids must be
     unique). Pairs are batched in order of length, ``batch_size`` per batch, so packed rows and
-    padded rows stay dense (:func:`preftune.engine.score_pairs`).
+    padded rows stay dense (:func:`preftune.engine.score_pairs`). ``tail_weight``: LD-DPO's α
+    (see :func:`preftune.layout.collate_pairs`). For unpaired examples (KTO) "chosen" is the
+    completion and "rejected" the KL completion.
     """
     pairs = _unique_pairs(pairs)
-    seq = score_pairs(score_batch, pairs, pad_id, batch_size, device, layout=layout, row_budget=row_budget, by_length=True)
+    seq = score_pairs(score_batch, pairs, pad_id, batch_size, device, layout=layout, row_budget=row_budget, by_length=True,
+                      tail_weight=tail_weight)
     ids = torch.from_numpy(pairs.example_id.copy())
     return ids, seq.chosen_sum, seq.rejected_sum
 
@@ -187,19 +192,45 @@ def reference_fingerprint(model_identity: dict, pairs, engine: dict) -> str:
 
 
 # --- cache file ------------------------------------------------------------------------------------
+CACHE_TENSORS = ("example_ids", "chosen", "rejected")
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """xxh3-128 over the table's bytes, stored in the file's metadata: a flipped byte in a value is
+    noticed on reading (the fingerprint only says which run the table is for, not that it is intact)."""
+    from ..integrity import bytes_digest
+
+    return bytes_digest(*(tensors[k].contiguous().numpy().tobytes() for k in CACHE_TENSORS))
+
+
+def _load_cache_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in CACHE_TENSORS}
+
+
+def check_cache_file(path: Path) -> str | None:
+    """None if the cache file at ``path`` is intact (readable, its values match the digest written
+    with them), else what is wrong. A damaged file is never used: training recomputes it."""
+    try:
+        meta, tensors = _load_cache_file(path)
+    except Exception as e:  # a torn or foreign file
+        return f"unreadable ({describe_exception(e, 120)})"
+    if meta.get("content_xxh3_128") != _content_digest(tensors):
+        return "its values do not match the digest written with them"
+    return None
+
+
 def read_cache(path: Path, fingerprint: str, want_ids: torch.Tensor):
-    """The cached table, or None if absent, unreadable, or not exactly for this fingerprint and these ids."""
+    """The cached table, or None if absent, damaged, or not exactly for this fingerprint and these ids."""
     if not path.is_file():
         return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in ("example_ids", "chosen", "rejected")}
-    except Exception as e:  # a torn or foreign file: recompute
-        logger.warning("reference cache %s is unreadable (%s); recomputing it", path, str(e).splitlines()[0][:120])
+    problem = check_cache_file(path)
+    if problem is not None:
+        logger.warning("reference cache %s is damaged (%s); recomputing it", path, problem)
         return None
+    meta, tensors = _load_cache_file(path)
     ids, chosen, rejected = tensors["example_ids"], tensors["chosen"], tensors["rejected"]
     if meta.get("fingerprint") != fingerprint or not torch.equal(ids, want_ids) or chosen.shape != ids.shape \
             or rejected.shape != ids.shape or not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
@@ -214,8 +245,10 @@ def write_cache(path: Path, fingerprint: str, ids, chosen, rejected, description
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"fingerprint": fingerprint, "format": CACHE_FORMAT, "reference": description, "pairs": str(len(ids))}
-        save_file({"example_ids": ids.contiguous(), "chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata=meta)
+        tensors = {"example_ids": ids.contiguous(), "chosen": chosen.contiguous(), "rejected": rejected.contiguous()}
+        meta = {"fingerprint": fingerprint, "format": CACHE_FORMAT, "reference": description, "pairs": str(len(ids)),
+                "content_xxh3_128": _content_digest(tensors)}
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return True
     except OSError as e:
