@@ -7,6 +7,7 @@ serialization of these fields (see ``examples/``).
 
 from __future__ import annotations
 
+
 import inspect
 import os
 from dataclasses import dataclass, field, fields
@@ -316,9 +317,11 @@ class PreftuneConfig(TrainingArguments):
             _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.loss_weights), f"--loss_weights must be numbers, got {self.loss_weights}")
             self.loss_weights = [float(w) for w in self.loss_weights]
         # another method's optional knob is a mistake, not something to ignore silently
+        # (beta is exempt: every method but sft reads it, and the demo sets it for all of them)
         defaults = Hyperparameters(loss_type=tuple(self.loss_type))
-        for name in ("loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type", "use_weighting", "bco_running_mean",
-                     "desirable_weight", "undesirable_weight"):
+        for name in (f.name for f in fields(Hyperparameters)):
+            if name in ("beta", "loss_type"):
+                continue
             if getattr(self, name) != getattr(defaults, name) and name not in spec.hyperparameters:
                 users = ", ".join(m for m, s in _methods().items() if name in s.hyperparameters)
                 raise PreftuneError(f"--{name} does not apply to --method {spec.name} (it is a setting of {users}); drop it")
@@ -463,10 +466,8 @@ class ExportArguments:
     overwrite: bool = _f(False, "Replace the GGUF file (and its Modelfile) if they exist.", "export")
 
     def __post_init__(self):
-        from .export.gguf_file import QUANT_TYPES
-
+        # --quant is checked by export_gguf before anything is loaded (its table lives with the writer)
         _require(bool(self.gguf), "--gguf is required: the GGUF file to write, e.g. --gguf model.gguf")
-        _require(self.quant in QUANT_TYPES, f"--quant must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
 
 
 @_grouped

@@ -13,10 +13,11 @@ Formulas, papers and symbol mapping: ``docs/methods.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from .engine import SequenceLogps
 from .errors import PreftuneError
 from .losses import (
     DPO_LOSS_TYPES,
@@ -31,11 +32,63 @@ from .losses import (
     orpo_loss,
     rank_partners,
     simpo_loss,
+    slic_loss,
     wpo_weights,
 )
-from .objective import LossContext, MethodLoss, pair_metrics
 
-__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "method_names"]
+__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "method_names", "data_unit_of", "LossContext", "MethodLoss", "pair_metrics"]
+
+
+# --- what a method's loss reads and returns (preftune.objective calls it) -----------------------
+class LossContext(NamedTuple):
+    """What a method's loss function reads for one micro-batch of ``B`` pairs.
+
+    ``chosen``/``rejected``: policy log-probs ``(B,)``, length-averaged or summed as the method
+    declares (``MethodSpec.logps``); ``ref_chosen``/``ref_rejected`` the reference's, in the same
+    form (None for reference-free methods). ``seq`` holds everything else the engine measured
+    (token counts, summed log-probs, the NLL, WPO's aligned sums). ``desirable`` ``(B,)`` bool:
+    the labels of unpaired examples. ``window_values``/``window_index``/``state``: see
+    :class:`preftune.objective.Window` (the values are this micro-batch's own when it is the window).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    seq: SequenceLogps
+    desirable: torch.Tensor | None = None
+    window_values: dict[str, torch.Tensor] | None = None
+    window_index: torch.Tensor | None = None
+    state: dict[str, float] = {}
+
+
+class MethodLoss(NamedTuple):
+    """A method's loss on one micro-batch.
+
+    ``losses``: per-pair preference loss ``(B,)`` (the objective sums it and divides by the
+    window's pairs). ``nll_scale``: a factor on the method's NLL weight (1 unless the loss scales
+    its NLL term). ``metrics``: ``name -> (sum, count)`` over this micro-batch.
+    """
+
+    losses: torch.Tensor | None
+    metrics: dict[str, tuple[float, float]]
+    nll_scale: float = 1.0
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards=None, rejected_rewards=None) -> dict[str, tuple[float, float]]:
+    """``logps/*`` and, given rewards, ``rewards/*`` sums over the ``B`` pairs (count ``B`` each)."""
+    b = float(chosen.shape[0])
+    out = {"logps/chosen": (chosen.detach().sum().item(), b), "logps/rejected": (rejected.detach().sum().item(), b)}
+    if chosen_rewards is not None:
+        margins = (chosen_rewards - rejected_rewards).detach()
+        out.update({
+            "rewards/chosen": (chosen_rewards.detach().sum().item(), b),
+            "rewards/rejected": (rejected_rewards.detach().sum().item(), b),
+            "rewards/accuracies": ((margins > 0).float().sum().item(), b),
+            "rewards/margins": (margins.sum().item(), b),
+        })
+    return out
+
 
 
 @dataclass(frozen=True)
@@ -121,6 +174,11 @@ class MethodSpec:
     advance_state: Callable[[dict, dict, Hyperparameters], dict] | None = None
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     data_warnings: Callable[[list, Hyperparameters], list[str]] | None = None
+
+    @property
+    def data_unit(self) -> str:
+        """What one training item is called in messages, the model card and the report."""
+        return "examples" if self.unpaired else "pairs"
 
 
 _REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -300,6 +358,22 @@ CPO = MethodSpec(
 )
 
 
+def _slic(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
+    return _with_pair_metrics(ctx, slic_loss(ctx.chosen, ctx.rejected, hp.beta))
+
+
+SLIC = MethodSpec(
+    name="slic",
+    summary="SLiC-HF: reference-free hinge (margin 1/beta) on summed log-probs + cpo_alpha * NLL",
+    loss=_slic,
+    logps="sum",
+    needs_reference=False,
+    nll_weight=lambda hp: float(hp.cpo_alpha),
+    hyperparameters=("beta", "cpo_alpha"),
+    metrics=("nll_loss", *_REWARD_METRICS, *_LOGP_METRICS),
+)
+
+
 # --- SFT ----------------------------------------------------------------------------------------
 def _sft(ctx: LossContext, hp: Hyperparameters) -> MethodLoss:
     return MethodLoss(None, pair_metrics(ctx.chosen, ctx.rejected))
@@ -385,11 +459,17 @@ KTO = MethodSpec(
 )
 
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (ORPO, DPO, SIMPO, CPO, SFT, KTO)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (ORPO, DPO, SIMPO, CPO, SLIC, SFT, KTO)}
 
 
 def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
+
+
+def data_unit_of(name) -> str:
+    """``data_unit`` of the method called ``name`` ("pairs" for an unknown or missing one: old runs)."""
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    return spec.data_unit if spec is not None else "pairs"
 
 
 def get_method(name: str) -> MethodSpec:

@@ -32,16 +32,12 @@ exact means over any number of micro-batches and processes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
-
 import torch
 
 from .engine import SequenceLogps
+from .methods import Hyperparameters, LossContext, MethodSpec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .methods import Hyperparameters, MethodSpec
-
-__all__ = ["Window", "LossContext", "MethodLoss", "ObjectiveResult", "compute_objective", "window_values", "pair_metrics", "METRIC_DOCS"]
+__all__ = ["Window", "ObjectiveResult", "compute_objective", "window_values", "METRIC_DOCS"]
 
 # What each logged metric means; docs/metrics.md explains each (a test checks every key is there).
 METRIC_DOCS = {
@@ -81,41 +77,6 @@ class Window:
     state: dict[str, float] = field(default_factory=dict)
 
 
-class LossContext(NamedTuple):
-    """What a method's loss function reads for one micro-batch of ``B`` pairs.
-
-    ``chosen``/``rejected``: policy log-probs ``(B,)``, length-averaged or summed as the method
-    declares (``MethodSpec.logps``); ``ref_chosen``/``ref_rejected`` the reference's, in the same
-    form (None for reference-free methods). ``seq`` holds everything else the engine measured
-    (token counts, summed log-probs, the NLL, WPO's aligned sums). ``desirable`` ``(B,)`` bool:
-    the labels of unpaired examples. ``window_values``/``window_index``/``state``: see
-    :class:`Window` (the values are this micro-batch's own when it is the window).
-    """
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    ref_chosen: torch.Tensor | None
-    ref_rejected: torch.Tensor | None
-    seq: SequenceLogps
-    desirable: torch.Tensor | None = None
-    window_values: dict[str, torch.Tensor] | None = None
-    window_index: torch.Tensor | None = None
-    state: dict[str, float] = {}
-
-
-class MethodLoss(NamedTuple):
-    """A method's loss on one micro-batch.
-
-    ``losses``: per-pair preference loss ``(B,)`` (the objective sums it and divides by the
-    window's pairs). ``nll_scale``: a factor on the method's NLL weight (1 unless the loss scales
-    its NLL term). ``metrics``: ``name -> (sum, count)`` over this micro-batch.
-    """
-
-    losses: torch.Tensor | None
-    metrics: dict[str, tuple[float, float]]
-    nll_scale: float = 1.0
-
-
 @dataclass
 class ObjectiveResult:
     loss: torch.Tensor  # this micro-batch's share of the window loss (scalar, differentiable)
@@ -123,21 +84,6 @@ class ObjectiveResult:
     nll_sum: float  # sum of chosen NLL over tokens (for the token-mean nll_loss metric)
     nll_tokens: float
     pairs: int
-
-
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, chosen_rewards=None, rejected_rewards=None) -> dict[str, tuple[float, float]]:
-    """``logps/*`` and, given rewards, ``rewards/*`` sums over the ``B`` pairs (count ``B`` each)."""
-    b = float(chosen.shape[0])
-    out = {"logps/chosen": (chosen.detach().sum().item(), b), "logps/rejected": (rejected.detach().sum().item(), b)}
-    if chosen_rewards is not None:
-        margins = (chosen_rewards - rejected_rewards).detach()
-        out.update({
-            "rewards/chosen": (chosen_rewards.detach().sum().item(), b),
-            "rewards/rejected": (rejected_rewards.detach().sum().item(), b),
-            "rewards/accuracies": ((margins > 0).float().sum().item(), b),
-            "rewards/margins": (margins.sum().item(), b),
-        })
-    return out
 
 
 def _context(method: MethodSpec, seq: SequenceLogps, ref, desirable) -> LossContext:

@@ -120,7 +120,10 @@ def _data_sources_table(sources: list[dict]) -> list[str]:
 
 def write_model_card(run_dir: str | Path, info: dict) -> Path:
     """README.md describing base model, data, method, hyper-parameters and final metrics."""
+    from .methods import data_unit_of
+
     run_dir = Path(run_dir)
+    unit = data_unit_of(info.get("method"))
     lines = [
         "---",
         "library_name: transformers",
@@ -132,7 +135,7 @@ def write_model_card(run_dir: str | Path, info: dict) -> Path:
         f"Aligned with [preftune](https://pypi.org/project/preftune/) using **{info.get('method', 'orpo').upper()}**.",
         "",
         f"- Base model: `{info.get('base_model')}`",
-        f"- Data: `{info.get('dataset')}` ({info.get('train_pairs')} training pairs, {info.get('eval_pairs', 0)} eval pairs)",
+        f"- Data: `{info.get('dataset')}` ({info.get('train_pairs')} training {unit}, {info.get('eval_pairs', 0)} eval {unit})",
         f"- Saved: {info.get('saved', 'full model')}",
         *_data_sources_table(info.get("data_sources") or []),
         "",

@@ -334,7 +334,10 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
     facts = [f"<b>{_e(method)}</b>"]
     if config:
         facts.append(f"base model {_e(config.get('base_model', '?'))}")
-        facts.append(f"data {_e(config.get('dataset', '?'))} ({_e(config.get('train_pairs', '?'))} training pairs, {_e(config.get('eval_pairs', 0))} eval pairs)")
+        from .methods import data_unit_of
+
+        unit = data_unit_of(training.get("method"))
+        facts.append(f"data {_e(config.get('dataset', '?'))} ({_e(config.get('train_pairs', '?'))} training {unit}, {_e(config.get('eval_pairs', 0))} eval {unit})")
     if complete and isinstance(complete.get("seconds"), (int, float)):
         facts.append(f"finished in {complete['seconds']:.0f} s")
     cards = []

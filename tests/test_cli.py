@@ -160,6 +160,36 @@ def test_cli_trains_kto_from_yaml_on_unpaired_rows(tiny_model_dir, tmp_path):
     assert "**KTO**" in card and "| desirable_weight | 1 |" in card and "| loss_type | kto |" in card
 
 
+def test_cli_trains_with_all_fifteen_dpo_loss_types_from_yaml(tiny_model_dir, prefs_jsonl, tmp_path):
+    """Every --loss_type through the YAML path in one run, weights 1: at step 1 the policy is the
+    reference (every margin 0), so each term has a known value and the logged loss is their sum
+    plus the sft term (the logged nll_loss)."""
+    import math
+
+    from preftune.losses import DPO_LOSS_TYPES
+
+    assert len(DPO_LOSS_TYPES) == 15
+    eps, beta, log2 = 1e-3, 0.1, math.log(2)
+    at_zero_margin = {
+        "sigmoid": log2, "hinge": 1.0, "ipo": (1 / (2 * beta)) ** 2, "nca_pair": 2 * log2, "robust": log2, "bco_pair": 2 * log2,
+        "exo_pair": 0.5 * (math.log(0.5) - math.log(1 - eps)) + 0.5 * (math.log(0.5) - math.log(eps)),
+        "sppo_hard": 2 * (1 / (2 * beta)) ** 2, "aot": log2, "aot_unpaired": log2, "apo_zero": 1.0, "apo_down": 1.0,
+        "discopop": 0.5 * log2 + 0.5 * 1.0,  # modulation sigma(0 / tau) = 1/2 between logistic log 2 and exp(0) = 1
+        "sigmoid_norm": log2, "sft": 0.0,  # sft: the NLL, added from the log below
+    }
+    assert set(at_zero_margin) == set(DPO_LOSS_TYPES)
+    cfg = tmp_path / "all.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {prefs_jsonl}\nmethod: dpo\nbeta: {beta}\nlabel_smoothing: {eps}\n"
+                   f"loss_type: [{', '.join(DPO_LOSS_TYPES)}]\nper_device_train_batch_size: 4\nmax_steps: 2\nlogging_steps: 1\n"
+                   f"learning_rate: 1.0e-3\noutput_dir: {tmp_path / 'run'}\ndisable_tqdm: true\n")
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(rec for rec in records if rec.get("step") == 1 and "loss" in rec)
+    assert first["loss"] == pytest.approx(sum(at_zero_margin.values()) + first["nll_loss"], rel=1e-3)
+    assert " ".join(DPO_LOSS_TYPES) in (tmp_path / "run" / "README.md").read_text()
+
+
 def test_cli_bad_row_is_one_line_error(tiny_model_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "", "rejected": "r"}\n')

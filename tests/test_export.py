@@ -248,3 +248,6 @@ def test_demo_reft_other_families_and_bad_outputs_are_refused_in_one_line(tmp_pa
     (tmp_path / "taken.gguf").write_text("keep me")
     assert "--overwrite" in one_line_error(capsys, ["export", str(qwen2), "--gguf", str(tmp_path / "taken.gguf")])
     assert (tmp_path / "taken.gguf").read_text() == "keep me"
+    err = one_line_error(capsys, ["export", str(qwen2), "--gguf", str(tmp_path / "q.gguf"), "--quant", "q4_k"])
+    assert "--quant must be one of f32, f16, bf16, q8_0" in err and "'q4_k'" in err
+    assert not (tmp_path / "q.gguf").exists()

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from preftune.losses import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
+from preftune.losses import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss, slic_loss
 
 BASIC_DPO_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # the other loss types: test_dpo_loss_types.py
 
@@ -389,3 +389,25 @@ def test_rewards_are_detached_and_shapes():
     # ORPO rewards: beta * lc, from the unclamped inputs (TRL's definition)
     torch.testing.assert_close(orpo.chosen_rewards, 0.1 * lc.detach())
     assert not orpo.log_odds.requires_grad and not orpo.log_odds_ratio.requires_grad
+
+
+def test_slic_hand_values_and_float64_reference():
+    # beta 0.5: gap 1 -> 1 - 0.5 = 0.5; gap 2 -> exactly on the margin, 0; gap 4 -> 0; gap -2 -> 2
+    chosen = torch.tensor([-10.0, -10.0, -10.0, -12.0], dtype=f64)
+    rejected = torch.tensor([-11.0, -12.0, -14.0, -10.0], dtype=f64)
+    out = slic_loss(chosen, rejected, 0.5)
+    assert out.losses.tolist() == [0.5, 0.0, 0.0, 2.0]
+    assert out.chosen_rewards.tolist() == [-5.0, -5.0, -5.0, -6.0]
+
+    # against a plain-Python float64 reference on values and gradients (large summed log-probs)
+    for n in SIZES:
+        sc, sr = random_sum_logps(n, 70 + n, 2000.0), random_sum_logps(n, 80 + n, 2000.0)
+        beta = 0.01
+        got, g_got = value_and_grad(lambda a, b: slic_loss(a, b, beta).losses, sc, sr)
+        want = [max(0.0, 1.0 - beta * (a - b)) for a, b in zip(sc.tolist(), sr.tolist())]
+        # d/da = -beta inside the margin, 0 outside; d/db = +beta inside
+        inside = [1.0 - beta * (a - b) > 0 for a, b in zip(sc.tolist(), sr.tolist())]
+        assert 0 < sum(inside) < n or n < 5  # both sides of the hinge are exercised
+        torch.testing.assert_close(got, torch.tensor(want, dtype=f64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got[0], torch.tensor([-beta if i else 0.0 for i in inside], dtype=f64))
+        torch.testing.assert_close(g_got[1], torch.tensor([beta if i else 0.0 for i in inside], dtype=f64))

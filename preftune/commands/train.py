@@ -85,7 +85,7 @@ def parse_train_args(argv: list[str]):
     return model_args, data_args, train_args
 
 
-def _print_summary(result):
+def _print_summary(result, method: str):
     rows = [(k, v) for k, v in result.final_metrics.items() if isinstance(v, (int, float))]
     keep = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "eval_loss",
             "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "tokens_per_second")
@@ -98,7 +98,9 @@ def _print_summary(result):
         print("\nbuilt-in demo, held-out prompts        before    after")
         for name, before, after in result.demo_table:
             print(f"  {name:<34} {before:7.1%}  {after:7.1%}")
-    print(f"\nsaved to {result.output_dir} ({result.train_pairs} training pairs, {result.seconds:.0f} s)")
+    from ..methods import data_unit_of
+
+    print(f"\nsaved to {result.output_dir} ({result.train_pairs} training {data_unit_of(method)}, {result.seconds:.0f} s)")
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -107,5 +109,5 @@ def cmd_train(argv: list[str]) -> int:
 
     result = run_training(model_args, data_args, train_args)
     if train_args.process_index == 0:
-        _print_summary(result)
+        _print_summary(result, train_args.method)
     return 0

@@ -3,8 +3,8 @@
 Every function here takes tensors of shape ``(B,)`` (one value per preference pair, or per
 example for the unpaired KTO) and returns a small named result whose ``losses`` field is the
 per-pair loss ``(B,)``: ``orpo`` (ORPO), ``dpo`` (DPO and TRL's fifteen loss types, f-DPO, WPO
-weights), ``reference_free`` (SimPO, CPO), ``kto`` (KTO, unpaired APO-zero). Reduction over the
-batch (and over gradient-accumulation windows) is the trainer's job, so that accumulating ``k``
+weights), ``reference_free`` (SimPO, CPO, SLiC), ``kto`` (KTO, unpaired APO-zero). Reduction over the
+batch (and over gradient-accumulation windows) is :mod:`preftune.objective`'s job, so that accumulating ``k``
 micro-batches gives exactly the update of one ``k``-times larger batch.
 
 Notation used throughout (ORPO paper, Hong et al. 2024, arXiv:2403.07691):
@@ -34,10 +34,10 @@ from .dpo import (
 )
 from .kto import KTO_LOSS_TYPES, KTOLoss, class_weight_advice, kl_estimate, kto_loss
 from .orpo import orpo_loss
-from .reference_free import cpo_loss, simpo_loss
+from .reference_free import cpo_loss, simpo_loss, slic_loss
 
 __all__ = [
-    "PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "kto_loss", "kl_estimate", "KTOLoss", "class_weight_advice",
+    "PreferenceLoss", "log1mexp", "orpo_loss", "dpo_loss", "simpo_loss", "cpo_loss", "slic_loss", "kto_loss", "kl_estimate", "KTOLoss", "class_weight_advice",
     "f_divergence_scores", "wpo_weights", "rank_partners", "RankPartners",
     "DPO_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "RANK_MATCHED_LOSS_TYPES", "KTO_LOSS_TYPES",
 ]

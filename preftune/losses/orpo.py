@@ -25,7 +25,7 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: fl
         L_OR       = -log sigma(log_odds)
         losses     = beta * L_OR                      (per pair)
 
-    The full ORPO objective is ``L = NLL(y_w) + beta * L_OR``; the trainer adds the NLL.
+    The full ORPO objective is ``L = NLL(y_w) + beta * L_OR``; :mod:`preftune.objective` adds the NLL (the method's ``nll_weight``).
 
     Knob names: our ``beta`` is the paper's lambda and the official code's ``alpha``
     (TRL also calls it ``beta``). Typical values 0.1 (paper) to 0.5.

@@ -39,10 +39,29 @@ def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: flo
         L_prefer = -log sigma(beta * log pi(y_w|x) - beta * log pi(y_l|x))
 
     with **summed** log-probs, as in the paper and TRL's ``CPOTrainer`` (``loss_type=sigmoid``).
-    The full objective adds ``NLL(y_w)``; the trainer adds it (weight ``cpo_alpha``, TRL's name).
+    The full objective adds ``NLL(y_w)``; :mod:`preftune.objective` adds it (weight ``cpo_alpha``, TRL's name).
     Rewards: ``beta * log pi(y)``.
     """
     losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps))
+    return PreferenceLoss(
+        losses=losses,
+        chosen_rewards=(beta * chosen_logps).detach(),
+        rejected_rewards=(beta * rejected_logps).detach(),
+    )
+
+
+def slic_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> PreferenceLoss:
+    """SLiC-HF's rank calibration loss (Zhao et al. 2023, eq. 2), TRL ``CPOTrainer``'s ``hinge``.
+
+    ::
+
+        L_cal = max(0, 1 - beta * (log pi(y_w|x) - log pi(y_l|x)))
+
+    with **summed** log-probs: a hinge with margin ``1 / beta`` on the log-likelihood gap. The full
+    objective adds ``NLL(y_w)`` (SLiC-HF's regularizer; weight ``cpo_alpha``), added by
+    :mod:`preftune.objective`. Rewards: ``beta * log pi(y)``.
+    """
+    losses = torch.relu(1 - beta * (chosen_logps - rejected_logps))
     return PreferenceLoss(
         losses=losses,
         chosen_rewards=(beta * chosen_logps).detach(),
