@@ -285,14 +285,15 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
     reader needs (main process only); returns the run's seconds. The model is staged and moved into
     place; a failed write leaves no file of the attempt and no run_complete.json, in one line."""
     from .outputs import plot_training_curves, write_model_card
-    from .saving import finish_run, save_final_model, writes_fail_cleanly
+    from .saving import finish_run, staged_final_model, writes_fail_cleanly
 
     out = setup.output_dir
     seconds = time.perf_counter() - setup.started
     if not trainer.is_world_process_zero():
         return seconds
-    with writes_fail_cleanly(out, "the final model"):
-        model_files = save_final_model(out, lambda folder: (trainer.save_model(str(folder)), tokenizer.save_pretrained(str(folder))))
+    with writes_fail_cleanly(out, "the final model"), staged_final_model(out) as staged:
+        trainer.save_model(str(staged.folder))
+        tokenizer.save_pretrained(str(staged.folder))
     with writes_fail_cleanly(out, "the run's records"):
         plot_training_curves(out)
         write_model_card(out, {
@@ -300,7 +301,7 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
             "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
             "data_sources": data.sources, "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
         })
-        finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, model_files)
+        finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, staged.files)
     return seconds
 
 

@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from .errors import PreftuneError, describe_exception
 from .integrity import build_manifest
@@ -44,7 +45,7 @@ from .rundir import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["mark_checkpoint_complete", "rotate_checkpoints", "discard_unusable_checkpoints_after", "begin_run", "save_final_model", "finish_run", "writes_fail_cleanly",
+__all__ = ["mark_checkpoint_complete", "rotate_checkpoints", "discard_unusable_checkpoints_after", "begin_run", "staged_final_model", "StagedModel", "finish_run", "writes_fail_cleanly",
            "discard_folder", "FINAL_STAGING_DIR"]
 
 FINAL_STAGING_DIR = ".final-model.partial"  # hidden: never mistaken for a model or a checkpoint
@@ -150,26 +151,35 @@ def begin_run(out: Path) -> None:
     shutil.rmtree(out / FINAL_STAGING_DIR, ignore_errors=True)
 
 
-def save_final_model(out: Path, write: Callable[[Path], object]) -> list[str]:
-    """Let ``write(folder)`` save the model and tokenizer into a staging folder inside ``out``, then move
-    each entry into ``out``. Returns the files written (relative paths), for :func:`finish_run`.
+@dataclass
+class StagedModel:
+    """The staging folder a final save writes into, and (after the ``with`` block) the files it holds."""
 
-    If ``write`` fails, the staging folder is removed: no file of this attempt is left in ``out``.
+    folder: Path
+    files: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def staged_final_model(out: Path) -> Iterator[StagedModel]:
+    """Save the model and tokenizer into ``staged.folder`` (a staging folder inside ``out``) inside
+    the ``with`` block; when the block ends, each entry moves into ``out`` and ``staged.files`` lists
+    the files written (relative paths), for :func:`finish_run`.
+
+    If the block fails, the staging folder is removed: no file of this attempt is left in ``out``.
     """
-    staging = out / FINAL_STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staged = StagedModel(out / FINAL_STAGING_DIR)
+    shutil.rmtree(staged.folder, ignore_errors=True)
+    staged.folder.mkdir(parents=True)
     try:
-        write(staging)
-        files = _files_below(staging)
-        for entry in sorted(staging.iterdir()):
+        yield staged
+        staged.files = _files_below(staged.folder)
+        for entry in sorted(staged.folder.iterdir()):
             target = out / entry.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(entry, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return files
+        shutil.rmtree(staged.folder, ignore_errors=True)
 
 
 def finish_run(out: Path, record: dict, model_files: list[str]) -> Path:

@@ -30,7 +30,7 @@ from preftune.rundir import (
     resolve_resume,
     write_json,
 )
-from preftune.saving import mark_checkpoint_complete, rotate_checkpoints, save_final_model, writes_fail_cleanly
+from preftune.saving import mark_checkpoint_complete, rotate_checkpoints, staged_final_model, writes_fail_cleanly
 
 from conftest import REPO
 
@@ -154,13 +154,10 @@ def test_a_failed_final_save_leaves_no_file_of_the_attempt_and_other_errors_pass
     out = tmp_path
     (out / "model.safetensors").write_bytes(b"previous")
 
-    def write(folder):
-        (folder / "model.safetensors").write_bytes(b"half")
-        raise OSError(28, "No space left on device", str(folder / "model.safetensors"))
-
     with pytest.raises(PreftuneError, match=r"could not write the final model in .* \(No space left on device: model.safetensors; .* GB free"):
-        with writes_fail_cleanly(out, "the final model"):
-            save_final_model(out, write)
+        with writes_fail_cleanly(out, "the final model"), staged_final_model(out) as staged:
+            (staged.folder / "model.safetensors").write_bytes(b"half")
+            raise OSError(28, "No space left on device", str(staged.folder / "model.safetensors"))
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"] and (out / "model.safetensors").read_bytes() == b"previous"
 
     with pytest.raises(ZeroDivisionError):  # not a failed checkpoint write: unchanged
