@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# ../shared beside the repository; a git worktree (e.g. wt/NAME beside main) finds it one level up.
+SHARED_DATA = next((d / "shared" / "data" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared" / "data")
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 TOKENIZER_DIR = SHARED_DATA / "llama2-tokenizer"
 ASSISTANT = "\n\nAssistant:"
