@@ -42,8 +42,10 @@ import flops as flop_model
 import models
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/data beside the repo; PREFTUNE_SHARED_DATA points elsewhere (e.g. from a git worktree)
-SHARED_DATA = Path(os.environ.get("PREFTUNE_SHARED_DATA") or REPO.parent / "shared" / "data")
+# ../shared/data beside the repository; a git worktree (e.g. wt/NAME beside main) finds it one level
+# up; PREFTUNE_SHARED_DATA points elsewhere (e.g. from a copy of the repository outside the tree)
+SHARED_DATA = Path(os.environ.get("PREFTUNE_SHARED_DATA") or next(
+    (d / "shared" / "data" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared" / "data"))
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 TOKENIZER_DIR = SHARED_DATA / "llama2-tokenizer"
 ASSISTANT = "\n\nAssistant:"

@@ -28,6 +28,7 @@ COMMANDS = {
     "export": ("preftune.commands.export", "cmd_export", "write a model as a GGUF file for llama.cpp / Ollama / LM Studio"),
     "verify": ("preftune.commands.verify", "cmd_verify", "check a run folder and its checkpoints for damaged or missing files"),
     "convert": ("preftune.commands.convert", "cmd_convert", "convert a TruthfulQA-style table into preference pairs"),
+    "data": ("preftune.commands.data", "cmd_data", "inspect preference data: bad rows, token lengths, what max_length cuts"),
 }
 
 

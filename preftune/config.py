@@ -136,13 +136,15 @@ class ModelArguments(LoadArguments):
 class DataSourceArguments:
     """Which preference data to read and how its rows map to prompt/chosen/rejected (train, eval)."""
 
-    dataset_name: str | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name.", "data")
+    dataset_name: list[str] | None = _f(None, "Preference data: a .jsonl/.json/.csv/.tsv/.parquet file, a save_to_disk folder, or a hub name; several values mix all their rows (per-source weights: datasets:).", "data")
+    datasets: str | None = _f(None, "A mixture: in the YAML run file a datasets: list of entries (path, split, format, *_column, weight | num_samples | fraction, label); on the command line a YAML/JSON file holding that list. See docs/data.md.", "data")
     dataset_split: str = _f("train", "Split to train on (for folders, DatasetDicts and hub datasets).", "data")
     dataset_format: str = _f("auto", "auto (prompt/chosen/rejected, messages, implicit prompt) or truthfulqa (Question, Best Answer, Incorrect Answers).", "data")
     prompt_column: str = _f("prompt", "Column with the prompt (string or messages). Absent: the prompt is the shared prefix of chosen and rejected.", "data")
     chosen_column: str = _f("chosen", "Column with the preferred answer.", "data")
     rejected_column: str = _f("rejected", "Column with the dispreferred answer.", "data")
     system_column: str = _f("system", "Column with an optional system prompt.", "data")
+    tools_column: str = _f("tools", "Column with optional tool (function) JSON schemas, passed to the chat template.", "data")
     completion_column: str = _f("completion", "Unpaired data (--method kto): column with the completion.", "data")
     label_column: str = _f("label", "Unpaired data (--method kto): column with the label, true (desirable) or false (undesirable).", "data")
     on_bad_row: str = _f("error", "error: stop at the first bad row, naming file, line and field; skip: skip bad rows and report counts by reason.", "data")
@@ -152,6 +154,23 @@ class DataSourceArguments:
 
         _require(self.on_bad_row in BAD_ROW_POLICIES, f"--on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {self.on_bad_row!r}")
         _require(self.dataset_format in DATASET_FORMATS, f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {self.dataset_format!r}")
+        if isinstance(self.dataset_name, str):  # a YAML file or an old run_config.json gives one string
+            self.dataset_name = [self.dataset_name]
+        _require(not (self.dataset_name and self.datasets), "pass either --dataset_name or datasets: (a mixture), not both")
+        from .data.splits import read_entries
+
+        self.datasets = read_entries(self.datasets, "datasets")
+        self.sources()  # validate the mixture now, before any model loads
+
+    def sources(self):
+        """The sources to read, as :class:`preftune.data.mixture.DatasetSpec` s."""
+        from .data.splits import training_sources
+
+        return training_sources(self)
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.dataset_name or self.datasets)
 
 
 @_grouped
@@ -174,18 +193,35 @@ class TokenizeArguments:
 @_grouped
 @dataclass
 class DataArguments(DataSourceArguments, TokenizeArguments):
-    """Everything a training run needs about its data: source, tokenization and the held-out split."""
+    """Everything a training run needs about its data: source, tokenization, the held-out split
+    and the tokenized cache."""
 
-    eval_split: str | None = _f(None, "Split (or file path) to evaluate on.", "data")
+    eval_split: str | None = _f(None, "Split (of every training source) or file path to evaluate on.", "data")
     eval_fraction: float | None = _f(None, "Hold out this fraction of the training data for evaluation instead of --eval_split.", "data")
-    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments).", "data")
+    eval_datasets: str | None = _f(None, "The eval split as its own mixture (same entries as datasets:).", "data")
+    max_train_samples: int | None = _f(None, "Use only the first N training pairs (quick experiments; a mixture is shuffled first).", "data")
+    dataset_num_proc: int | None = _f(None, "Processes that tokenize (default: all CPU cores, up to 8, for sources of 20,000+ rows, else 1).", "data")
+    dataset_cache_dir: str | None = _f(None, "Folder of the tokenized-data cache (default $PREFTUNE_CACHE_DIR or ~/.cache/preftune/tokenized; safe to delete).", "data")
 
     def __post_init__(self):
         DataSourceArguments.__post_init__(self)
         TokenizeArguments.__post_init__(self)
         _require(not (self.eval_split and self.eval_fraction), "pass either --eval_split or --eval_fraction, not both")
+        _require(not (self.eval_datasets and (self.eval_split or self.eval_fraction)), "pass one of eval_datasets, --eval_split and --eval_fraction")
         if self.eval_fraction is not None:
             _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
+        _require(self.max_train_samples is None or self.max_train_samples >= 1, f"--max_train_samples must be at least 1, got {self.max_train_samples}")
+        from .data.splits import read_entries
+
+        self.eval_datasets = read_entries(self.eval_datasets, "eval_datasets")
+        self.eval_sources()  # validate now, before any model loads
+
+    def eval_sources(self):
+        """The sources of a separate eval split (eval_datasets:, or --eval_split of every source), or None."""
+        from .data.splits import eval_sources
+
+        return eval_sources(self)
 
 
 @_grouped

@@ -142,9 +142,11 @@ class DemoInputs:
     def load_tokenizer(self):
         return build_demo_tokenizer()
 
-    def load_examples(self, seed: int):
+    def load_data(self, tokenizer, data_args, seed: int, unpaired: bool = False, kl_group: int | None = None):
+        from .data.splits import data_from_examples, tokenize_settings_of
+
         train, self._eval_examples, self._eval_rows = demo_examples()
-        return train, self._eval_examples
+        return data_from_examples(tokenizer, train, self._eval_examples, tokenize_settings_of(data_args), unpaired, kl_group)
 
     def load_model(self, tokenizer, device, seed: int):
         return build_demo_model(len(tokenizer), seed=seed, attn_implementation=device.attn_implementation)

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -397,7 +398,11 @@ def score_pairs(
     from .layout import batch_to, collate_pairs
 
     n, step = len(pairs), max(1, batch_size)
-    order = sorted(range(n), key=lambda i: (pairs[i].packed_length, i)) if by_length else list(range(n))
+    if by_length:  # TokenizedPairs give their length array without building the pairs
+        lengths = pairs.lengths() if hasattr(pairs, "lengths") else [p.packed_length for p in pairs]
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    else:
+        order = list(range(n))
     columns = {f: torch.empty(n, dtype=torch.float32) for f in _SEQ_FIELDS}
     for start in range(0, n, step):
         idx = order[start : start + step]

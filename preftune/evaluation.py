@@ -99,18 +99,16 @@ def load_eval_examples(source_args, given: set[str], run_config: dict | None, mo
     With ``--dataset_name``: that data, read with the run's column names and format unless given.
     Without: the pairs the run held out (``--eval_split`` / ``--eval_fraction``, or the demo's).
     """
-    from .data import load_examples
-    from .data.splits import columns_of
+    from .data.splits import load_source_examples
 
-    if "dataset_name" not in given or not source_args.dataset_name:
+    if not ({"dataset_name", "datasets"} & given) or not source_args.has_data:
         return _held_out_examples(run_config, model_name)
     source_args = with_run_defaults(source_args, (run_config or {}).get("data") or {}, given, only=_FROM_RUN_WITH_NEW_DATA)
-    loaded = load_examples(source_args.dataset_name, source_args.dataset_split, columns_of(source_args), source_args.on_bad_row,
-                           source_args.dataset_format)
-    label = source_args.dataset_name + (f" [{source_args.dataset_split}]" if source_args.dataset_split != "train" else "")
+    examples, loaded = load_source_examples(source_args)
+    label = ", ".join(s.display for s in source_args.sources()) + (f" [{source_args.dataset_split}]" if source_args.dataset_split != "train" else "")
     if loaded.skipped:
         label += f" ({loaded.skip_summary()})"
-    return loaded.examples, label
+    return examples, label
 
 
 def _held_out_examples(run_config: dict | None, model_name: str):
@@ -125,14 +123,16 @@ def _held_out_examples(run_config: dict | None, model_name: str):
     from .data.splits import load_train_eval
 
     data = run_config.get("data") or {}
-    if not (data.get("eval_split") or data.get("eval_fraction")):
-        raise PreftuneError("--dataset_name is required (the run held out no pairs: it had no --eval_split or --eval_fraction)")
+    if not (data.get("eval_split") or data.get("eval_fraction") or data.get("eval_datasets")):
+        raise PreftuneError("--dataset_name is required (the run held out no pairs: it had no --eval_split, --eval_fraction or eval_datasets)")
     known = {k: v for k, v in data.items() if k in DataArguments.__dataclass_fields__}
     data_args = DataArguments(**known)
     seed = int((run_config.get("training") or {}).get("seed", 42))
     _, evals, _ = load_train_eval(data_args, seed)
+    if data.get("eval_datasets"):
+        return evals, f"the run's eval_datasets ({len(data['eval_datasets'])} sources)"
     how = f"split {data['eval_split']!r}" if data.get("eval_split") else f"the {data['eval_fraction']:g} held out by --eval_fraction, seed {seed}"
-    return evals, f"{data.get('dataset_name')} ({how})"
+    return evals, f"{run_config.get('dataset') or data.get('dataset_name')} ({how})"
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -106,6 +106,18 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _data_sources_table(sources: list[dict]) -> list[str]:
+    """Per-source counts of the data (see :func:`preftune.data.splits.prepare_data`) as Markdown."""
+    if not sources:
+        return []
+    lines = ["", "## Data", "", "| dataset | split | role | sampling | rows | bad rows | selected | train pairs | eval pairs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in sources:
+        lines.append(f"| `{s['dataset']}` | {s['split']} | {s['role']} | {s['sampling']} | {s['rows']} | {s['bad_rows']} | {s['selected']} | "
+                     f"{s.get('train_pairs', 0)} | {s.get('eval_pairs', 0)} |")
+    return lines
+
+
 def write_model_card(run_dir: str | Path, info: dict) -> Path:
     """README.md describing base model, data, method, hyper-parameters and final metrics."""
     from .methods import data_unit_of
@@ -125,6 +137,7 @@ def write_model_card(run_dir: str | Path, info: dict) -> Path:
         f"- Base model: `{info.get('base_model')}`",
         f"- Data: `{info.get('dataset')}` ({info.get('train_pairs')} training {unit}, {info.get('eval_pairs', 0)} eval {unit})",
         f"- Saved: {info.get('saved', 'full model')}",
+        *_data_sources_table(info.get("data_sources") or []),
         "",
         "## Hyper-parameters",
         "",

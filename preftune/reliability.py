@@ -105,14 +105,24 @@ def _is_oom(err: BaseException) -> bool:
 
 def largest_batch(pairs, batch_size: int, max_tokens_per_batch: int | None = None):
     """The ``batch_size`` longest pairs (or, by token budget, the longest pairs that fit it,
-    filled by the same greedy rule as the token-budget sampler)."""
-    ordered = sorted(pairs, key=lambda p: p.packed_length, reverse=True)
-    if max_tokens_per_batch is None or not ordered:
-        return ordered[:batch_size]
+    filled by the same greedy rule as the token-budget sampler). Reads only the length array
+    of :class:`preftune.data.store.TokenizedPairs` (a list is converted), then builds those pairs."""
+    import numpy as np
+
+    from .data.store import as_tokenized_pairs
+
+    pairs = as_tokenized_pairs(pairs)
+    if not len(pairs):
+        return []
+    lengths = pairs.lengths()
+    ordered = np.argsort(-lengths, kind="stable")  # longest first, ties by index
+    if max_tokens_per_batch is None:
+        return [pairs[int(i)] for i in ordered[:batch_size]]
     from .sampling import token_budget_batches
 
-    first = token_budget_batches([p.packed_length for p in ordered], max_tokens_per_batch, list(range(len(ordered))))[0]
-    return [ordered[i] for i in first]
+    head = ordered[: max(1, int(np.searchsorted(np.cumsum(lengths[ordered]), max_tokens_per_batch, side="right")) + 1)]
+    first = token_budget_batches(lengths[head].tolist(), max_tokens_per_batch, list(range(len(head))))[0]
+    return [pairs[int(head[i])] for i in first]
 
 
 def memory_preflight(trainer, pairs) -> None:

@@ -8,7 +8,8 @@ outputs::
     run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
                                                           the built-in demo (preftune.demo.DemoInputs) or
                                                           the user's model and data (UserInputs below)
-    prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs
+    prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs (TokenizedPairs,
+                                                          from the tokenized cache) and per-source counts
     prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
     prepare_reference model, data       -> reference      the reference (None for reference-free methods)
     train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
+from .data.splits import TrainingData
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
@@ -65,14 +67,6 @@ class RunSetup:
 
 
 @dataclass
-class TrainingData:
-    train_examples: list
-    eval_examples: list
-    train_pairs: list
-    eval_pairs: list
-
-
-@dataclass
 class PreparedModel:
     model: object
     hooks: ModelHooks
@@ -88,7 +82,8 @@ class RunInputs(Protocol):
 
     def load_tokenizer(self): ...
 
-    def load_examples(self, seed: int) -> tuple[list, list]: ...
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int, unpaired: bool = False, kl_group: int | None = None) -> TrainingData:
+        """The run's pairs; ``unpaired``/``kl_group``: labelled examples with KL completions (KTO)."""
 
     def load_model(self, tokenizer, device, seed: int): ...
 
@@ -98,20 +93,17 @@ class RunInputs(Protocol):
 
 @dataclass
 class UserInputs:
-    """The user's model (a folder or hub name) and preference data (``--dataset_name``).
-
-    ``unpaired``: the method trains on labelled single completions (KTO), so rows shaped
-    ``prompt, completion, label`` are read as such (pairs still work: they are split later).
-    """
+    """The user's model (a folder or hub name) and preference data (``--dataset_name`` or a ``datasets:`` mixture)."""
 
     model_args: ModelArguments
     data_args: DataArguments
     is_demo: bool = False
-    unpaired: bool = False
 
     @property
     def dataset_label(self) -> str:
-        return self.data_args.dataset_name
+        from .data.splits import describe_sources
+
+        return describe_sources(self.data_args.sources())
 
     @property
     def base_model_label(self) -> str:
@@ -123,11 +115,15 @@ class UserInputs:
         m = self.model_args
         return load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.trust_remote_code, m.chat_template_file)
 
-    def load_examples(self, seed: int):
-        from .data.splits import load_train_eval
+    def load_data(self, tokenizer, data_args: DataArguments, seed: int, unpaired: bool = False, kl_group: int | None = None) -> TrainingData:
+        from .data.splits import data_from_examples, load_train_eval, tokenize_settings_of
+        from .data.splits import prepare_data as tokenized_data
 
-        train, evals, _ = load_train_eval(self.data_args, seed, unpaired=self.unpaired)
-        return train, evals
+        if not unpaired:
+            return tokenized_data(tokenizer, data_args, seed)
+        # unpaired (KTO): in memory, in data order (an example's KL completion is its neighbour's)
+        train, evals, _ = load_train_eval(data_args, seed, unpaired=True)
+        return data_from_examples(tokenizer, train, evals, tokenize_settings_of(data_args), unpaired=True, kl_group=kl_group)
 
     def load_model(self, tokenizer, device, seed: int):
         from .training_model import load_model
@@ -156,9 +152,9 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     _configure_logging(args)
     started = time.perf_counter()
     set_seed(args.seed)  # before any random init (demo model, LoRA/ReFT weights): same seed, same run
-    if model_args.is_demo and data_args.dataset_name:
+    if model_args.is_demo and data_args.has_data:
         raise PreftuneError("--dataset_name needs --model_name_or_path (run `preftune train` with neither for the built-in demo)")
-    if not model_args.is_demo and not data_args.dataset_name:
+    if not model_args.is_demo and not data_args.has_data:
         raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
     resuming = bool(args.resume_from_checkpoint)
     if args.process_index == 0:
@@ -173,34 +169,29 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     return RunSetup(out, device, started, resume)
 
 
-def run_inputs(model_args: ModelArguments, data_args: DataArguments, unpaired: bool = False) -> RunInputs:
+def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
     """The built-in demo when no model is named, else the user's model and data."""
     if model_args.is_demo:
         from .demo import DemoInputs
 
         return DemoInputs()
-    return UserInputs(model_args, data_args, unpaired=unpaired)
+    return UserInputs(model_args, data_args)
 
 
 def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: PreftuneConfig) -> TrainingData:
-    """Read, split and tokenize the examples (one-line errors naming the split); the method's
-    declaration says whether they become pairs or labelled examples with KL completions.
-
-    ``args.eval_generate`` (``--eval_generate``) needs held-out pairs to take its prompts from.
-    """
-    from .data.splits import tokenize_settings_of, tokenize_split
+    """Read, select and tokenize the pairs (one-line errors naming the split or row); the method's
+    declaration says whether they become pairs or labelled examples with KL completions. In a
+    multi-process run, process 0 fills the tokenized cache while the others wait, then all read it.
+    ``--eval_generate`` takes its prompts from the held-out pairs, so it needs some."""
     from .methods import Hyperparameters, get_method
 
     spec = get_method(args.method)
     kl_group = args.per_device_train_batch_size if spec.mismatched_completions(Hyperparameters.from_config(args)) else None
-    train_ex, eval_ex = inputs.load_examples(args.seed)
-    settings = tokenize_settings_of(data_args)
-    kind = dict(unpaired=spec.unpaired, kl_group=kl_group)
-    train_pairs, _ = tokenize_split(tokenizer, train_ex, settings, "train data", **kind)
-    eval_pairs, _ = tokenize_split(tokenizer, eval_ex, settings, "eval data", **kind) if eval_ex else ([], None)
-    if args.eval_generate and not eval_pairs:
+    with args.main_process_first(desc="tokenizing the data"):
+        data = inputs.load_data(tokenizer, data_args, args.seed, spec.unpaired, kl_group)
+    if args.eval_generate and len(data.eval_pairs) == 0:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
-    return TrainingData(train_ex, eval_ex, train_pairs, eval_pairs)
+    return data
 
 
 def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup) -> PreparedModel:
@@ -309,7 +300,7 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
         write_model_card(out, {
             "method": args.method, "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
             "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "saved": prepared.saved_kind,
-            "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
+            "data_sources": data.sources, "hyperparameters": _hyperparameters(args, data_args), "final_metrics": final,
         })
         finish_run(out, {"final_metrics": final, "seconds": seconds, "demo": inputs.is_demo}, staged.files)
     return seconds
@@ -318,9 +309,7 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
 def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
     """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
     setup = setup_run(model_args, data_args, args)
-    from .methods import get_method
-
-    inputs = run_inputs(model_args, data_args, unpaired=get_method(args.method).unpaired)
+    inputs = run_inputs(model_args, data_args)
     tokenizer = inputs.load_tokenizer()
     data = prepare_data(inputs, tokenizer, data_args, args)
     prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
@@ -331,11 +320,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
+        "data_sources": data.sources,
         # processes that trained together (DDP); a launcher that started fewer than asked shows here
         "world_size": args.world_size,
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
-    final = final_metrics(trainer, train_output, bool(data.eval_pairs))
+    final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)
 
     table = None
     if before is not None:
@@ -372,8 +362,8 @@ def _jsonable(obj):
         v = getattr(v, "value", v)
         if isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
-            out[k] = list(v)
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, dict)) for x in v):
+            out[k] = list(v)  # incl. a datasets: mixture (a list of plain mappings)
         else:
             out[k] = str(v)
     return out

@@ -51,7 +51,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     def __init__(self, lengths: list[int], max_tokens: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, pool_size: int = 1024):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-        self.lengths = list(lengths)
+        self.lengths = lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)  # numpy arrays from TokenizedPairs
         self.max_tokens = max_tokens
         self.seed = seed
         self.num_replicas = num_replicas

@@ -19,10 +19,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
+from .data.store import as_tokenized_pairs
 from .engine import sequence_logps
 from .errors import PreftuneError
 from .hf_helpers import pad_token_id as pad_id_of, unwrap_model
@@ -43,19 +45,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PairDataset(Dataset):
-    """A list of :class:`PairTokens` as a torch Dataset."""
+    """Tokenized pairs (:class:`preftune.data.store.TokenizedPairs`, or a list of
+    :class:`PairTokens`, copied into one) as a torch Dataset; items are built on demand."""
 
-    def __init__(self, pairs: list[PairTokens]):
-        self.pairs = list(pairs)
+    def __init__(self, pairs):
+        self.pairs = as_tokenized_pairs(pairs)
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> PairTokens:
         return self.pairs[i]
 
-    def lengths(self) -> list[int]:
-        return [p.packed_length for p in self.pairs]
+    def lengths(self) -> np.ndarray:
+        """Packed length of every pair, ``(N,)`` (no pair is built)."""
+        return self.pairs.lengths()
 
 
 class _MetricBank:
@@ -99,7 +103,8 @@ class PreferenceTrainer(Trainer):
     Args:
         model: a transformers causal LM (optionally PEFT-wrapped).
         args: the run configuration.
-        train_pairs / eval_pairs: tokenized pairs (see :func:`preftune.data.tokenize.tokenize_examples`).
+        train_pairs / eval_pairs: tokenized pairs: :class:`preftune.data.store.TokenizedPairs` (see
+            :func:`preftune.data.splits.prepare_data`) or a list of :class:`PairTokens`.
         processing_class: the tokenizer (saved with the model).
         reference: callable ``(model, batch) -> (chosen_sum, rejected_sum)`` for methods that need
             one (:func:`preftune.reference.build_reference`), else None.
@@ -148,7 +153,7 @@ class PreferenceTrainer(Trainer):
             args=args,
             data_collator=collator,
             train_dataset=PairDataset(train_pairs) if train_pairs is not None else None,
-            eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+            eval_dataset=PairDataset(eval_pairs) if eval_pairs is not None and len(eval_pairs) else None,
             processing_class=processing_class,
             callbacks=callbacks,
             **kwargs,

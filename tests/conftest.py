@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests tokenize into their own cache (removed at exit), never the user's ~/.cache/preftune.
+_TEST_CACHE = tempfile.mkdtemp(prefix="preftune-test-cache-")
+os.environ["PREFTUNE_CACHE_DIR"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, True)
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared beside the repository; a git worktree under <checkout>/../wt/NAME looks one level higher

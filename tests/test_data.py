@@ -255,3 +255,18 @@ def test_split_eval_is_deterministic_and_disjoint():
     assert not {e.example_id for e in tr} & {e.example_id for e in ev}
     with pytest.raises(PreftuneError):
         split_eval(exs, 1.5, seed=0)
+
+
+def test_common_prefix_len_equals_the_plain_loop():
+    """The slice/bisection shortcut against an element-by-element walk, on strings and lists."""
+    import random
+
+    from preftune.data.formats import common_prefix_len
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 9))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 9))]
+        walk = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix_len(a, b) == walk
+        assert common_prefix_len("".join(map(str, a)), "".join(map(str, b))) == walk

@@ -253,6 +253,7 @@ def test_cli_argv_fuzz_never_tracebacks(tmp_path, monkeypatch, argv):
     is replaced by a stub (real runs are covered in test_cli.py and test_reliability.py).
     """
     import preftune.run as run
+    from preftune.data.splits import load_train_eval
     from preftune.rundir import check_output_dir
 
     reached = []
@@ -260,8 +261,8 @@ def test_cli_argv_fuzz_never_tracebacks(tmp_path, monkeypatch, argv):
     def validate_only(model_args, data_args, args):
         reached.append(args)
         out = check_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint), model_args.is_demo)
-        if data_args.dataset_name:
-            load_examples(data_args.dataset_name, data_args.dataset_split, on_bad_row=data_args.on_bad_row)
+        if data_args.has_data:  # the examples the data stage would select, sources and eval split as given
+            load_train_eval(data_args, args.seed)
         return run.RunResult(out, {}, 0, 0, 0.0)
 
     monkeypatch.setattr(run, "run_training", validate_only)

@@ -28,7 +28,8 @@ def build_train_parser():
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+def load_yaml(path: str) -> dict:
+    """A YAML run file as a mapping of option: value; one-line errors."""
     import yaml
 
     p = Path(path).expanduser()
@@ -54,10 +55,10 @@ def parse_train_args(argv: list[str]):
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     known_fields = set(field_groups())
-    data = _load_yaml(known.config) if known.config else {}
+    data = load_yaml(known.config) if known.config else {}
     given = given_flags(argv)
     given |= {str(k).replace("-", "_") for k in data}
-    if not given & {"model_name_or_path", "dataset_name", "help"} and "-h" not in argv:
+    if not given & {"model_name_or_path", "dataset_name", "datasets", "help"} and "-h" not in argv:
         # the built-in demo: its own settings, under the YAML file and the flags
         from ..demo import DEMO_TRAINING
 

@@ -7,6 +7,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import DataError, PreftuneError
 from .convert import CONVERTERS
 from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
@@ -15,7 +17,8 @@ from .unpaired import UnpairedExample, is_unpaired_record, normalize_unpaired_re
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedData", "load_examples", "split_eval", "ColumnMap", "PreferenceExample", "UnpairedExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
+__all__ = ["LoadedData", "load_examples", "split_eval", "held_out_mask", "ColumnMap", "PreferenceExample", "UnpairedExample",
+           "BAD_ROW_POLICIES", "DATASET_FORMATS"]
 
 BAD_ROW_POLICIES = ("error", "skip")
 DATASET_FORMATS = ("auto", *CONVERTERS)
@@ -60,8 +63,9 @@ def load_examples(
     loaded = LoadedData(examples=[])
     first = next((r for r in records if not isinstance(r, BadRecord)), None)
     normalize = normalize_unpaired_record if unpaired and first is not None and is_unpaired_record(first, columns) else normalize_record
-    for i, rec in enumerate(records):
-        result = normalize(rec, columns, example_id=id_offset + i)
+    for rec in records:
+        # ids count usable examples, as the tokenized cache numbers them (positions)
+        result = normalize(rec, columns, example_id=id_offset + len(loaded.examples))
         if isinstance(result, BadRow):
             if on_bad_row == "error":
                 raise DataError(result.where, f"{result.reason}: {result.detail}", "fix the row, or pass --on_bad_row skip to skip bad rows")
@@ -76,14 +80,22 @@ def load_examples(
     return loaded
 
 
-def split_eval(examples: list[PreferenceExample], fraction: float, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
-    """Hold out ``fraction`` of the examples (at least one, deterministic for a seed)."""
+def held_out_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of ``n`` items to hold out: ``max(1, round(n * fraction))`` of them, the first of a
+    ``random.Random(seed)`` shuffle (deterministic for a seed; at least one is held out)."""
     if not 0.0 < fraction < 1.0:
         raise PreftuneError(f"--eval_fraction must be between 0 and 1 (exclusive), got {fraction}")
-    order = list(range(len(examples)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise PreftuneError(f"--eval_fraction {fraction} leaves no training data out of {len(examples)} pairs")
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    n_eval = max(1, round(n * fraction))
+    if n_eval >= n:
+        raise PreftuneError(f"--eval_fraction {fraction} leaves no training data out of {n} pairs")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(order[:n_eval], dtype=np.int64)] = True
+    return mask
+
+
+def split_eval(examples: list[PreferenceExample], fraction: float, seed: int) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Hold out ``fraction`` of the examples (:func:`held_out_mask`)."""
+    held = held_out_mask(len(examples), fraction, seed)
+    return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]

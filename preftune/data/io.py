@@ -14,11 +14,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import DataError, PreftuneError
 
-__all__ = ["Record", "BadRecord", "read_records", "SUPPORTED_FILE_TYPES"]
+__all__ = ["Record", "BadRecord", "read_records", "resolve_source", "SourceLocation", "parse_json_line", "iter_json_lines", "load_hub_dataset", "SUPPORTED_FILE_TYPES"]
 
 SUPPORTED_FILE_TYPES = ".jsonl, .json, .csv, .tsv, .parquet (optionally .gz for text formats), or a datasets.save_to_disk folder"
 
@@ -61,26 +61,37 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
+def parse_json_line(line: str, where: str) -> Record | BadRecord | None:
+    """One JSON-lines line as a row (None for a blank line); problems come back as BadRecord."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        return BadRecord(where, "malformed JSON", f"{e.msg} at column {e.colno}")
+    except _DuplicateKey as e:
+        return BadRecord(where, "duplicate column", f"key(s) {e} appear twice in one object")
+    if not isinstance(obj, dict):
+        return BadRecord(where, "not a JSON object", f"got {type(obj).__name__}")
+    return Record(obj, where)
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(where, raw line)`` of every non-blank line of a JSON-lines file, unparsed."""
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    yield f"{path.name} line {lineno}", line
+    except UnicodeDecodeError as e:
+        raise DataError(path.name, f"not valid UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(path.name, f"corrupt gzip file: {e}", "re-download or re-compress the file") from None
+
+
 def _read_jsonl(path: Path) -> list[Record | BadRecord]:
-    out: list[Record | BadRecord] = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-            except json.JSONDecodeError as e:
-                out.append(BadRecord(where, "malformed JSON", f"{e.msg} at column {e.colno}"))
-                continue
-            except _DuplicateKey as e:
-                out.append(BadRecord(where, "duplicate column", f"key(s) {e} appear twice in one object"))
-                continue
-            if not isinstance(obj, dict):
-                out.append(BadRecord(where, "not a JSON object", f"got {type(obj).__name__}"))
-                continue
-            out.append(Record(obj, where))
-    return out
+    out = (parse_json_line(line, where) for where, line in iter_json_lines(path))
+    return [r for r in out if r is not None]
 
 
 def _read_json(path: Path) -> list[Record | BadRecord]:
@@ -200,7 +211,8 @@ def _split_file_in_folder(path: Path, split: str) -> Path | None:
     return None
 
 
-def _read_hub(name: str, split: str) -> list[Record]:
+def load_hub_dataset(name: str, split: str):
+    """``datasets.load_dataset(name, split=split)``, failing in one line when it cannot."""
     import datasets
 
     from ..hub import offline_mode
@@ -224,13 +236,51 @@ def _read_hub(name: str, split: str) -> list[Record]:
             f"Download it on a machine with access (e.g. datasets' save_to_disk, or export JSON lines) and pass the local path: "
             f"{SUPPORTED_FILE_TYPES}."
         ) from None
-    return _dataset_to_records(ds, f"{name}[{split}]")
+    return ds
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    return _dataset_to_records(load_hub_dataset(name, split), f"{name}[{split}]")
 
 
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and Path(name).suffix != "" or Path(name).suffix.lower() in {
         ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".gz"
     }
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where a dataset's rows come from: exactly one of a local ``file``, a ``save_to_disk``
+    ``folder`` (with the ``split`` to pick), or a ``hub`` name (with its ``split``)."""
+
+    file: Path | None = None
+    folder: Path | None = None
+    hub: str | None = None
+    split: str = "train"
+
+    @property
+    def is_json_lines(self) -> bool:
+        return self.file is not None and _base_suffix(self.file) == ".jsonl"
+
+
+def resolve_source(name: str, split: str = "train") -> SourceLocation:
+    """Find the data named ``name`` (see :func:`read_records`); raises DataError when absent."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return SourceLocation(folder=path, split=split)
+        found = _split_file_in_folder(path, split)
+        if found is None:
+            raise DataError(str(path), f"folder has no data file for split {split!r}", f"add {split}.jsonl or pass a file path")
+        return SourceLocation(file=found, split=split)
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise DataError(str(path), "file is not readable (permission denied)", "fix the file permissions")
+        return SourceLocation(file=path, split=split)
+    if looks_like_path(name):
+        raise DataError(str(path), "file not found", "check the path")
+    return SourceLocation(hub=name, split=split)
 
 
 def read_records(name: str, split: str = "train") -> list[Record | BadRecord]:
@@ -242,18 +292,9 @@ def read_records(name: str, split: str = "train") -> list[Record | BadRecord]:
     * anything else: a hub dataset name, loaded through ``datasets`` (fails with a clear message
       when the hub is unreachable).
     """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return _read_saved_dataset(path, split)
-        found = _split_file_in_folder(path, split)
-        if found is None:
-            raise DataError(str(path), f"folder has no data file for split {split!r}", f"add {split}.jsonl or pass a file path")
-        return _read_file(found)
-    if path.exists():
-        if not os.access(path, os.R_OK):
-            raise DataError(str(path), "file is not readable (permission denied)", "fix the file permissions")
-        return _read_file(path)
-    if looks_like_path(name):
-        raise DataError(str(path), "file not found", "check the path")
+    source = resolve_source(name, split)
+    if source.folder is not None:
+        return _read_saved_dataset(source.folder, split)
+    if source.file is not None:
+        return _read_file(source.file)
     return _read_hub(name, split)

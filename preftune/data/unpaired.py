@@ -155,7 +155,7 @@ def tokenize_unpaired(
     kept: list[PairTokens] = []
     for ex, p, f in zip(examples, prompt_ids, full_ids):
         prompt, (completion,), merged = split_at_prompt(tokenizer, p, [f], settings.add_eos)
-        report.boundary_merges += merged
+        report.notes["boundary_merges"] += merged
         if not prompt:
             report.dropped["empty prompt after tokenization"] += 1
             continue
@@ -166,6 +166,7 @@ def tokenize_unpaired(
             report.dropped["no room for the completion (prompt fills max_length)"] += 1
             continue
         kept.append(PairTokens(prompt, completion, [], ex.example_id, label=ex.label))
+    report.log_notes()
     if kl_group is not None:
         kept = add_kl_completions(kept, kl_group)
     out: list[PairTokens] = []

@@ -26,7 +26,9 @@ fingerprint is a sha256 over (see :func:`reference_fingerprint`):
   (an in-memory policy: 256 evenly spaced values of each frozen parameter) or of every weight
   file (a ``--ref_model_name_or_path`` folder: size and three 1 MiB slices of each file, so the
   cache is checked without loading the model);
-* the tokenized pairs (every example id and token id list, order-independent), which captures
+* the tokenized pairs (:meth:`preftune.data.store.TokenizedPairs.digest`: the content keys of
+  their stores, i.e. tokenized-cache fingerprints over data, tokenizer and chat template, plus
+  every example id and truncated length; order-independent), which captures
   every tokenization setting (``max_length``, truncation, chat template, tokenizer);
 * the engine settings that change the numbers: dtype, attention kernel, quantization, layout.
 

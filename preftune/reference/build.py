@@ -8,11 +8,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..data.store import TokenizedPairs, as_tokenized_pairs
 from ..hf_helpers import find_peft_model, pad_token_id
-from ..layout import PairTokens
 from ..rundir import REF_CACHE_DIR
 from .cache import PrecomputedReference, compute_reference_table, files_digest, model_digest, read_cache, reference_fingerprint, write_cache
 from .models import ModelReference, ReferenceFn, frozen, model_device, move_to
@@ -53,7 +54,7 @@ def _on_the_fly(model, model_args, args, choice) -> ModelReference:
     return ModelReference(frozen(copy.deepcopy(model)), chunk, "frozen copy of the starting policy, on the fly")
 
 
-def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], tokenizer) -> PrecomputedReference:
+def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokenizer) -> PrecomputedReference:
     chunk = args.logprob_chunk_size
     ref_path = args.ref_model_name_or_path
     peft_model = find_peft_model(model)
@@ -73,7 +74,7 @@ def _precomputed(model, model_args, args, choice, pairs: list[PairTokens], token
         what = "the base model with adapters disabled" if peft_model is not None else "the starting policy"
     fingerprint = reference_fingerprint(identity, pairs, _engine_settings(args, choice, model_args))
     path = Path(args.output_dir).expanduser() / REF_CACHE_DIR / f"{fingerprint}.safetensors"
-    want_ids = torch.tensor(sorted({p.example_id for p in pairs}), dtype=torch.long)
+    want_ids = torch.from_numpy(np.unique(pairs.example_id))
     description = f"precomputed log-probs of {what}"
 
     cached = read_cache(path, fingerprint, want_ids)
@@ -118,7 +119,7 @@ def build_reference(model, model_args, args, choice, train_pairs, eval_pairs, to
     if not get_method(args.method).needs_reference:
         return None
     if args.precompute_ref_log_probs:
-        pairs = list(train_pairs or []) + list(eval_pairs or [])
+        pairs = TokenizedPairs.concat([as_tokenized_pairs(train_pairs), as_tokenized_pairs(eval_pairs)])
         return _precomputed(model, model_args, args, choice, pairs, tokenizer)
     reference = _on_the_fly(model, model_args, args, choice)
     logger.info("DPO reference: %s", reference.description)

@@ -3,7 +3,6 @@ fingerprint, and its cache file under ``output_dir/ref_logps/``. See :mod:`preft
 
 from __future__ import annotations
 
-import array
 import contextlib
 import hashlib
 import json
@@ -13,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..data.store import TokenizedPairs, as_tokenized_pairs
 from ..engine import SequenceLogps, score_pairs
 from ..errors import describe_exception
 from ..hf_helpers import unwrap_model
-from ..layout import PairTokens
 from ..rundir import ADAPTER_CONFIG_FILE, MODEL_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -68,26 +68,27 @@ class PrecomputedReference:
         return pos
 
 
-def _unique_pairs(pairs: list[PairTokens]) -> list[PairTokens]:
-    """One pair per example id; the same id with different tokens is an error (ids key the table)."""
-    seen: dict[int, PairTokens] = {}
-    for p in pairs:
-        q = seen.get(p.example_id)
-        if q is None:
-            seen[p.example_id] = p
-        elif (q.prompt, q.chosen, q.rejected, q.label) != (p.prompt, p.chosen, p.rejected, p.label):
+def _unique_pairs(pairs) -> TokenizedPairs:
+    """One pair per example id, sorted by id; the same id with different tokens is an error (ids
+    key the table). Works on the id array: only pairs whose id repeats are built and compared."""
+    pairs = as_tokenized_pairs(pairs)
+    ids = pairs.example_id
+    order = np.argsort(ids, kind="stable")
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    for k in np.flatnonzero(~first):
+        p, q = pairs[int(order[k])], pairs[int(order[k - 1])]
+        if (q.prompt, q.chosen, q.rejected, q.label) != (p.prompt, p.chosen, p.rejected, p.label):
             raise ValueError(
                 f"example id {p.example_id} names two different pairs; precomputed reference log-probs are keyed by "
                 "example id, so train and eval pairs need distinct ids (preftune's loader offsets eval ids by 10**9)"
             )
-    return [seen[k] for k in sorted(seen)]
-
-
+    return pairs.subset(order[first])
 
 
 def compute_reference_table(
     score_batch: Callable[[dict], SequenceLogps],
-    pairs: list[PairTokens],
+    pairs,
     pad_id: int,
     batch_size: int,
     device: torch.device | str,
@@ -95,7 +96,8 @@ def compute_reference_table(
     row_budget: int | None = None,
     tail_weight: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward-only pass of the reference (``score_batch``, e.g. ``ModelReference.score``) over ``pairs``.
+    """One forward-only pass of the reference (``score_batch``, e.g. ``ModelReference.score``) over
+    ``pairs`` (:class:`preftune.data.store.TokenizedPairs` or a list of PairTokens).
 
     Returns ``(example_ids, chosen, rejected)``, each ``(N,)``, sorted by example id (ids must be
     unique). Pairs are batched in order of length, ``batch_size`` per batch, so packed rows and
@@ -106,19 +108,15 @@ def compute_reference_table(
     pairs = _unique_pairs(pairs)
     seq = score_pairs(score_batch, pairs, pad_id, batch_size, device, layout=layout, row_budget=row_budget, by_length=True,
                       tail_weight=tail_weight)
-    ids = torch.tensor([p.example_id for p in pairs], dtype=torch.long)
+    ids = torch.from_numpy(pairs.example_id.copy())
     return ids, seq.chosen_sum, seq.rejected_sum
 
 
 # --- fingerprint ----------------------------------------------------------------------------------
-def pairs_digest(pairs: list[PairTokens]) -> str:
-    """sha256 of every (example id, prompt, chosen, rejected) token list, independent of order."""
-    h = hashlib.sha256()
-    for p in sorted(pairs, key=lambda p: p.example_id):
-        for part in ([p.example_id], p.prompt, p.chosen, p.rejected):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(array.array("q", part).tobytes())
-    return h.hexdigest()
+def pairs_digest(pairs) -> str:
+    """sha256 naming the tokenized pairs (:meth:`preftune.data.store.TokenizedPairs.digest`:
+    every example id and token, independent of order)."""
+    return as_tokenized_pairs(pairs).digest()
 
 
 def _tensor_sample_bytes(t: torch.Tensor, k: int) -> bytes:
@@ -185,7 +183,7 @@ def files_digest(folder: Path, slice_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def reference_fingerprint(model_identity: dict, pairs: list[PairTokens], engine: dict) -> str:
+def reference_fingerprint(model_identity: dict, pairs, engine: dict) -> str:
     """sha256 (hex) over the reference model's identity, the tokenized pairs and engine settings."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": CACHE_FORMAT, "model": model_identity, "engine": engine}, sort_keys=True, default=str).encode())

@@ -1,0 +1,81 @@
+"""``preftune data inspect DATA``: what a run would train on, before it runs (:mod:`preftune.data.inspect`).
+
+Every data flag of ``preftune train`` works (they are :class:`~preftune.config.DataArguments`
+fields); ``--config RUN.yaml`` takes a run file's data options and model, flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import PreftuneError
+from .options import build_parser, parse_options
+
+__all__ = ["build_inspect_parser", "cmd_data"]
+
+USAGE = ("usage: preftune data inspect DATA [--model_name_or_path M] [data flags] [--json]\n\n"
+         "subcommands:\n  inspect   rows, bad rows, token lengths and truncation of preference data (see --help)")
+MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "trust_remote_code", "chat_template_file", "seed")
+
+
+def build_inspect_parser():
+    from ..config import DataArguments
+
+    parser = build_parser(
+        "preftune data inspect",
+        "Read preference data exactly as `preftune train` would and report rows, bad rows, token lengths, "
+        "what max_length cuts, and one pair with its prompt/completion boundary marked.",
+        (DataArguments,),
+    )
+    a = parser.add_argument
+    a("data", nargs="*", metavar="DATA", help="data file(s), folder(s) or hub name(s) (same as --dataset_name)")
+    a("--model_name_or_path", "--model-name-or-path", default=None, metavar="M",
+      help="model (folder or hub name) whose tokenizer counts tokens; without it, only rows and bad rows are reported")
+    a("--tokenizer_name_or_path", "--tokenizer-name-or-path", default=None, metavar="T", help="tokenizer, if not the model's own")
+    a("--trust_remote_code", "--trust-remote-code", action="store_true", help="allow tokenizer code from the model folder")
+    a("--chat_template_file", "--chat-template-file", default=None, metavar="FILE", help="Jinja chat template instead of the tokenizer's")
+    a("--config", default=None, metavar="RUN.yaml", help="a preftune train YAML file: its data options (and model) are used; flags override")
+    a("--seed", type=int, default=None, help="sampling seed of mixtures and --eval_fraction (default: the config's, else 42)")
+    a("--json", action="store_true", help="print one JSON object (for scripts)")
+    return parser
+
+
+def cmd_data(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] != "inspect":
+        raise PreftuneError(f"unknown `preftune data` subcommand {argv[0]!r}; use: preftune data inspect DATA")
+    from ..config import DataArguments
+    from .train import load_yaml
+
+    parser = build_inspect_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv[1:])
+    config = load_yaml(known.config) if known.config else {}
+    usable = set(DataArguments.__dataclass_fields__) | set(MODEL_KEYS)  # a run file's training options are ignored
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in usable})
+    data_args, extra = parse_options(parser, argv[1:], "data inspect")
+    if extra.data:
+        if data_args.datasets:
+            raise PreftuneError("pass DATA or a config with datasets:, not both")
+        data_args.dataset_name = list(extra.data)
+        data_args.__post_init__()
+    tokenizer = None
+    name = extra.tokenizer_name_or_path or extra.model_name_or_path
+    if name:
+        from ..inference_model import quiet_transformers
+        from ..training_model import load_tokenizer
+
+        with quiet_transformers():
+            tokenizer = load_tokenizer(name, extra.trust_remote_code, extra.chat_template_file)
+    from ..data.inspect import format_report, inspect_data
+
+    report = inspect_data(tokenizer, data_args, extra.seed if extra.seed is not None else int(config.get("seed", 42)))
+    if extra.json:
+        print(json.dumps(report, ensure_ascii=False), flush=True)
+    else:
+        print(format_report(report, ", ".join(s.display for s in data_args.sources()), name), flush=True)
+    return 0

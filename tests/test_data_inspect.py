@@ -1,0 +1,102 @@
+"""``preftune data inspect``: hand-derived lengths, bad rows, over-long pairs, the same numbers
+as the training data stage, the command line (text and --json) and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preftune.cli import main
+from preftune.config import DataArguments
+from preftune.data.inspect import inspect_data
+from preftune.data.splits import prepare_data
+
+REQUIRED_KEYS = {"rows", "pairs", "bad_rows", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "dropped", "suggested_max_length"}
+
+
+@pytest.fixture
+def lengths_file(tmp_path):
+    """Ten pairs whose token counts (demo tokenizer: one token per word, BOS + prompt, answer +
+    EOS) are known: row i has a prompt of i + 5 tokens, chosen i + 2, rejected 2; plus one bad row."""
+    rows = [{"prompt": "Q: copy" + " 2" * (i + 1) + " A:", "chosen": " 2" * (i + 1), "rejected": " 1"} for i in range(10)]
+    rows.insert(4, {"prompt": "Q: copy 1 A:", "chosen": "", "rejected": " 1"})
+    path = tmp_path / "lengths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path, demo_tokenizer):
+    demo_tokenizer.save_pretrained(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+def test_lengths_truncation_and_suggestion_by_hand(lengths_file, demo_tokenizer):
+    args = DataArguments(dataset_name=[str(lengths_file)], max_length=12, max_prompt_length=None, on_bad_row="skip")
+    report = inspect_data(demo_tokenizer, args)
+    assert REQUIRED_KEYS <= set(report)
+    assert report["rows"] == 11 and report["pairs"] == 10 and report["bad_rows"] == {"empty field": 1}
+    assert report["format"] == "standard"
+    # inverted-CDF percentiles of 10 values: p50 = 5th smallest, p90 = 9th, p99 = 10th
+    assert report["prompt_tokens"] == {"p50": 9, "p90": 13, "p99": 14, "max": 14}  # prompts 5..14
+    assert report["chosen_tokens"] == {"p50": 6, "p90": 10, "p99": 11, "max": 11}  # chosen 2..11
+    assert report["rejected_tokens"] == {"p50": 2, "p90": 2, "p99": 2, "max": 2}
+    # max_length 12: room 12 - (i + 5) = 7 - i; i >= 7 has none (3 dropped), i = 3..6 cut the chosen (4 truncated)
+    assert report["dropped"] == 3 and report["truncated"] == 4
+    # whole pair needs (i + 5) + (i + 2) = 2i + 7 tokens: 25 keeps all ten
+    assert report["suggested_max_length"] == 25 and report["suggested_max_prompt_length"] == 14
+    ex = report["example"]
+    assert ex["where"] == "lengths.jsonl line 1" and ex["prompt"] == "<s> Q: copy 2 A:" and ex["chosen"] == "2 </s>"
+
+
+def test_inspect_counts_equal_the_training_data_stage(lengths_file, demo_tokenizer):
+    for max_length, max_prompt_length in ((12, None), (14, 8), (64, 6)):
+        args = DataArguments(dataset_name=[str(lengths_file)], max_length=max_length, max_prompt_length=max_prompt_length, on_bad_row="skip")
+        report = inspect_data(demo_tokenizer, args)
+        data = prepare_data(demo_tokenizer, args, seed=42)
+        stage = data.train_report
+        assert report["dropped"] == sum(stage.dropped.values())
+        assert len(data.train_pairs) == report["pairs"] - report["dropped"]
+        cut = sum(1 for p, whole in zip(data.train_pairs, _whole_lengths(demo_tokenizer, args, data)) if p.packed_length < whole)
+        assert report["truncated"] == cut
+
+
+def _whole_lengths(tokenizer, args, data):
+    import dataclasses
+
+    full = prepare_data(tokenizer, dataclasses.replace(args, max_length=None, max_prompt_length=None), seed=42)
+    by_id = dict(zip(full.train_pairs.example_id.tolist(), full.train_pairs.lengths().tolist()))
+    return [by_id[i] for i in data.train_pairs.example_id.tolist()]
+
+
+def test_without_a_tokenizer_rows_and_bad_rows_only(lengths_file):
+    report = inspect_data(None, DataArguments(dataset_name=[str(lengths_file)]))
+    assert report["rows"] == 11 and report["bad_rows"] == {"empty field": 1} and report["pairs"] == 10
+    assert report["prompt_tokens"] is None and report["suggested_max_length"] is None
+
+
+def test_command_line_json_text_and_errors(lengths_file, tokenizer_dir, capsys):
+    assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir), "--max_length", "12",
+                 "--max_prompt_length", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert REQUIRED_KEYS <= set(out) and out["dropped"] == 3 and out["bad_rows"] == {"empty field": 1}
+    assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "rows read" in text and "1 empty field" in text and "suggested max_length  25" in text
+    assert "<s> Q: copy 2 A:\u27e62 </s>\u27e7" in text  # the boundary, marked
+    assert main(["data", "inspekt", str(lengths_file)]) == 2
+    assert "unknown `preftune data` subcommand 'inspekt'" in capsys.readouterr().err
+    assert main(["data", "inspect", str(lengths_file), "--max_length", "1"]) == 2
+    assert "--max_length must be at least 2" in capsys.readouterr().err
+    assert main(["data", "inspect", str(lengths_file.with_name("missing.jsonl"))]) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_config_file_mixture_is_inspected(lengths_file, tokenizer_dir, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {tokenizer_dir}\nlearning_rate: 1.0e-4\ndatasets:\n  - path: {lengths_file}\n    num_samples: 4\n"
+                   "on_bad_row: skip\n")
+    assert main(["data", "inspect", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pairs"] == 4 and out["sources"][0]["selected"] == 4 and out["sources"][0]["sampling"] == "num_samples 4"
