@@ -58,7 +58,8 @@ def preftune_worker(spec: dict) -> dict:
 
 
 def trl_worker(spec: dict) -> dict:
-    """TRL's DPOTrainer with an explicit frozen ``ref_model``, given the raw strings."""
+    """TRL's DPOTrainer with an explicit frozen ``ref_model`` (with LoRA: none, so the reference is
+    the base model with the adapters disabled, as in preftune), given the raw strings."""
     common.setup_worker(spec)
     import torch
     from datasets import Dataset
@@ -70,7 +71,8 @@ def trl_worker(spec: dict) -> dict:
     def load():
         return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
 
-    model, ref_model = load(), load()
+    lora = spec["lora_r"] > 0
+    model, ref_model = load(), (None if lora else load())
     config = DPOConfig(
         **common.training_kwargs(spec, "trl"),
         max_length=spec["max_length"],
@@ -93,13 +95,15 @@ def trl_worker(spec: dict) -> dict:
         train_dataset=Dataset.from_list(common.read_jsonl(spec["data_file"])),
         processing_class=tok,
         callbacks=[timer],
+        peft_config=common.lora_config(spec) if lora else None,
     )
     length = spec["max_length"]
     found = [((r["prompt_ids"] + r["chosen_ids"])[:length], (r["prompt_ids"] + r["rejected_ids"])[:length], len(r["prompt_ids"]))
              for r in trainer.train_dataset]
     ids_check = common.compare_ids(found, spec["expected_ids"])
     trainer.train()
-    return common.finish_worker(trainer, timer, spec, {"ids_check": ids_check, "reference": "separate frozen ref_model (from_pretrained of the saved initial model)"})
+    ref = "the policy with its LoRA adapters disabled" if lora else "separate frozen ref_model (from_pretrained of the saved initial model)"
+    return common.finish_worker(trainer, timer, spec, {"ids_check": ids_check, "reference": ref})
 
 
 BENCH = common.Benchmark(
@@ -111,7 +115,7 @@ BENCH = common.Benchmark(
     reference=True,
     # TRL's fused LM head scores every position on CPU (it compacts to completion tokens only on
     # Triton devices) and recomputes each tile's logits in the backward
-    trl_head_factor=common.HEAD_FACTOR_CHUNKED,
+    trl_head_chunked=True,
     spec_extra={"nll_on_prompt": False},
     spec_args=("reference",),
     agreement_keys=("loss", "logps/chosen", "logps/rejected"),

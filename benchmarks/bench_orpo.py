@@ -48,6 +48,7 @@ def trl_worker(spec: dict) -> dict:
         train_dataset=Dataset.from_list(common.read_jsonl(spec["data_file"])),
         processing_class=tok,
         callbacks=[timer],
+        peft_config=common.lora_config(spec) if spec["lora_r"] else None,
     )
     found = []
     for row in trainer.train_dataset:
@@ -69,7 +70,7 @@ BENCH = common.Benchmark(
     reference=False,
     spec_extra={"nll_on_prompt": True},
     agreement_keys=("loss", "nll_loss", "logps/chosen", "logps/rejected", "log_odds_chosen"),
-    notes=["Both: beta 0.1, AdamW (adamw_torch), constant lr, no dropout, no gradient checkpointing, sequential batches; "
+    notes=["Both: beta 0.1, AdamW (adamw_torch), constant lr, no dropout, sequential batches; "
            "preftune with nll_on_prompt=True (TRL's NLL: prompt + chosen tokens)."],
 )
 

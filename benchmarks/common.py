@@ -2,13 +2,16 @@
 
 What lives here, so the two scripts hold only what differs between ORPO and DPO:
 
-* the **workload**: the tiny random-init Llama, written once to a temporary folder that both
-  tools load; the HH-RLHF pairs with an explicit prompt; their token ids under preftune's
-  tokenizer (the ids both tools must end up training on);
-* the **worker side**: every tool runs in a fresh ``python <script> --worker <tool>`` process;
-  the process records per-step wall time, the loss of every step, the batches it saw and its
-  peak RSS, and writes them to a JSON file;
-* the **FLOP model** and the measured fp32 matmul rate behind "floor seconds per step";
+* the **workload**: the random-init model (``models.py``: the tiny Llama, or Qwen2-0.5B's shape
+  with LoRA), written once to a temporary folder that both tools load; the HH-RLHF pairs with an
+  explicit prompt; their token ids under preftune's tokenizer (the ids both tools must end up
+  training on);
+* the **worker side**: every tool runs in a fresh ``python <script> --worker <tool>`` process,
+  in the chosen precision (fp32, or bf16 mixed precision for both tools); the process records
+  per-step wall time, the loss of every step, the batches it saw and its peak RSS, and writes
+  them to a JSON file; a watchdog stops it at ``--memory_cap_gb`` (reported as out of memory)
+  before the machine's OOM killer has to pick a victim;
+* the **FLOP model** and the measured matmul rates behind "floor seconds per step" (``flops.py``);
 * the **report**: Markdown tables on stdout, optionally the raw results as JSON.
 
 Conventions used everywhere below: a workload pair is ``(p, c, r)``, the token ids of prompt,
@@ -35,27 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import flops as flop_model
+import models
+
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the repository; a git worktree (e.g. wt/NAME beside main) finds it one level up.
-SHARED_DATA = next((d / "shared" / "data" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared" / "data")
+# ../shared/data beside the repository; a git worktree (e.g. wt/NAME beside main) finds it one level
+# up; PREFTUNE_SHARED_DATA points elsewhere (e.g. from a copy of the repository outside the tree)
+SHARED_DATA = Path(os.environ.get("PREFTUNE_SHARED_DATA") or next(
+    (d / "shared" / "data" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared" / "data"))
 HH_TEST = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 TOKENIZER_DIR = SHARED_DATA / "llama2-tokenizer"
 ASSISTANT = "\n\nAssistant:"
-
-# The benchmark model: a random-init Llama with the Llama-2 vocabulary. fp32, no dropout.
-MODEL_CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=4096,
-    attention_dropout=0.0,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 SWEEP_LENGTHS = (256, 512, 1024, 2048)
 TOOLS = ("preftune", "trl")
@@ -153,7 +146,7 @@ class Workload:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(models.tokenizer_dir(model_dir)))
 
 
 def build_workload(tokenizer, max_length: int, n_pairs: int, selection: str = "first") -> Workload:
@@ -191,126 +184,6 @@ def build_workload(tokenizer, max_length: int, n_pairs: int, selection: str = "f
     return Workload(rows, ids, max_length, selection, dict(dropped))
 
 
-def create_model(model_dir: Path, seed: int) -> dict:
-    """Random-init the benchmark Llama once and save it (with the tokenizer) for both tools.
-
-    The tokenizer is saved with ``add_bos_token=True``: the shared Llama-2 ``tokenizer.json``
-    adds no BOS by itself, while TRL 1.16's ORPOTrainer always prepends one. With BOS switched on
-    in the tokenizer, preftune, TRL's ORPOTrainer and TRL's DPOTrainer all produce ``<s>`` + text,
-    the way Llama-2 was trained.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    config = LlamaConfig(**MODEL_CONFIG)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(str(model_dir))
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), add_bos_token=True)
-    tok.save_pretrained(str(model_dir))
-    return param_counts(config)
-
-
-def param_counts(config=None) -> dict:
-    """Parameters by FLOP class: decoder-layer matmuls, LM head, embedding (a gather, no FLOPs)."""
-    c = dict(MODEL_CONFIG)
-    if config is not None:
-        c.update({k: getattr(config, k) for k in MODEL_CONFIG if hasattr(config, k)})
-    h, i, n_layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    head_dim = h // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * head_dim
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o, k, v, gate/up/down
-    return {"layers": per_layer * n_layers, "head": v * h, "embedding": v * h, "hidden": h, "n_layers": n_layers, "vocab": v, "config": c}
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOP model
-# ---------------------------------------------------------------------------------------------
-def _tri(n: int) -> int:
-    return n * (n + 1) // 2
-
-
-# LM-head FLOPs per scored token in units of params: forward 2, backward 4, plus 2 for the
-# forward recomputed inside the backward by chunked log-prob kernels (preftune's
-# ChunkedLinearLogProbs when its softmax does not fit --logprob_cache_mb, TRL's
-# ChunkedLogProbFunction used by its DPOTrainer).
-HEAD_FACTOR_PLAIN = 6
-HEAD_FACTOR_CHUNKED = 8
-PREFTUNE_CACHE_MB = 256.0  # PreftuneConfig.logprob_cache_mb default
-
-
-def step_flops(workload: Workload, batch: list[int], params: dict, scored: Callable[[Ids], int], reference: bool,
-               trl_head_factor: int = HEAD_FACTOR_PLAIN) -> dict:
-    """FLOPs of one training step, three ways, split into layers / head / attention.
-
-    ``useful``: the minimum for the maths: decoder on every *distinct* token once
-    (``|p|+|c|+|r|``: the prompt once), the LM head only on scored tokens (``scored(pair)``),
-    attention only on (query, key) pairs the model may attend (causal, rejected never sees chosen).
-    Training = 6 x params x tokens (forward 2, backward 4); attention 12 x hidden x attended pairs
-    per layer; a frozen reference adds a forward (2x, 4x) on completion tokens' head.
-    ``preftune``: what the packed layout executes: rows as preftune's collator packs them (its
-    cost-model row budget), padded to the longest row; the LM head on scored tokens (6x when the
-    softmax fits ``logprob_cache_mb``, else 8x with the recompute); SDPA over the dense mask.
-    ``trl``: what a padded trainer executes: ``2B`` rows padded to the longest sequence, the LM
-    head on every position (``trl_head_factor``), dense ``T x T`` attention.
-    """
-    from preftune.layout import attention_cost_for, choose_row_budget, pack_segments
-    from transformers import LlamaConfig
-
-    h, nl = params["hidden"], params["n_layers"]
-    pl, ph = params["layers"], params["head"]
-    ref = 2 if reference else 0
-    pairs = [workload.ids[i] for i in batch]
-
-    def tally(tokens: int, head_tokens: int, head_factor: int, ref_head_tokens: int, attended: int) -> dict:
-        out = {
-            "layers": (6 + ref) * pl * tokens,
-            "head": head_factor * ph * head_tokens + ref * ph * ref_head_tokens,
-            "attention": (12 + 2 * ref) * h * attended * nl,
-        }
-        out["total"] = sum(out.values())
-        return out
-
-    distinct = sum(len(p) + len(c) + len(r) for p, c, r in pairs)
-    attended = sum(_tri(len(p)) + (len(c) + len(r)) * len(p) + _tri(len(c)) + _tri(len(r)) for p, c, r in pairs)
-    completions = sum(len(c) + len(r) for _, c, r in pairs)
-    n_scored = sum(scored(x) for x in pairs)
-    useful = tally(distinct, n_scored, HEAD_FACTOR_PLAIN, completions, attended)
-
-    seg = [len(p) + len(c) + len(r) for p, c, r in pairs]
-    budget = choose_row_budget(seg, attention_cost_for(LlamaConfig(**{k: params["config"][k] for k in MODEL_CONFIG})))
-    rows = pack_segments(seg, budget)  # exactly what preftune's collator does by default
-    t_row = max(sum(seg[i] for i in row) for row in rows)
-    cached = n_scored * params["vocab"] * 4 <= PREFTUNE_CACHE_MB * 2**20
-    packed = tally(len(rows) * t_row, n_scored, HEAD_FACTOR_PLAIN if cached else HEAD_FACTOR_CHUNKED, completions, len(rows) * t_row * t_row)
-
-    t_pad = max(max(len(p) + len(c), len(p) + len(r)) for p, c, r in pairs)
-    n_pad = 2 * len(pairs) * t_pad
-    padded = tally(n_pad, n_pad, trl_head_factor, n_pad, 2 * len(pairs) * t_pad * t_pad)
-    return {"useful": useful, "preftune": packed, "trl": padded, "distinct_tokens": distinct,
-            "packed_rows": len(rows), "packed_row_tokens": t_row, "padded_row_tokens": t_pad}
-
-
-def mean_step_flops(workload: Workload, steps: int, batch_size: int, params: dict, scored, reference: bool,
-                    trl_head_factor: int = HEAD_FACTOR_PLAIN) -> dict:
-    """:func:`step_flops` averaged over steps 2..N (the steps the steady-state timing covers)."""
-    per_step = [step_flops(workload, b, params, scored, reference, trl_head_factor) for b in workload.batches(steps, batch_size)]
-    use = per_step[1:] or per_step
-    out = {}
-    for kind in ("useful", "preftune", "trl"):
-        out[kind] = {k: statistics.mean(s[kind][k] for s in use) for k in use[0][kind]}
-    for k in ("distinct_tokens", "packed_rows", "packed_row_tokens", "padded_row_tokens"):
-        out[k] = statistics.mean(s[k] for s in use)
-    return out
-
-
-def floor_seconds(flops: dict, rates: dict) -> float:
-    """Seconds for ``flops`` (split by class) at the measured GFLOP/s of each class."""
-    return sum(flops[k] / (rates[k] * 1e9) for k in ("layers", "head", "attention"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +209,35 @@ def setup_worker(spec: dict):
     import logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if spec.get("memory_cap_gb"):
+        start_memory_watchdog(spec["memory_cap_gb"], spec.get("result_path"))
+
+
+def start_memory_watchdog(cap_gb: float, result_path: str | None, interval: float = 0.05):
+    """Stop this worker when its RSS passes ``cap_gb``, writing an out-of-memory result first.
+
+    The benchmark machine is shared: a worker growing past the free memory would make the
+    kernel's OOM killer pick a victim, possibly someone else's process. RSS grows as pages are
+    touched, so polling every 50 ms stops it within a few hundred MB of the cap.
+    """
+    import threading
+
+    def watch():
+        while True:
+            rss = current_rss_mb()
+            if rss > cap_gb * 1024:
+                if result_path:
+                    Path(result_path).write_text(json.dumps({
+                        "error": f"out of memory: RSS passed the {cap_gb:g} GB cap ({rss:,.0f} MB)", "oom": True,
+                        "peak_rss_mb": peak_rss_mb(), "steps_done": _steps_done[0],
+                    }))
+                os._exit(3)
+            time.sleep(interval)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+_steps_done = [0]  # optimizer steps finished, for the watchdog's report
 
 
 def peak_rss_mb() -> float:
@@ -372,9 +274,9 @@ def training_kwargs(spec: dict, tool: str) -> dict:
         dataloader_pin_memory=False,
         disable_tqdm=True,
         use_cpu=True,
-        bf16=False,
+        bf16=spec.get("precision") == "bf16",  # mixed precision: fp32 weights and optimizer, bf16 matmuls
         fp16=False,
-        gradient_checkpointing=False,  # TRL's configs default it to True
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),  # TRL's configs default it to True
         remove_unused_columns=False,
         disable_dropout=True,
     )
@@ -396,6 +298,7 @@ def step_timer():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
+            _steps_done[0] = len(self.ends)
 
         def step_seconds(self) -> list[float]:
             marks = [self.t0] + self.ends
@@ -455,6 +358,14 @@ def finish_worker(trainer, timer, spec: dict, extra: dict) -> dict:
     }
 
 
+def lora_config(spec: dict):
+    """The adapters both tools train: rank r on every projection, alpha 2r, no dropout."""
+    from peft import LoraConfig
+
+    r = spec["lora_r"]
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=models.LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+
+
 def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
     """Train with preftune's own loading, tokenization and trainer (no saving, no eval).
 
@@ -465,36 +376,37 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
     from preftune.config import ModelArguments, PreftuneConfig
     from preftune.data import load_examples
     from preftune.data.tokenize import TokenizeSettings, tokenize_examples
-    from preftune.training_model import choose_device, load_model
+    from preftune.training_model import DeviceChoice, apply_peft, choose_device, load_model
     from preftune.training_model import load_tokenizer as preftune_tokenizer
     from preftune.trainer import PreferenceTrainer
 
-    tok = preftune_tokenizer(spec["model_dir"])
+    tok = preftune_tokenizer(str(models.tokenizer_dir(spec["model_dir"])))
     loaded = load_examples(spec["data_file"], "train")
     settings = TokenizeSettings(max_length=spec["max_length"], max_prompt_length=None, truncation_mode="keep_end", chat_template="never")
     pairs, _ = tokenize_examples(tok, loaded.examples, settings)
     ids_check = compare_ids([(p.prompt + p.chosen, p.prompt + p.rejected, len(p.prompt)) for p in pairs], spec["expected_ids"])
 
-    margs = ModelArguments(model_name_or_path=spec["model_dir"], torch_dtype="float32", attn_implementation="sdpa")
-    choice = choose_device("float32", "sdpa")
+    lora_r = spec.get("lora_r", 0)
+    margs = ModelArguments(model_name_or_path=spec["model_dir"], torch_dtype="float32", use_peft=lora_r > 0,
+                           lora_r=max(lora_r, 1), lora_alpha=2 * max(lora_r, 1), lora_dropout=0.0)
+    choice = choose_device("float32", "sdpa", spec["layout"])
+    if spec.get("attention") == "dense":  # the packed layout on the dense (T, T) mask: the reference path
+        choice = DeviceChoice(choice.device, choice.dtype, "sdpa")
     model = load_model(spec["model_dir"], margs, choice)
-    from dataclasses import fields
-
-    optional = {}
-    if "memory_preflight" in {f.name for f in fields(PreftuneConfig)}:
+    if lora_r:
+        model = apply_peft(model, margs, spec.get("gradient_checkpointing", False))
+    args = PreftuneConfig(
+        **training_kwargs(spec, "preftune"),
         # preftune's preflight (on by default) runs forward+backward on the largest batch of the
         # whole dataset before step 1; off by default here so both tools' peak RSS covers the
         # same batches (--preflight turns it on)
-        optional["memory_preflight"] = spec["preflight"]
-    args = PreftuneConfig(
-        **training_kwargs(spec, "preftune"),
-        **optional,
+        memory_preflight=spec["preflight"],
         method=method,
         beta=spec["beta"],
         nll_on_prompt=spec.get("nll_on_prompt", False),
         batch_layout=spec["layout"],
         logprob_chunk_size=spec["chunk_size"],
-        ref_model_name_or_path=spec["model_dir"] if make_reference else None,
+        ref_model_name_or_path=spec["model_dir"] if make_reference and not lora_r else None,
     )
     reference, ref_desc = (None, None)
     if make_reference is not None:
@@ -506,7 +418,8 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
         model=model, args=args, train_pairs=pairs, processing_class=tok, reference=reference, callbacks=[timer]
     )
     trainer.train()
-    return finish_worker(trainer, timer, spec, {"ids_check": ids_check, "reference": ref_desc, "layout": spec["layout"]})
+    return finish_worker(trainer, timer, spec, {"ids_check": ids_check, "reference": ref_desc, "layout": spec["layout"],
+                                                "attention": choice.describe(), "precision": args.precision_choice.describe()})
 
 
 def read_jsonl(path) -> list[dict]:
@@ -515,52 +428,10 @@ def read_jsonl(path) -> list[dict]:
 
 
 def matmul_worker(spec: dict) -> dict:
-    """Best-of-N fp32 GFLOP/s of the model's matmul shapes, by FLOP class, at ``spec['threads']``.
-
-    ``layers``: forward and both backward products of the q/k/v/o and MLP projections at ``M``
-    tokens; ``head``: the LM head ``(chunk, H) x (H, V)`` and its backward; ``attention``: batched
-    ``(T, d) x (d, T)`` and ``(T, T) x (T, d)`` products per head.
-    """
+    """The floor's matmul rates (:func:`flops.matmul_rates`) in a fresh process."""
     setup_worker(spec)
-    import torch
-
-    c = MODEL_CONFIG
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    m = int(spec["tokens"])
-    t = int(spec["row_tokens"])
-    heads, d = c["num_attention_heads"], h // c["num_attention_heads"]
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g)
-
-    def mm_case(a_shape, b_shape):
-        return (rnd(*a_shape), rnd(*b_shape)), 2 * a_shape[0] * a_shape[1] * b_shape[1], torch.mm
-
-    def bmm_case(a_shape, b_shape):
-        return (rnd(*a_shape), rnd(*b_shape)), 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2], torch.bmm
-
-    classes = {
-        "layers": [mm_case((m, h), (h, h)), mm_case((m, h), (h, i)), mm_case((m, i), (i, h)),
-                   mm_case((h, m), (m, h)), mm_case((h, m), (m, i))],
-        "head": [mm_case((min(m, 1024), h), (h, v)), mm_case((min(m, 1024), v), (v, h)), mm_case((v, min(m, 1024)), (min(m, 1024), h))],
-        "attention": [bmm_case((heads, t, d), (heads, d, t)), bmm_case((heads, t, t), (heads, t, d))],
-    }
-    # rounds interleave the classes so a burst of load from elsewhere hits all of them alike
-    rates = dict.fromkeys(classes, 0.0)
-    for _ in range(spec.get("repeats", 5)):
-        for name, cases in classes.items():
-            flops, secs = 0, 0.0
-            for args, f, op in cases:
-                op(*args)  # warm
-                reps = max(1, int(2e8 // f))
-                start = time.perf_counter()
-                for _ in range(reps):
-                    op(*args)
-                secs += time.perf_counter() - start
-                flops += f * reps
-            rates[name] = max(rates[name], flops / secs / 1e9)
-    return {"gflops": rates, "tokens": m, "row_tokens": t, "threads": torch.get_num_threads()}
+    params = models.param_counts(spec["model"], spec.get("lora_r", 0))
+    return flop_model.matmul_rates(params, spec["tokens"], spec["run_tokens"], spec["precision"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +447,7 @@ class Benchmark:
     workers: dict  # tool -> fn(spec) -> result dict
     scored_tokens: Callable[[Ids], int]  # LM-head tokens per pair of preftune's objective
     reference: bool  # a frozen reference forward is part of every step
-    trl_head_factor: int = HEAD_FACTOR_PLAIN  # TRL's LM-head FLOPs per position (x head params)
+    trl_head_chunked: bool = False  # TRL's LM head recomputes its logits in the backward (DPO's fused head)
     spec_extra: dict = field(default_factory=dict)  # method settings passed to the workers
     spec_args: tuple = ()  # names of extra command-line options passed on to the workers
     agreement_keys: tuple = ("loss",)  # first-step quantities that must agree (loss + step-1 metrics)
@@ -600,12 +471,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--model", choices=tuple(models.MODELS), default="tiny", help="benchmark model (benchmarks/models.py)")
+    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank on every projection for both tools (0: train every weight)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both tools: fp32, or bf16 mixed precision")
+    p.add_argument("--select", choices=("first", "stacked"), default="first",
+                   help="main workload: first = the first HH pairs; stacked = HH prompts prefixed with earlier dialogues to fill max_length")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="both tools: recompute each layer in the backward")
+    p.add_argument("--memory_cap_gb", type=float, default=20.0, help="stop a worker whose RSS passes this (reported as out of memory)")
     p.add_argument("--layout", choices=("packed", "padded"), default="packed", help="preftune batch layout")
+    p.add_argument("--attention", choices=("segments", "dense"), default="segments",
+                   help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
     p.add_argument("--chunk_size", type=int, default=1024, help="preftune logprob_chunk_size")
     p.add_argument("--preflight", action="store_true", help="keep preftune's memory preflight (a forward+backward on the largest batch before step 1)")
     p.add_argument("--no_floor", action="store_true", help="skip the matmul-rate measurement")
     p.add_argument("--out", type=str, default=None, help="write all results as JSON here")
     p.add_argument("--keep_tmp", action="store_true", help="keep the temporary model/data folder")
+    p.add_argument("--model_dir", default=None, help="create the benchmark model here once and reuse it in later runs (same --model and --seed)")
     p.add_argument("--worker", choices=(*TOOLS, "matmul"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -616,12 +497,17 @@ def run_worker(bench: Benchmark, role: str, spec: dict, tmp: Path) -> dict:
     """Run ``role`` in a fresh process of the calling script; return its result (or an error)."""
     spec_path = tmp / f"spec-{role}.json"
     result_path = tmp / f"result-{role}.json"
+    spec = {**spec, "result_path": str(result_path)}  # also where the memory watchdog reports
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, bench.script, "--worker", role, "--spec", str(spec_path), "--result", str(result_path)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=worker_env(spec["threads"]), capture_output=True, text=True)
     wall = time.perf_counter() - started
+    if proc.returncode == 3 and result_path.exists():  # stopped by the memory watchdog
+        result = json.loads(result_path.read_text())
+        print(f"[{role}] {result['error']} after {result['steps_done']} steps", file=sys.stderr)
+        return {**result, "process_seconds": wall}
     if proc.returncode != 0 or not result_path.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         if proc.returncode < 0:
@@ -679,7 +565,9 @@ def run_tools(bench: Benchmark, ns, workload: Workload, model_dir: Path, tmp: Pa
         "model_dir": str(model_dir), "data_file": str(data_file), "expected_ids": workload.ids,
         "max_length": workload.max_length, "steps": steps, "batch_size": ns.batch_size, "lr": ns.lr,
         "beta": ns.beta, "seed": ns.seed, "threads": ns.threads, "layout": ns.layout,
-        "chunk_size": ns.chunk_size, "preflight": ns.preflight, "tmp": str(tmp), **bench.spec_extra,
+        "chunk_size": ns.chunk_size, "preflight": ns.preflight, "tmp": str(tmp), "model": ns.model, "lora_r": ns.lora_r,
+        "precision": ns.precision, "attention": ns.attention, "gradient_checkpointing": ns.gradient_checkpointing,
+        "memory_cap_gb": ns.memory_cap_gb, **bench.spec_extra,
         **{k: getattr(ns, k) for k in bench.spec_args},
     }
     tools = TOOLS if ns.which == "both" else (ns.which,)
@@ -698,7 +586,13 @@ def real_tokens_per_step(workload: Workload, steps: int, batch_size: int) -> lis
     return [sum(lengths[i][0] + lengths[i][1] for i in b) for b in workload.batches(steps, batch_size)]
 
 
-def agreement(bench: Benchmark, res: dict) -> dict:
+def agreement_tolerance(precision: str) -> float:
+    """First-step agreement required: 1e-4 relative in fp32; in bf16 the tools round different
+    intermediate values to 8 significant bits, so 2e-2 (a few bf16 roundings of the loss)."""
+    return 1e-4 if precision == "fp32" else 2e-2
+
+
+def agreement(bench: Benchmark, res: dict, tol: float = 1e-4) -> dict:
     """Relative differences of the first-step loss and metrics between the tools."""
     a, b = res.get("preftune", {}), res.get("trl", {})
     if "error" in a or "error" in b or not a or not b:
@@ -712,7 +606,7 @@ def agreement(bench: Benchmark, res: dict) -> dict:
         rel = abs(x - y) / max(abs(y), 1e-12)
         # the loss must agree to 1e-4 relative; a metric near zero (log-odds, rewards at step 1)
         # is judged on its absolute difference instead
-        ok = rel <= 1e-4 or (k != "loss" and abs(x - y) <= 1e-6)
+        ok = rel <= tol or (k != "loss" and abs(x - y) <= 1e-6 / 1e-4 * tol)
         out[k] = {"preftune": x, "trl": y, "rel_diff": rel, "abs_diff": abs(x - y), "ok": ok}
     n = min(len(a["losses"]), len(b["losses"]))
     out["later_steps_rel_diff"] = [abs(a["losses"][i] - b["losses"][i]) / max(abs(b["losses"][i]), 1e-12) for i in range(1, n)]
@@ -745,10 +639,12 @@ def main_report(bench: Benchmark, ns, res: dict, summ: dict, agree: dict, flops:
     g = lambda d, k: d.get(k, float("nan")) if "error" not in d else float("nan")  # noqa: E731
     lines = [f"## {bench.name}: preftune vs TRL {bench.trl_trainer}", ""]
     ws = workload.summary()
+    training = f"LoRA r={ns.lora_r} on every projection" if ns.lora_r else "every weight trained"
     lines.append(
-        f"Workload: {ws['pairs']} HH-RLHF harmless-base pairs ({ws['selection']}), max_length {ws['max_length']}, "
-        f"batch {ns.batch_size}, {ns.steps} steps, {ns.threads} threads, fp32; mean prompt {ws['prompt_tokens_mean']} tokens, "
-        f"longest sequence {ws['longest_sequence']}. preftune layout: {ns.layout}, memory preflight {'on' if ns.preflight else 'off'}."
+        f"Model {ns.model} ({training}); workload: {ws['pairs']} HH-RLHF harmless-base pairs ({ws['selection']}), max_length {ws['max_length']}, "
+        f"batch {ns.batch_size}, {ns.steps} steps, {ns.threads} threads, {ns.precision}; mean prompt {ws['prompt_tokens_mean']} tokens, "
+        f"longest sequence {ws['longest_sequence']}. preftune layout: {ns.layout} ({ns.attention} attention), "
+        f"memory preflight {'on' if ns.preflight else 'off'}{', gradient checkpointing (both)' if ns.gradient_checkpointing else ''}."
     )
     for note in bench.notes:
         lines.append(note)
@@ -770,7 +666,7 @@ def main_report(bench: Benchmark, ns, res: dict, summ: dict, agree: dict, flops:
                      f"peak RSS preftune/TRL: **{_ratio(g(p, 'peak_rss_mb'), g(t, 'peak_rss_mb')):.2f}**")
     if agree:
         lines.append("")
-        lines.append("First-step agreement (must be <= 1e-4 relative):")
+        lines.append(f"First-step agreement (must be <= {agreement_tolerance(ns.precision):g} relative):")
         lines.append("")
         arow = [[k, f"{v['preftune']:.8g}", f"{v['trl']:.8g}", f"{v['rel_diff']:.2e}", f"{v['abs_diff']:.2e}", "ok" if v["ok"] else "MISMATCH"]
                 for k, v in agree.items() if isinstance(v, dict)]
@@ -795,11 +691,15 @@ def main_report(bench: Benchmark, ns, res: dict, summ: dict, agree: dict, flops:
     for k in ("layers", "head", "attention", "total"):
         frows.append([k, flops["useful"][k] / 1e9, flops["preftune"][k] / 1e9, flops["trl"][k] / 1e9])
     lines.append(markdown_table(["", "useful", "preftune packed executes", "padded (TRL) executes"], frows))
+    lines.append("")
+    lines.append(f"Attention (query, key) pairs per step: useful {flops['useful_attention_pairs']:,.0f}, preftune computes "
+                 f"{flops['preftune_attention_pairs']:,.0f} ({_ratio(flops['preftune_attention_pairs'], flops['useful_attention_pairs']):.2f}x); "
+                 f"preftune rows per step {flops['packed_rows']:.2f} of {flops['packed_row_tokens']:,.0f} tokens.")
     if floor:
-        fl = floor_seconds(flops["useful"], floor["gflops"])
+        fl = flop_model.floor_seconds(flops["useful"], floor["gflops"])
         rates = ", ".join(f"{k} {v:.1f}" for k, v in floor["gflops"].items())
         lines.append("")
-        lines.append(f"Machine floor: measured fp32 matmul GFLOP/s ({floor['threads']} threads, best of 5): {rates}. "
+        lines.append(f"Machine floor: measured {floor['dtype']} matmul GFLOP/s ({floor['threads']} threads, best of 5): {rates}. "
                      f"Useful work {flops['useful']['total'] / 1e9:.2f} GFLOP/step -> floor **{fl:.3f} s/step**; "
                      f"preftune at {_ratio(g(p, 's_per_step'), fl):.2f}x the floor, TRL at {_ratio(g(t, 's_per_step'), fl):.2f}x.")
         floor["floor_s_per_step"] = fl
@@ -818,6 +718,60 @@ def sweep_report(bench: Benchmark, sweep: list[dict]) -> str:
     return f"## {bench.name} memory sweep\n\n" + markdown_table(head, rows)
 
 
+def prepare_model(ns, tmp: Path) -> Path:
+    """The benchmark model's folder: ``--model_dir`` if it already holds it, else created there
+    (or in ``tmp``) by :func:`models.create_model`."""
+    model_dir = Path(ns.model_dir) if ns.model_dir else tmp / "model"
+    stamp = model_dir / "bench_model.json"
+    want = {"model": ns.model, "seed": ns.seed, "tokenizer": "llama-2 in tokenizer/"}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == want):
+        models.create_model(model_dir, ns.model, ns.seed, TOKENIZER_DIR)
+        stamp.write_text(json.dumps(want))
+    return model_dir
+
+
+def step_work(bench: Benchmark, ns, workload: Workload, steps: int) -> dict:
+    """Counted FLOPs per step of ``workload`` (mean of steps 2..N)."""
+    batches = [[workload.ids[i] for i in b] for b in workload.batches(steps, ns.batch_size)]
+    params = models.param_counts(ns.model, ns.lora_r)
+    return flop_model.mean_step_flops(batches, params, bench.scored_tokens, bench.reference, trainable_head=ns.lora_r == 0,
+                                      trl_head_chunked=bench.trl_head_chunked, attention=ns.attention, precision=ns.precision)
+
+
+def measure_floor(bench: Benchmark, ns, flops: dict, workload: Workload, tmp: Path) -> dict | None:
+    """Matmul rates at this workload's shapes, in a fresh process (None with ``--no_floor``)."""
+    if ns.no_floor:
+        return None
+    run = statistics.mean(len(p) + len(c) for p, c, _ in workload.ids)  # a typical [prompt, chosen] run
+    spec = {"threads": ns.threads, "model": ns.model, "lora_r": ns.lora_r, "precision": ns.precision,
+            "tokens": round(flops["distinct_tokens"]), "run_tokens": round(run)}
+    floor = run_worker(bench, "matmul", spec, tmp)
+    return None if "error" in floor else floor
+
+
+def run_benchmark(bench: Benchmark, ns, tmp: Path) -> dict:
+    """One comparison (both tools, the main workload) with everything the reports need."""
+    model_dir = prepare_model(ns, tmp)
+    tok = load_tokenizer(model_dir)
+    workload = build_workload(tok, ns.max_length, ns.pairs, ns.select)
+    flops = step_work(bench, ns, workload, ns.steps)
+    floor = measure_floor(bench, ns, flops, workload, tmp)
+    res = run_tools(bench, ns, workload, model_dir, tmp, ns.steps, f"main-{ns.max_length}")
+    real = real_tokens_per_step(workload, ns.steps, ns.batch_size)
+    summ = {k: summarize(v, real) for k, v in res.items()}
+    agree = agreement(bench, res, agreement_tolerance(ns.precision))
+    if floor:
+        floor["floor_s_per_step"] = flop_model.floor_seconds(flops["useful"], floor["gflops"])
+    return {"workload": workload, "model_dir": model_dir, "tokenizer": tok, "flops": flops, "floor": floor, "results": res,
+            "summary": summ, "agreement": agree}
+
+
+def failed(run: dict) -> bool:
+    """A tool failed for a reason other than running out of memory, or the first steps disagree."""
+    bad_tool = any("error" in v and not v.get("oom") for v in run["results"].values())
+    return bad_tool or any(isinstance(v, dict) and not v["ok"] for v in run["agreement"].values())
+
+
 def main(bench: Benchmark, argv=None, parser: argparse.ArgumentParser | None = None) -> int:
     parser = parser or base_parser(f"preftune vs TRL {bench.trl_trainer} benchmark")
     ns = parser.parse_args(argv)
@@ -826,28 +780,13 @@ def main(bench: Benchmark, argv=None, parser: argparse.ArgumentParser | None = N
         return 0
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{bench.name.lower()}-"))
     try:
-        model_dir = tmp / "model"
-        params = create_model(model_dir, ns.seed)
-        tok = load_tokenizer(model_dir)
-        workload = build_workload(tok, ns.max_length, ns.pairs, "first")
-        flops = mean_step_flops(workload, ns.steps, ns.batch_size, params, bench.scored_tokens, bench.reference, bench.trl_head_factor)
-        floor = None
-        if not ns.no_floor:
-            shapes = {"threads": ns.threads, "tokens": round(flops["distinct_tokens"]), "row_tokens": round(flops["packed_row_tokens"])}
-            floor = run_worker(bench, "matmul", shapes, tmp)
-            if "error" in floor:
-                floor = None
-        res = run_tools(bench, ns, workload, model_dir, tmp, ns.steps, f"main-{ns.max_length}")
-        real = real_tokens_per_step(workload, ns.steps, ns.batch_size)
-        summ = {k: summarize(v, real) for k, v in res.items()}
-        agree = agreement(bench, res)
-        report = main_report(bench, ns, res, summ, agree, flops, floor, workload)
-        print(report)
+        run = run_benchmark(bench, ns, tmp)
+        print(main_report(bench, ns, run["results"], run["summary"], run["agreement"], run["flops"], run["floor"], run["workload"]))
         sweep = []
         if ns.sweep:
             for length in [int(x) for x in ns.sweep_lengths.split(",") if x.strip()]:
-                wl = build_workload(tok, length, ns.pairs, ns.sweep_select)
-                r = run_tools(bench, ns, wl, model_dir, tmp, ns.sweep_steps, f"sweep-{length}")
+                wl = build_workload(run["tokenizer"], length, ns.pairs, ns.sweep_select)
+                r = run_tools(bench, ns, wl, run["model_dir"], tmp, ns.sweep_steps, f"sweep-{length}")
                 s_real = real_tokens_per_step(wl, ns.sweep_steps, ns.batch_size)
                 sweep.append({"max_length": length, "workload": wl.summary(), "results": r,
                               "summary": {k: summarize(v, s_real) for k, v in r.items()}})
@@ -855,12 +794,11 @@ def main(bench: Benchmark, argv=None, parser: argparse.ArgumentParser | None = N
             print(sweep_report(bench, sweep))
         if ns.out:
             Path(ns.out).write_text(json.dumps({
-                "benchmark": bench.name, "argv": sys.argv, "settings": vars(ns), "workload": workload.summary(),
-                "params": params, "flops_per_step": flops, "floor": floor, "results": res, "summary": summ,
-                "agreement": agree, "sweep": sweep,
+                "benchmark": bench.name, "argv": sys.argv, "settings": vars(ns), "workload": run["workload"].summary(),
+                "params": models.param_counts(ns.model, ns.lora_r), "flops_per_step": run["flops"], "floor": run["floor"],
+                "results": run["results"], "summary": run["summary"], "agreement": run["agreement"], "sweep": sweep,
             }, indent=1, default=str))
-        failed = [k for k, v in res.items() if "error" in v] or any(isinstance(v, dict) and not v["ok"] for v in agree.values())
-        return 1 if failed else 0
+        return 1 if failed(run) or any(failed({"results": s["results"], "agreement": {}}) for s in sweep) else 0
     finally:
         if ns.keep_tmp:
             print(f"(kept {tmp})", file=sys.stderr)

@@ -31,9 +31,9 @@ FIELD_GROUPS: dict[type, dict[str, str]] = {}
 _pending_groups: list[str] = []
 
 
-def _f(default, help: str, group: str):
+def _f(default, help: str, group: str, **argparse_kwargs):
     _pending_groups.append(group)
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def _grouped(cls):
@@ -91,7 +91,7 @@ class ModelArguments(LoadArguments):
         None, "Model to align: a local folder or a hub name. Omit it (and --dataset_name) to run the built-in demo.", "model"
     )
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer to use, if not the model's own.", "model")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa; flash_attention_2 on GPUs that have it), sdpa, eager.", "model")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (flash_attention_2 on GPUs with flash_attn, else sdpa), sdpa, eager; the packed layout runs it per segment (no T x T mask).", "model")
     # PEFT
     use_peft: bool = _f(False, "Train LoRA adapters instead of all weights (saves only the adapter).", "peft")
     lora_r: int = _f(16, "LoRA rank r.", "peft")
@@ -264,6 +264,7 @@ class PreftuneConfig(TrainingArguments):
     logprob_cache_mb: float = _f(256.0, "Keep the LM head's softmax from the forward (skipping one matmul in the backward) when it fits in this many MiB; 0 always recomputes.", "engine")
     max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
+    reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
     eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
                             "written to samples.jsonl and shown by `preftune report` (0: off; needs held-out pairs).", "training")
@@ -276,6 +277,12 @@ class PreftuneConfig(TrainingArguments):
     dataloader_pin_memory: bool = _f(False, "Pin host memory for GPU transfers.", "training")
     warmup_ratio: float | None = _f(None, "Warm-up as a fraction of total steps (transformers 5 folds this into --warmup_steps; kept for familiar configs).", "training")
     disable_dropout: bool = _f(True, "Turn dropout off in the model (as TRL does for preference methods).", "method")
+    bf16: str = _f(
+        "false",
+        "bf16 mixed precision: true, false, or auto (on where the device runs bf16 fast: CUDA GPUs with bf16, CPUs with "
+        "AVX512-BF16 or AMX; fp32 elsewhere). Weights, optimizer state, log-softmax and loss stay fp32. No --use_cpu needed on a CPU.",
+        "training", nargs="?", const="true",
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -287,6 +294,7 @@ class PreftuneConfig(TrainingArguments):
         if self.warmup_ratio is not None:
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
+        self._resolve_precision()
         super().__post_init__()
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
         self._check_method()
@@ -343,6 +351,21 @@ class PreftuneConfig(TrainingArguments):
             _require(self.train_sampling_strategy in ("random", "sequential"), f"--method {spec.name} takes batches in data order (its KL completions "
                      f"come from each batch's neighbours); --train_sampling_strategy {self.train_sampling_strategy} would break that pairing")
             self.train_sampling_strategy = "sequential"
+
+    def _resolve_precision(self):
+        """``--bf16 true|false|auto`` -> a bool for TrainingArguments, and the reason, kept in
+        ``precision_choice`` for the start-up line. On a machine without an accelerator, mixed
+        precision runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on CPU without it)."""
+        from .precision import resolve_precision
+
+        accelerator = _has_accelerator() and not self.use_cpu
+        try:
+            self.precision_choice = resolve_precision(self.bf16, self.fp16, "cuda" if accelerator else "cpu")
+        except ValueError as e:
+            raise PreftuneError(str(e)) from None
+        self.bf16 = self.precision_choice.bf16
+        if (self.bf16 or self.fp16) and not _has_accelerator():
+            self.use_cpu = True
 
     @property
     def needs_reference(self) -> bool:

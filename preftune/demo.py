@@ -55,7 +55,7 @@ def build_demo_tokenizer():
     )
 
 
-def build_demo_model(vocab_size: int, seed: int = 0):
+def build_demo_model(vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised 2-layer Llama (~0.1M parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,7 +72,7 @@ def build_demo_model(vocab_size: int, seed: int = 0):
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -149,7 +149,7 @@ class DemoInputs:
         return data_from_examples(tokenizer, train, self._eval_examples, tokenize_settings_of(data_args), unpaired, kl_group)
 
     def load_model(self, tokenizer, device, seed: int):
-        return build_demo_model(len(tokenizer), seed=seed)
+        return build_demo_model(len(tokenizer), seed=seed, attn_implementation=device.attn_implementation)
 
     def held_out_check(self, model, tokenizer, eval_pairs, hooks: ModelHooks) -> dict[str, float]:
         if eval_pairs and eval_pairs[0].label is not None:  # an unpaired method (KTO): the table compares pairs

@@ -31,12 +31,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
+__all__ = ["PLAIN_HEAD_MODEL_TYPES", "SequenceLogps", "TokenLogps", "resolve_lm_head", "sequence_logps", "token_logps", "reduce_sequence_logps", "score_pairs",
            "forward_scorer", "run_inside_wrapper", "LMHeadSpec"]
 
 # Model types whose CausalLM forward is `transform(lm_head(decoder(...).last_hidden_state))`
 # with the transform read from the config below. Checked against transformers 5.x sources.
-_PLAIN_HEAD_MODEL_TYPES = {
+PLAIN_HEAD_MODEL_TYPES = {
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
     "gemma", "gemma2", "gemma3_text", "cohere", "cohere2", "granite", "granitemoe", "olmo",
     "olmo2", "starcoder2", "stablelm", "gpt_neox", "gpt2", "smollm3", "glm", "helium",
@@ -100,7 +100,7 @@ def resolve_lm_head(model: nn.Module) -> LMHeadSpec | None:
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _PLAIN_HEAD_MODEL_TYPES:
+    if model_type not in PLAIN_HEAD_MODEL_TYPES:
         if model_type not in _warned_fallback:
             _warned_fallback.add(str(model_type))
             logger.warning(
@@ -135,20 +135,22 @@ def _sliding_window_mask(config, mask: torch.Tensor, position_ids: torch.Tensor 
     return band
 
 
-def _attention_mask_for(
-    model: nn.Module, mask: torch.Tensor, dtype: torch.dtype, position_ids: torch.Tensor | None = None
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The packed layout's boolean 4-D mask, converted for attention kernels that need it.
+def _dense_attention_mask(model: nn.Module, batch: dict, dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed batch's reference ``(R, 1, T, T)`` mask, converted for the model's kernel.
 
-    SDPA and FlexAttention-less paths take a boolean mask; the eager path adds the mask to the
-    scores, so it needs an additive float mask (a boolean one would be added as 0/1 and silently
-    give wrong results). Models with sliding-window layers get the window applied; those that
-    mix full and sliding layers (``config.layer_types``) get a dict keyed by layer type.
+    SDPA takes the boolean mask; the eager path adds the mask to the scores, so it needs an
+    additive float mask (a boolean one would be added as 0/1 and silently give wrong results).
+    Models with sliding-window layers get the window applied; those that mix full and sliding
+    layers (``config.layer_types``) get a dict keyed by layer type.
     """
-    if mask.dim() != 4:
-        return mask
+    from .attention import base_implementation
+    from .layout import dense_segment_mask
+
+    mask = dense_segment_mask(batch)
+    position_ids = batch["position_ids"]
     config = getattr(unwrap_model(model), "config", None)
     impl = getattr(config, "_attn_implementation", "sdpa")
+    impl = base_implementation(impl) or impl  # a preftune_* kernel without a plan is its base kernel
 
     def convert(m: torch.Tensor) -> torch.Tensor:
         if impl == "eager":
@@ -164,13 +166,41 @@ def _attention_mask_for(
     return {"full_attention": convert(mask), "sliding_attention": convert(sliding)}
 
 
+def attention_inputs(model: nn.Module, batch: dict, dtype: torch.dtype) -> dict:
+    """The decoder's attention keyword arguments for ``batch``.
+
+    * padded layout: its 2-D padding mask (transformers builds the causal mask);
+    * packed layout on segment attention (:mod:`preftune.attention`): the batch's
+      :class:`~preftune.attention.SegmentPlan` as ``preftune_segments`` and a placeholder mask
+      (no ``(T, T)`` tensor anywhere);
+    * packed layout on any other kernel: the dense reference mask.
+    """
+    if "segments" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    from .attention import SEGMENT_KWARG, SegmentPlan, prepared_mask_placeholder, uses_segment_attention
+
+    if uses_segment_attention(getattr(unwrap_model(model), "config", None)):
+        rows, t = batch["input_ids"].shape
+        plan = SegmentPlan.from_segments(batch["segments"], rows, t, device=batch["input_ids"].device)
+        return {"attention_mask": prepared_mask_placeholder(rows, batch["input_ids"].device), SEGMENT_KWARG: plan}
+    return {"attention_mask": _dense_attention_mask(model, batch, dtype)}
+
+
+def autocast_compute_dtype(device: torch.device) -> torch.dtype:
+    """The matmul dtype of mixed precision when autocast is on for ``device``, else float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.float32
+
+
 def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, cache_mb: float = 0.0,
                 with_log_sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs ``(S,)`` and, when asked for, ``log Σ_v p_v²`` ``(S,)`` (no gradient)."""
     head = spec.head
     # DeepSpeed ZeRO-3 partitions the weight (ds_id attribute); only calling the module gathers it.
     if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
-        out = chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb, with_log_sum_sq)
+        out = chunked_token_logps(hidden, head.weight, targets, head.bias, spec.transform, chunk_size, cache_mb, with_log_sum_sq,
+                                  compute_dtype=autocast_compute_dtype(hidden.device))
         return out if with_log_sum_sq else (out, None)
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
@@ -265,7 +295,6 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     want_router = bool(getattr(config, "output_router_logits", False))
     kwargs = dict(
         input_ids=batch["input_ids"],
-        attention_mask=None,
         position_ids=batch["position_ids"],
         use_cache=False,  # a KV cache makes some models ignore a custom 4-D mask
     )
@@ -274,17 +303,16 @@ def _token_logps_local(model: nn.Module, batch: dict, chunk_size: int, cache_mb:
     spec = resolve_lm_head(model)
     around_forward = batch_context(batch) if batch_context is not None else contextlib.nullcontext()
     if spec is not None:
-        kwargs["attention_mask"] = _attention_mask_for(
-            model, batch["attention_mask"], spec.head.weight.dtype, batch["position_ids"]
-        )
-        with around_forward:
+        kwargs.update(attention_inputs(model, batch, spec.head.weight.dtype))
+        # record_function labels cost ~1 us and name the engine's parts in a torch.profiler trace
+        with around_forward, torch.profiler.record_function("preftune: decoder"):
             out = spec.decoder(**kwargs)
         hidden = out.last_hidden_state  # (R, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_index"])  # (S, H)
-        logps, log_sum_sq = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb, with_log_sum_sq)
+        with torch.profiler.record_function("preftune: lm head"):
+            logps, log_sum_sq = _head_logps(spec, selected, batch["score_target"], chunk_size, cache_mb, with_log_sum_sq)
     else:
-        dtype = next(model.parameters()).dtype
-        kwargs["attention_mask"] = _attention_mask_for(model, batch["attention_mask"], dtype, batch["position_ids"])
+        kwargs.update(attention_inputs(model, batch, next(model.parameters()).dtype))
         with around_forward:
             out = model(**kwargs)
         logits = out.logits  # (R, T, V)

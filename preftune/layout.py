@@ -13,7 +13,10 @@ Two layouts produce the *same* per-sequence log-probs (tested to 1e-5):
     has in the padded layout. Segments are packed block-diagonally into rows of at most
     ``row_budget`` tokens (first-fit decreasing), with padding only at the end of a row; by
     default the budget minimises a cost model of padding versus attention (``choose_row_budget``).
-    The attention mask is an explicit ``(R, 1, T, T)`` boolean tensor (True = may attend).
+    The batch describes its segments as ``segments`` ``(K, 5)``: ``(row, offset, |prompt|,
+    |chosen|, |rejected|)`` per pair; segment attention (:mod:`preftune.attention`) runs from that
+    alone, and :func:`dense_segment_mask` turns it into the reference ``(R, 1, T, T)`` boolean mask
+    (True = may attend) for any other attention kernel.
 
 Both layouts describe the tokens to score the same way, as flat indices into the
 ``(R * T)`` hidden states::
@@ -42,7 +45,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PairTokens", "LAYOUTS", "collate_pairs", "nll_token_count", "pack_segments", "choose_row_budget", "attention_cost_for", "batch_to", "PreferenceCollator"]
+__all__ = [
+    "PairTokens", "LAYOUTS", "collate_pairs", "nll_token_count", "pack_segments", "choose_row_budget", "attention_cost_for",
+    "dense_segment_mask", "batch_to", "PreferenceCollator",
+]
 
 LAYOUTS = ("packed", "padded")
 
@@ -93,19 +99,23 @@ def pack_segments(lengths: list[int], row_budget: int) -> list[list[int]]:
     return rows
 
 
-MAX_AUTO_ROW_TOKENS = 8192  # the (T, T) mask and attention scores stay modest
+MAX_AUTO_ROW_TOKENS = 8192  # with a dense mask: the (T, T) mask and attention scores stay modest
 
 
 def choose_row_budget(lengths: list[int], attention_cost: float) -> int:
     """Row budget minimising the modelled cost of a packed batch.
 
-    With a dense ``(T, T)`` mask, a batch of ``R`` rows padded to ``T`` tokens costs about
-    ``R * T * (1 + attention_cost * T)`` (linear layers per token, plus attention per
-    query-key pair relative to them; see :func:`attention_cost_for`). Few long rows waste no
-    padding but pay more attention; many short rows the reverse. Candidates: the longest pair,
-    and the total split evenly into ``k`` rows, for every ``k``.
+    A batch of ``R`` rows padded to ``T`` tokens costs about ``R * T * (1 + attention_cost * T)``
+    (linear layers per token, plus attention per query-key pair of a row relative to them; see
+    :func:`attention_cost_for`). With a dense mask, few long rows waste no padding but pay more
+    attention, many short rows the reverse. Segment attention does no work across segments
+    (``attention_cost == 0``): then every pair goes into one row with no padding at all.
+    Otherwise the candidates are the longest pair and the total split evenly into ``k`` rows,
+    for every ``k``, up to ``MAX_AUTO_ROW_TOKENS`` per row.
     """
     longest, total = max(lengths), sum(lengths)
+    if attention_cost == 0:
+        return total
     candidates = {longest} | {max(longest, -(-total // k)) for k in range(1, len(lengths) + 1)}
     best, best_cost = longest, float("inf")
     for budget in sorted(candidates):
@@ -120,12 +130,17 @@ def choose_row_budget(lengths: list[int], attention_cost: float) -> int:
 
 
 def attention_cost_for(config) -> float | None:
-    """Cost of one attended query-key pair relative to one token's linear layers, per layer.
+    """Cost of one computed query-key pair of a row relative to one token's linear layers, per layer.
 
     Linear layers: ``2 (2 H^2 + 2 H H_kv + 3 H I)`` FLOPs per token (q, o, k, v, gated MLP);
-    attention with a dense mask: ``4 H`` per query-key pair (scores and weighted values).
-    None when the config lacks the sizes (the layout then packs by the longest pair).
+    attention with a dense mask: ``4 H`` per query-key pair of the row (scores and weighted
+    values). 0 for segment attention, which computes no pair across segments, so sharing a row
+    costs nothing. None when the config lacks the sizes (the layout then packs by the longest pair).
     """
+    from .attention import uses_segment_attention
+
+    if uses_segment_attention(config):
+        return 0.0
     h = getattr(config, "hidden_size", None)
     inter = getattr(config, "intermediate_size", None)
     if not h or not inter:
@@ -134,6 +149,29 @@ def attention_cost_for(config) -> float | None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     h_kv = h * kv_heads / heads
     return 4.0 * h / (2.0 * (2 * h * h + 2 * h * h_kv + 3 * h * inter))
+
+
+def dense_segment_mask(batch: dict) -> torch.Tensor:
+    """The packed batch's attention as an explicit ``(R, 1, T, T)`` boolean mask (True = may attend).
+
+    Per segment: causal over ``[prompt, chosen, rejected]``, with the (rejected query, chosen key)
+    block cut out. Padding queries attend to themselves only, so no softmax row is empty (an
+    empty row gives NaN that leaks into the backward). Memory ``R T^2``: the reference that
+    segment attention is tested against, and the input of kernels that need a mask.
+    """
+    rows, t = batch["input_ids"].shape
+    mask = torch.zeros((rows, 1, t, t), dtype=torch.bool)
+    used = [0] * rows
+    for r, off, n_p, n_c, n_r in batch["segments"].tolist():
+        length = n_p + n_c + n_r
+        block = torch.ones(length, length, dtype=torch.bool).tril_()
+        block[n_p + n_c :, n_p : n_p + n_c] = False  # (rejected queries, chosen keys)
+        mask[r, 0, off : off + length, off : off + length] = block
+        used[r] = max(used[r], off + length)
+    for r in range(rows):
+        pad = torch.arange(used[r], t)
+        mask[r, 0, pad, pad] = True
+    return mask.to(batch["input_ids"].device)
 
 
 @dataclass
@@ -215,12 +253,9 @@ def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, ro
     n_rows = len(rows)
     input_ids = torch.full((n_rows, t), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, t), dtype=torch.long)
-    # (R, 1, T, T) boolean, True = query may attend to key. Padding queries attend to themselves
-    # only, so no softmax row is empty (an empty row gives NaN that leaks into the backward).
-    mask = torch.zeros((n_rows, 1, t, t), dtype=torch.bool)
     token_mask = torch.zeros((n_rows, t), dtype=torch.bool)
     scores = _ScoreLists()
-    spans = []
+    segments = []
     for r, row in enumerate(rows):
         offset = 0
         for i in row:
@@ -232,11 +267,6 @@ def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, ro
                 [torch.arange(n_p + n_c), torch.arange(n_p, n_p + n_r)]
             )
             token_mask[r, seg] = True
-            # causal over the whole segment, then cut rejected -> chosen
-            length = lengths[i]
-            block = torch.ones(length, length, dtype=torch.bool).tril_()
-            block[n_p + n_c :, n_p : n_p + n_c] = False  # (rejected queries, chosen keys)
-            mask[r, 0, seg, seg] = block
             base = r * t + offset
             chosen_w, rejected_w = _tail_weights(p, tail_weight)
             if score_prompt:
@@ -246,17 +276,15 @@ def _collate_packed(pairs: list[PairTokens], pad_id: int, score_prompt: bool, ro
                 # first rejected token is predicted by the last prompt token, the rest by rejected tokens
                 scores.add_run(base + n_p - 1, p.rejected[:1], seq=b + i, is_completion=True, weights=rejected_w[:1] if rejected_w else None)
                 scores.add_run(base + n_p + n_c, p.rejected[1:], seq=b + i, is_completion=True, weights=rejected_w[1:] if rejected_w else None)
-            spans.append((r, offset, n_p))
-            offset += length
-        if offset < t:
-            pad = torch.arange(offset, t)
-            mask[r, 0, pad, pad] = True
+            segments.append((r, offset, n_p, n_c, n_r))
+            offset += lengths[i]
+    segments_t = torch.tensor(segments, dtype=torch.long).reshape(-1, 5)
     return {
         "input_ids": input_ids,
-        "attention_mask": mask,
         "position_ids": position_ids,
         "token_mask": token_mask,
-        "prompt_spans": torch.tensor(spans, dtype=torch.long).reshape(-1, 3),
+        "segments": segments_t,
+        "prompt_spans": segments_t[:, :3].clone(),
         **scores.tensors(tail_weight is not None),
     }
 

@@ -19,6 +19,11 @@ Given hidden states ``h`` of the *scored* positions only, shape ``(N, H)``, the 
 
     d logp_n / d l[n, v] = 1[v = y_n] - softmax(l[n])_v
 
+Precision: ``z`` is accumulated into a float32 buffer and the softmax, log-probs and loss stay
+float32. The matmuls run in ``compute_dtype``: float32 by default (also for bf16 weights), or
+bf16/fp16 under mixed precision (the engine passes autocast's dtype), where, as in any autocast
+forward, the logits are rounded to that dtype before the float32 softmax.
+
 The plain function :func:`reference_token_logps` computes the same thing the obvious way (all
 ``(N, V)`` logits, then ``log_softmax``); only the tests use it, as the reference. The engine's
 other paths are its own (:mod:`preftune.engine`): a head that is not a plain ``nn.Linear`` (LoRA,
@@ -71,9 +76,16 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z, tf.apply(z)
 
 
-def _logits_into(dst: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tf: LogitTransform) -> torch.Tensor:
-    """Write ``transform(h @ weight.T + bias)`` into ``dst`` ``(c, V)`` in place (no new (c, V) tensor)."""
-    torch.mm(h, weight.t(), out=dst)
+def _logits_into(dst: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tf: LogitTransform,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``transform(h @ weight.T + bias)`` into the float32 ``dst`` ``(c, V)`` in place (no new
+    (c, V) tensor). ``h`` and ``weight`` are in the compute dtype; below float32 the product goes
+    through ``scratch`` (a ``(>= c, V)`` buffer of that dtype: CPU matmuls have no float32 output
+    for bf16 inputs)."""
+    if h.dtype == dst.dtype:
+        torch.mm(h, weight.t(), out=dst)
+    else:
+        dst.copy_(torch.mm(h, weight.t(), out=scratch[: h.shape[0]]))
     if bias is not None:
         dst.add_(bias)
     if tf.scale != 1.0:
@@ -95,99 +107,129 @@ def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
 class ChunkedLinearLogProbs(torch.autograd.Function):
     """Autograd function: ``(h (N,H), W (V,H), b (V,)|None, y (N,)) -> logp (N,)``, chunked.
 
-    Computation is done in float32 for numerical safety when inputs are bf16/fp16 (the logits
-    of a 32k-256k vocabulary in bf16 lose the log-prob's third digit); results are cast back.
+    Matmuls in ``compute_dtype`` (float32 unless mixed precision asks for bf16/fp16), logits
+    accumulated, soft-maxed and differentiated in float32 (the logits of a 32k-256k vocabulary
+    in bf16 lose the log-prob's third digit); gradients are returned in the inputs' dtypes.
+    Autocast is switched off inside: every dtype here is explicit.
 
     Memory: one reusable ``(chunk, V)`` float32 buffer, softmax computed in place. When
     ``cache_probs`` is set (the caller checked ``N x V`` fits its budget), the forward keeps the
-    ``(N, V)`` softmax so the backward skips recomputing the logits (one matmul of three saved).
+    ``(N, V)`` softmax, in ``compute_dtype``, so the backward skips recomputing the logits (one
+    matmul of three saved).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, with_log_sum_sq=False):  # noqa: D401
-        n, vocab = hidden.shape[0], weight.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        log_sum_sq = torch.empty(n if with_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
-        w = weight.float()
-        b = bias.float() if bias is not None else None
-        probs = torch.empty(n, vocab, dtype=torch.float32, device=hidden.device) if cache_probs else None
-        buf = None if cache_probs else torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            dst = probs[start:end] if cache_probs else buf[: end - start]
-            _logits_into(dst, hidden[start:end].float(), w, b, transform)
-            target_logit = dst.gather(1, targets[start:end, None]).squeeze(1)
-            lse = _softmax_inplace(dst)
-            out[start:end] = target_logit - lse
-            lse_all[start:end] = lse
-            if with_log_sum_sq:  # log Σ p² = 2 log ||p||_2
-                log_sum_sq[start:end] = torch.linalg.vector_norm(dst, dim=1).log_().mul_(2.0)
+    def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, with_log_sum_sq=False,
+                compute_dtype=torch.float32):  # noqa: D401
+        with torch.autocast(hidden.device.type, enabled=False):
+            n, vocab = hidden.shape[0], weight.shape[0]
+            out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            log_sum_sq = torch.empty(n if with_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
+            w = weight.to(compute_dtype)
+            b = bias.float() if bias is not None else None
+            rows = min(chunk_size, n)
+            full = compute_dtype == torch.float32
+            probs = torch.empty(n, vocab, dtype=compute_dtype, device=hidden.device) if cache_probs else None
+            # a float32 cache is itself the buffer; otherwise soft-max in float32, then keep it rounded
+            buf = None if cache_probs and full else torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+            scratch = None if full else torch.empty(rows, vocab, dtype=compute_dtype, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                dst = probs[start:end] if buf is None else buf[: end - start]
+                _logits_into(dst, hidden[start:end].to(compute_dtype), w, b, transform, scratch)
+                target_logit = dst.gather(1, targets[start:end, None]).squeeze(1)
+                lse = _softmax_inplace(dst)
+                out[start:end] = target_logit - lse
+                lse_all[start:end] = lse
+                if with_log_sum_sq:  # log Σ p² = 2 log ||p||_2, from the float32 softmax
+                    log_sum_sq[start:end] = torch.linalg.vector_norm(dst, dim=1).log_().mul_(2.0)
+                if cache_probs and buf is not None:
+                    probs[start:end].copy_(dst)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, probs)
         ctx.transform = transform
         ctx.chunk_size = chunk_size
+        ctx.compute_dtype = compute_dtype
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(log_sum_sq)
         return out, log_sum_sq
 
     @staticmethod
     def backward(ctx, grad_out, _grad_log_sum_sq=None):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return ChunkedLinearLogProbs._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
         tf: LogitTransform = ctx.transform
+        cdt = ctx.compute_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        w = weight.float()
+        w = weight.to(cdt)
         b = bias.float() if bias is not None else None
         grad_h = torch.empty_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
-        grad_b = torch.zeros_like(b) if need_b else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         g_all = grad_out.float()
         n, vocab = hidden.shape[0], weight.shape[0]
-        buf = None if probs is not None and tf.is_identity else torch.empty(min(ctx.chunk_size, n), vocab, dtype=torch.float32, device=hidden.device)
+        rows = min(ctx.chunk_size, n)
+        buf = None if probs is not None and tf.is_identity else torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+        scratch = None if cdt == torch.float32 or buf is None else torch.empty(rows, vocab, dtype=cdt, device=hidden.device)
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
-            h = hidden[start:end].float()
+            h = hidden[start:end].to(cdt)
             g = g_all[start:end]  # (c,)
             y = targets[start:end]
             if probs is not None:
                 p = probs[start:end]
             else:  # recompute the softmax of this chunk into the buffer
-                p = _logits_into(buf[: end - start], h, w, b, tf).sub_(lse_all[start:end, None]).exp_()
+                p = _logits_into(buf[: end - start], h, w, b, tf, scratch).sub_(lse_all[start:end, None]).exp_()
             if tf.is_identity:
                 # d logp_n / d l = onehot(y_n) - p_n. Factored so no (c, V) elementwise pass is needed:
                 #   grad_h = g * (W[y] - p W),   grad_W = -p^T (g h) + sum_n g_n e_{y_n} h_n^T,   grad_b = -p^T g + scatter(g)
-                gh = h * g[:, None]  # (c, H)
+                p_c = p.to(cdt)
+                gh = h.float() * g[:, None]  # (c, H)
                 if need_h:
                     out = grad_h[start:end]
-                    torch.mm(p, w, out=out)
-                    out.neg_().add_(w.index_select(0, y)).mul_(g[:, None])
+                    if cdt == torch.float32:
+                        torch.mm(p_c, w, out=out)
+                    else:
+                        out.copy_(torch.mm(p_c, w))
+                    out.neg_().add_(w.index_select(0, y).float()).mul_(g[:, None])
                 if need_w:
-                    grad_w.addmm_(p.t(), gh, alpha=-1.0)
+                    if cdt == torch.float32:
+                        grad_w.addmm_(p_c.t(), gh, alpha=-1.0)
+                    else:
+                        grad_w.sub_(torch.mm(p_c.t(), gh.to(cdt)))
                     grad_w.index_add_(0, y, gh)
                 if need_b:
-                    grad_b.sub_(p.t().mv(g))
+                    grad_b.sub_(p_c.float().t().mv(g))
                     grad_b.index_add_(0, y, g)
                 continue
-            # scaled / soft-capped logits: the chain rule is elementwise over the vocabulary
+            # scaled / soft-capped logits: the chain rule is elementwise over the vocabulary (float32)
+            p = p.float()
             grad_l = torch.mul(p, -g[:, None], out=p if probs is None else None)  # (c, V)
             grad_l.scatter_add_(1, y[:, None], g[:, None])
             if tf.softcap is not None:  # l = cap * tanh(scale z / cap): d l / d (scale z) = 1 - tanh^2
-                z = torch.mm(h, w.t())
+                z = torch.mm(h, w.t()).float()
                 if b is not None:
                     z.add_(b)
                 t = z.mul_(tf.scale / tf.softcap).tanh_()
                 grad_l.mul_(t.mul_(t).neg_().add_(1.0))
             if tf.scale != 1.0:
                 grad_l.mul_(tf.scale)
+            grad_l_c = grad_l.to(cdt)
             if need_h:
-                torch.mm(grad_l, w, out=grad_h[start:end])
+                grad_h[start:end] = torch.mm(grad_l_c, w)
             if need_w:
-                grad_w.addmm_(grad_l.t(), h)
+                grad_w.add_(torch.mm(grad_l_c.t(), h))
             if need_b:
                 grad_b += grad_l.sum(0)
         return (
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
+            None,
             None,
             None,
             None,
@@ -205,13 +247,15 @@ def chunked_token_logps(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cache_mb: float = 0.0,
     with_log_sum_sq: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
 ):
     """Log-prob of ``targets`` ``(N,)`` under ``transform(hidden @ weight.T + bias)``; returns ``(N,)`` float32.
 
     With gradients disabled (evaluation, reference models) this runs the forward loop only.
-    ``cache_mb``: when gradients are needed and the ``(N, V)`` float32 softmax fits in this many
-    MiB, keep it from the forward instead of recomputing the logits in the backward.
-    ``with_log_sum_sq``: return ``(logp, log Σ_v p_v²)``, the second ``(N,)`` without gradient.
+    ``cache_mb``: when gradients are needed and the ``(N, V)`` softmax (in ``compute_dtype``)
+    fits in this many MiB, keep it from the forward instead of recomputing the logits in the
+    backward. ``with_log_sum_sq``: return ``(logp, log Σ_v p_v²)``, the second ``(N,)`` without
+    gradient. ``compute_dtype``: the matmuls' dtype (see the module docstring).
     """
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
@@ -219,8 +263,10 @@ def chunked_token_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    cache = needs_grad and hidden.shape[0] * weight.shape[0] * 4 <= cache_mb * 2**20
-    logp, log_sum_sq = ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache, with_log_sum_sq)
+    itemsize = torch.empty(0, dtype=compute_dtype).element_size()
+    cache = needs_grad and hidden.shape[0] * weight.shape[0] * itemsize <= cache_mb * 2**20
+    logp, log_sum_sq = ChunkedLinearLogProbs.apply(hidden, weight, bias, targets, transform, chunk_size, cache, with_log_sum_sq,
+                                                   compute_dtype)
     return (logp, log_sum_sq) if with_log_sum_sq else logp
 
 

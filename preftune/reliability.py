@@ -143,10 +143,7 @@ def memory_preflight(trainer, pairs) -> None:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         model.train()
-        from .engine import sequence_logps
-
-        seq = sequence_logps(model, batch, chunk_size=args.logprob_chunk_size, cache_mb=args.logprob_cache_mb,
-                             batch_context=trainer.hooks.batch_context)
+        seq = trainer.sequence_logps(model, batch)  # the engine as a training step runs it
         (seq.chosen_sum.sum() + seq.rejected_sum.sum()).backward()
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if not _is_oom(e):

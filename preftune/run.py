@@ -163,7 +163,8 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
         out = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s; %d process%s", device.describe(), args.world_size, "" if args.world_size == 1 else "es")
+    logger.info("preftune: %s, %s; %d process%s", device.describe(), args.precision_choice.describe(), args.world_size,
+                "" if args.world_size == 1 else "es")
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started, resume)
 

@@ -188,7 +188,8 @@ class PreferenceTrainer(Trainer):
         return float(getattr(config, "router_aux_loss_coef", 0.001))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train`` preceded by the memory preflight (see :mod:`preftune.reliability`).
+        """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`) and the
+        memory preflight (:mod:`preftune.reliability`).
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
         its manifest (:func:`preftune.rundir.resolve_resume`), not merely the newest folder. A resumed run first
@@ -199,6 +200,10 @@ class PreferenceTrainer(Trainer):
         last good checkpoint before the new one is on disk and verified. It is switched off for
         the duration of training and restored afterwards.
         """
+        if self.args.reuse_freed_memory:
+            from .allocator import reuse_freed_memory
+
+            reuse_freed_memory()
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 
@@ -259,12 +264,22 @@ class PreferenceTrainer(Trainer):
         return batch_samples, num_items
 
     # --- loss --------------------------------------------------------------------------------
+    def sequence_logps(self, model, inputs):
+        """The engine on one batch with this run's settings, under its mixed precision.
+
+        accelerate applies autocast by wrapping ``model.forward``, which the engine does not call
+        (it runs the decoder and the LM head itself), so the autocast context is entered here.
+        """
+        with self.accelerator.autocast():
+            return sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb,
+                                  batch_context=self.hooks.batch_context, with_aligned=self.hyperparameters.use_weighting)
+
     def _forward(self, model, inputs, ref=None):
         """Policy statistics and (unless given) the reference's log-probs of one batch."""
-        seq = sequence_logps(model, inputs, chunk_size=self.args.logprob_chunk_size, cache_mb=self.args.logprob_cache_mb,
-                             batch_context=self.hooks.batch_context, with_aligned=self.hyperparameters.use_weighting)
+        seq = self.sequence_logps(model, inputs)
         if ref is None and self.reference is not None:
-            ref = self.reference(model, inputs)
+            with self.accelerator.autocast():
+                ref = self.reference(model, inputs)
         return seq, ref
 
     def _window_prepass(self, batch_samples) -> None:

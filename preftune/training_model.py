@@ -6,9 +6,10 @@ The defaults the seeds compute by hand, done once for everyone:
 
 * dtype ``auto``: bf16 on GPUs with bf16 support (compute capability >= 8), fp16 on older
   GPUs, fp32 on CPU;
-* attention ``auto``: ``sdpa`` (PyTorch's fused attention; it takes the packed layout's explicit
-  prefix-sharing mask); ``flash_attention_2`` with ``--batch_layout padded`` when the
-  ``flash_attn`` package and a supporting GPU are present.
+* attention ``auto``: ``flash_attention_2`` when the ``flash_attn`` package and a supporting GPU
+  are present, else ``sdpa`` (PyTorch's fused attention); with the packed layout, as segment
+  attention over that kernel (:mod:`preftune.attention`: no ``(T, T)`` mask, FlashAttention
+  varlen on GPUs).
 """
 
 from __future__ import annotations
@@ -35,8 +36,17 @@ class DeviceChoice:
     attn_implementation: str
 
     def describe(self) -> str:
+        from .attention import base_implementation
+
         name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-        return f"device {self.device}, {name}, attention {self.attn_implementation}"
+        base = base_implementation(self.attn_implementation)
+        if base is None:
+            attention = self.attn_implementation
+        elif base == "flash_attention_2":
+            attention = "segments (prefix sharing, FlashAttention varlen)"
+        else:
+            attention = f"segments (prefix sharing, {base} per segment)"
+        return f"device {self.device}, {name} weights, attention {attention}"
 
 
 def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", batch_layout: str = "packed") -> DeviceChoice:
@@ -50,14 +60,16 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", 
         device = "cpu"
         auto_dtype = torch.float32
         has_flash = False
-    # The packed layout needs an explicit 4-D mask, which only SDPA/eager accept here; FlashAttention
-    # is used for the padded layout only.
-    auto_attn = "flash_attention_2" if has_flash and batch_layout == "padded" else "sdpa"
+    auto_attn = "flash_attention_2" if has_flash else "sdpa"
     dtype = torch_dtype_of(torch_dtype) or auto_dtype
     attn = auto_attn if attn_implementation == "auto" else attn_implementation
-    if attn in ("flash_attention_2", "flex_attention") and batch_layout == "packed":
-        logger.warning("%s cannot take the packed layout's prefix-sharing mask yet; using sdpa (or pass --batch_layout padded)", attn)
-        attn = "sdpa"
+    if batch_layout == "packed":
+        from .attention import SEGMENT_BASES, segment_implementation
+
+        if attn not in SEGMENT_BASES:
+            logger.warning("%s cannot run the packed layout's segment attention; using sdpa (or pass --batch_layout padded)", attn)
+            attn = "sdpa"
+        attn = segment_implementation(attn)
     return DeviceChoice(device, dtype, attn)
 
 

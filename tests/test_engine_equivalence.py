@@ -1,7 +1,9 @@
 """The fast engine against the obvious computation.
 
 * packed (prefix-shared, block-diagonal) layout == padded layout: per-sequence log-prob sums,
-  an ORPO loss built from them, and every parameter gradient;
+  an ORPO loss built from them, and every parameter gradient, with the packed layout on both
+  attention paths: segment attention (:mod:`preftune.attention`, the default) and the dense
+  ``(T, T)`` mask (the reference), which must also equal each other;
 * both layouts == the plain Hugging Face forward (``log_softmax(model(ids).logits)``) of each
   sequence on its own, which also checks the fast LM-head path (Gemma 2 logit soft-capping);
 * the layout itself: first-fit-decreasing packing, the rejected->chosen mask cut, position ids.
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import random
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from preftune.attention import segment_implementation
 from preftune.engine import reduce_sequence_logps, sequence_logps, token_logps
-from preftune.layout import PairTokens, collate_pairs, pack_segments
+from preftune.layout import PairTokens, collate_pairs, dense_segment_mask, pack_segments
 from preftune.methods import Hyperparameters, get_method
 from preftune.objective import Window, compute_objective
 
@@ -132,6 +137,28 @@ MODEL_CASES = [
 # --------------------------------------------------------------------------------------------
 # helpers
 
+KERNELS = ("segments", "dense")  # the packed layout's attention: segment kernels, or the dense mask
+TEST_QUERY_BLOCK = 3  # runs here are shorter than the CPU's 128-query blocks: cut them finer
+
+
+@contextlib.contextmanager
+def packed_attention(model, kernel: str):
+    """Run ``model``'s attention as segment attention over its own kernel (with query blocks of
+    ``TEST_QUERY_BLOCK``, so the blocked runs are what is tested), or with the dense mask."""
+    from preftune import attention
+
+    config = model.config
+    base, block = config._attn_implementation, attention.CPU_QUERY_BLOCK
+    if kernel == "segments":
+        config._attn_implementation = segment_implementation(base)
+        attention.CPU_QUERY_BLOCK = TEST_QUERY_BLOCK
+    try:
+        yield
+    finally:
+        config._attn_implementation = base
+        attention.CPU_QUERY_BLOCK = block
+
+
 
 def orpo_loss_of(seq, batch):
     window = Window(pairs=float(batch["num_pairs"]), nll_tokens=float(batch["num_nll_tokens"]))
@@ -198,28 +225,36 @@ def test_packed_matches_padded(family, attn):
         pairs = make_pairs(shapes, seed=len(bname))
         for score_prompt in (False, True):
             b_pad, s_pad, t_pad = run_layout(model, pairs, "padded", score_prompt, per_token=True)
-            b_pk, s_pk, t_pk = run_layout(model, pairs, "packed", score_prompt, row_budget, per_token=True)
-            if bname == "many_per_row":
-                assert b_pk["input_ids"].shape[0] < len(pairs), "scenario should pack several pairs per row"
-            where = f"{family}/{attn}/{bname}/score_prompt={score_prompt}"
-            torch.testing.assert_close(
-                t_pk, t_pad, rtol=0, atol=SUM_ATOL,
-                msg=lambda m: f"{where} per-token log-probs: {m}",
-            )
-            for field in ("chosen_sum", "rejected_sum", "nll_sum"):
-                torch.testing.assert_close(
-                    getattr(s_pk, field), getattr(s_pad, field), rtol=NLL_RTOL if field == "nll_sum" else 0,
-                    atol=SUM_ATOL, msg=lambda m, f=field: f"{where} {f}: {m}",
-                )
-            for field in ("chosen_count", "rejected_count", "nll_count"):
-                assert torch.equal(getattr(s_pk, field), getattr(s_pad, field)), field
-            # counts are what the pairs say
-            assert s_pk.chosen_count.tolist() == [len(p.chosen) for p in pairs]
-            assert s_pk.rejected_count.tolist() == [len(p.rejected) for p in pairs]
-            assert s_pk.nll_count.tolist() == [len(p.chosen) + (len(p.prompt) - 1 if score_prompt else 0) for p in pairs]
             g_pad = grads_of(model, orpo_loss_of(s_pad, b_pad))
-            g_pk = grads_of(model, orpo_loss_of(s_pk, b_pk))
-            assert_grads_close(g_pk, g_pad, [f"{family}/{attn}/{bname} {n}" for n in names])
+            packed = {}
+            for kernel in KERNELS:
+                with packed_attention(model, kernel):
+                    b_pk, s_pk, t_pk = run_layout(model, pairs, "packed", score_prompt, row_budget, per_token=True)
+                    g_pk = grads_of(model, orpo_loss_of(s_pk, b_pk))
+                packed[kernel] = (t_pk, g_pk)
+                if bname == "many_per_row":
+                    assert b_pk["input_ids"].shape[0] < len(pairs), "scenario should pack several pairs per row"
+                where = f"{family}/{attn}/{kernel}/{bname}/score_prompt={score_prompt}"
+                torch.testing.assert_close(
+                    t_pk, t_pad, rtol=0, atol=SUM_ATOL,
+                    msg=lambda m: f"{where} per-token log-probs: {m}",
+                )
+                for field in ("chosen_sum", "rejected_sum", "nll_sum"):
+                    torch.testing.assert_close(
+                        getattr(s_pk, field), getattr(s_pad, field), rtol=NLL_RTOL if field == "nll_sum" else 0,
+                        atol=SUM_ATOL, msg=lambda m, f=field: f"{where} {f}: {m}",
+                    )
+                for field in ("chosen_count", "rejected_count", "nll_count"):
+                    assert torch.equal(getattr(s_pk, field), getattr(s_pad, field)), field
+                # counts are what the pairs say
+                assert s_pk.chosen_count.tolist() == [len(p.chosen) for p in pairs]
+                assert s_pk.rejected_count.tolist() == [len(p.rejected) for p in pairs]
+                assert s_pk.nll_count.tolist() == [len(p.chosen) + (len(p.prompt) - 1 if score_prompt else 0) for p in pairs]
+                assert_grads_close(g_pk, g_pad, [f"{where} {n}" for n in names])
+            # segment attention against the dense-mask reference on the same rows
+            (t_seg, g_seg), (t_dense, g_dense) = packed["segments"], packed["dense"]
+            torch.testing.assert_close(t_seg, t_dense, rtol=0, atol=SUM_ATOL)
+            assert_grads_close(g_seg, g_dense, [f"{family}/{attn}/{bname} segments vs dense {n}" for n in names])
 
 
 @pytest.mark.parametrize("family,attn", MODEL_CASES)
@@ -231,8 +266,8 @@ def test_engine_matches_plain_hf_forward(family, attn):
     want_c = torch.tensor([hf_sequence_logp(model, p.prompt, p.chosen) for p in pairs], dtype=torch.float64)
     want_r = torch.tensor([hf_sequence_logp(model, p.prompt, p.rejected) for p in pairs], dtype=torch.float64)
     want_prompt = torch.tensor([hf_prompt_logp(model, p.prompt, p.chosen) for p in pairs], dtype=torch.float64)
-    for layout in ("packed", "padded"):
-        with torch.no_grad():
+    for layout, kernel in (("packed", "segments"), ("packed", "dense"), ("padded", "dense")):
+        with torch.no_grad(), packed_attention(model, kernel):
             _, seq = run_layout(model, pairs, layout, score_prompt=True, row_budget=row_budget)
         torch.testing.assert_close(seq.chosen_sum.double(), want_c, rtol=0, atol=SUM_ATOL)
         torch.testing.assert_close(seq.rejected_sum.double(), want_r, rtol=0, atol=SUM_ATOL)
@@ -311,17 +346,22 @@ def test_lora_llama_packed_matches_padded(targets):
     shapes, row_budget = BATCHES["long_prompt"]
     pairs = make_pairs(shapes, seed=11)
     b_pad, s_pad = run_layout(model, pairs, "padded")
-    b_pk, s_pk = run_layout(model, pairs, "packed", row_budget=row_budget)
-    torch.testing.assert_close(s_pk.chosen_sum, s_pad.chosen_sum, rtol=0, atol=SUM_ATOL)
-    torch.testing.assert_close(s_pk.rejected_sum, s_pad.rejected_sum, rtol=0, atol=SUM_ATOL)
-    want = torch.tensor([hf_sequence_logp(model, p.prompt, p.chosen) for p in pairs], dtype=torch.float64)
-    torch.testing.assert_close(s_pk.chosen_sum.double(), want, rtol=0, atol=SUM_ATOL)
     g_pad = grads_of(model, orpo_loss_of(s_pad, b_pad))
-    g_pk = grads_of(model, orpo_loss_of(s_pk, b_pk))
-    assert_grads_close(g_pk, g_pad, names)
+    want = torch.tensor([hf_sequence_logp(model, p.prompt, p.chosen) for p in pairs], dtype=torch.float64)
+    for kernel in KERNELS:
+        with packed_attention(base, kernel):
+            b_pk, s_pk = run_layout(model, pairs, "packed", row_budget=row_budget)
+            g_pk = grads_of(model, orpo_loss_of(s_pk, b_pk))
+        torch.testing.assert_close(s_pk.chosen_sum, s_pad.chosen_sum, rtol=0, atol=SUM_ATOL)
+        torch.testing.assert_close(s_pk.rejected_sum, s_pad.rejected_sum, rtol=0, atol=SUM_ATOL)
+        torch.testing.assert_close(s_pk.chosen_sum.double(), want, rtol=0, atol=SUM_ATOL)
+        assert_grads_close(g_pk, g_pad, names)
 
 
-def test_gradient_checkpointing_llama():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradient_checkpointing_llama(kernel):
+    """With checkpointing the backward recomputes each layer: on segment attention that recompute
+    must run the same segment plan (a plain causal recompute would give wrong gradients)."""
     shapes, row_budget = BATCHES["odd_lengths"]
     pairs = make_pairs(shapes, seed=13)
     plain = build_model("llama", "sdpa", seed=3)
@@ -335,11 +375,13 @@ def test_gradient_checkpointing_llama():
     assert ckpt.is_gradient_checkpointing
     names = [n for n, _ in ckpt.named_parameters()]
     b_pad, s_pad = run_layout(ckpt, pairs, "padded")
-    _, s_pk = run_layout(ckpt, pairs, "packed", row_budget=row_budget)
+    g_pad = grads_of(ckpt, orpo_loss_of(s_pad, b_pad))
+    with packed_attention(ckpt, kernel):
+        _, s_pk = run_layout(ckpt, pairs, "packed", row_budget=row_budget)
+        g_pk = grads_of(ckpt, orpo_loss_of(s_pk, b_pk))
     torch.testing.assert_close(s_pk.chosen_sum, s_pad.chosen_sum, rtol=0, atol=SUM_ATOL)
     torch.testing.assert_close(s_pk.rejected_sum, s_plain.rejected_sum, rtol=0, atol=SUM_ATOL)
-    g_pk = grads_of(ckpt, orpo_loss_of(s_pk, b_pk))
-    assert_grads_close(g_pk, grads_of(ckpt, orpo_loss_of(s_pad, b_pad)), names)
+    assert_grads_close(g_pk, g_pad, names)
     assert_grads_close(g_pk, g_plain, names)
 
 
@@ -355,24 +397,37 @@ def test_chunk_size_does_not_change_results():
     assert_grads_close(grads_of(model, orpo_loss_of(s1, batch)), grads_of(model, orpo_loss_of(s_big, batch)), names)
 
 
-def test_equivalence_checks_have_power():
+def _rejected_sums_with_mask(model, batch, mask):
+    """Summed rejected log-probs from the plain HF forward of the packed rows under ``mask``."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False).logits
+    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), -1)
+    per_token = logp[batch["score_index"], batch["score_target"]]
+    b = int(batch["num_pairs"])
+    return torch.zeros(2 * b, dtype=torch.float64).index_add(0, batch["score_seq"], per_token)[b:]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_equivalence_checks_have_power(kernel):
     """A packed mask that lets rejected tokens see the chosen ones, or rejected positions that
     continue after the chosen completion, must change the rejected log-probs by far more than
     the tolerance, otherwise the tests above could pass on a broken layout."""
     model = build_model("llama", "sdpa")
     pairs = make_pairs(BATCHES["odd_lengths"][0], seed=19)
     batch = collate_pairs(pairs, pad_id=0, layout="packed")
-    with torch.no_grad():
+    with torch.no_grad(), packed_attention(model, kernel):
         good = sequence_logps(model, batch).rejected_sum
-        leaky = dict(batch, attention_mask=batch["attention_mask"].clone())
-        for r in range(leaky["attention_mask"].shape[0]):
-            seg_ids = _segment_ids(batch, r)
-            same = seg_ids[:, None] == seg_ids[None, :]
-            causal = torch.ones_like(same).tril_()
-            leaky["attention_mask"][r, 0] |= same & causal & (seg_ids[:, None] >= 0)
-        bad_mask = sequence_logps(model, leaky).rejected_sum
         shifted = dict(batch, position_ids=_naive_positions(batch))
         bad_pos = sequence_logps(model, shifted).rejected_sum
+    mask = dense_segment_mask(batch)
+    leaky = mask.clone()
+    for r in range(leaky.shape[0]):
+        seg_ids = _segment_ids(batch, r)
+        same = seg_ids[:, None] == seg_ids[None, :]
+        causal = torch.ones_like(same).tril_()
+        leaky[r, 0] |= same & causal & (seg_ids[:, None] >= 0)
+    torch.testing.assert_close(_rejected_sums_with_mask(model, batch, mask), good.double(), rtol=0, atol=SUM_ATOL)
+    bad_mask = _rejected_sums_with_mask(model, batch, leaky)
     assert (bad_mask - good).abs().max() > 100 * SUM_ATOL
     assert (bad_pos - good).abs().max() > 100 * SUM_ATOL
 
@@ -444,7 +499,9 @@ def test_collate_packed_hand_case():
     assert b["input_ids"].tolist() == [[1, 10, 11, 20, 21, 30, 31, 32]]
     # rejected positions continue from the prompt end (3), not from the chosen end (5)
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
-    m = b["attention_mask"][0, 0].int().tolist()
+    assert b["segments"].tolist() == [[0, 0, 3, 2, 3]]  # (row, offset, |prompt|, |chosen|, |rejected|)
+    assert "attention_mask" not in b  # no (T, T) tensor in the batch
+    m = dense_segment_mask(b)[0, 0].int().tolist()
     assert m == [
         # keys: p p p c c r r r
         [1, 0, 0, 0, 0, 0, 0, 0],
@@ -472,7 +529,7 @@ def test_collate_packed_mask_and_positions_general():
     shapes, row_budget = BATCHES["many_per_row"]
     pairs = make_pairs(shapes, seed=23) + make_pairs(BATCHES["long_prompt"][0], seed=29)
     b = collate_pairs(pairs, pad_id=0, layout="packed", row_budget=row_budget)
-    mask = b["attention_mask"][:, 0]  # (R, T, T)
+    mask = dense_segment_mask(b)[:, 0]  # (R, T, T)
     rows, t = b["input_ids"].shape
     assert rows < len(pairs)
     assert (b["token_mask"].sum(1) <= max(row_budget, max(p.packed_length for p in pairs))).all()
@@ -559,6 +616,10 @@ def test_cost_model_row_budget_keeps_equivalence():
     assert costly_attention == max(lengths)  # attention dominates: short rows
     cost = attention_cost_for(model.config)
     assert 0 < cost < 1
+    # segment attention computes nothing across segments: one row, no padding
+    with packed_attention(model, "segments"):
+        assert attention_cost_for(model.config) == 0.0
+    assert choose_row_budget(lengths, 0.0) == sum(lengths)
     padded = sequence_logps(model, collate_pairs(pairs, 0, "padded"))
     rows = {}
     for attention_cost in (1e-6, cost, 10.0):

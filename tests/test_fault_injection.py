@@ -29,13 +29,22 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(inputs, {kind: undisturbed run folder}) — each a 6-step run with checkpoints 2, 4, 6."""
+    import torch
+
     root = tmp_path_factory.mktemp("faults")
     inputs = write_inputs(root)
     folders = {}
-    for kind in KINDS:
-        code, err = train(root / kind, *inputs, kind)
-        assert code == 0, err[-2000:]
-        folders[kind] = root / kind
+    # one thread, as conftest's autouse fixture gives each test: the resumed runs must match these
+    # bitwise, and a matmul's summation order may change with the thread count
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind in KINDS:
+            code, err = train(root / kind, *inputs, kind)
+            assert code == 0, err[-2000:]
+            folders[kind] = root / kind
+    finally:
+        torch.set_num_threads(before)
     return inputs, folders
 
 

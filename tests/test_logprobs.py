@@ -225,3 +225,49 @@ def test_softmax_cache_path_matches_reference(transform, chunk):
         assert torch.allclose(out, ref, atol=1e-5)
         for got, want in zip(grads, ref_grads):
             assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item() + 1e-6)
+
+
+def _bf16_logits_reference(hidden, weight, targets, bias, transform):
+    """float64 reference of the mixed-precision head: inputs rounded to bf16, the matmul's output
+    rounded to bf16 (what a bf16 matmul returns), then everything else in float64."""
+    z = (hidden.detach().bfloat16().double() @ weight.detach().bfloat16().double().T).bfloat16().double()
+    if bias is not None:
+        z = z + bias.detach().double()
+    z = z * transform.scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    return z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+
+@pytest.mark.parametrize("tname", ["plain", "gemma2_softcap"])
+@pytest.mark.parametrize("cache_mb", [0.0, 64.0], ids=["recompute", "cached"])
+def test_bf16_compute_dtype_under_autocast(tname, cache_mb):
+    """Mixed precision: fp32 inputs, bf16 matmuls, fp32 softmax. Under an active autocast the
+    function must still produce float32 log-probs and float32 gradients, match a float64 model of
+    that rounding, and stay within bf16 distance of the full float32 answer."""
+    tf = TRANSFORMS[tname]
+    h, w, b, y, up = make_inputs(seed=29)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, g = grads(lambda *a: chunked_token_logps(*a, transform=tf, chunk_size=8, cache_mb=cache_mb, compute_dtype=torch.bfloat16),
+                       h, w, b, y, up)
+        out32, g32 = grads(lambda *a: chunked_token_logps(*a, transform=tf, chunk_size=8, cache_mb=cache_mb), h, w, b, y, up)
+    assert out.dtype == torch.float32 and all(gi.dtype == torch.float32 for gi in g)
+    # autocast is off inside: the float32 compute path is exact even under autocast
+    torch.testing.assert_close(out32.double(), f64_logps(h, w, y, b, tf).detach(), rtol=0, atol=VALUE_ATOL)
+    torch.testing.assert_close(out.double(), _bf16_logits_reference(h, w, y, b, tf), rtol=0, atol=2e-3)
+    # bf16 really was used: the answer moved, by about bf16's resolution of the logits
+    gap = (out - out32).abs().max().item()
+    assert 1e-4 < gap < 0.1
+    for gi, gw, name in zip(g, g32, ("hidden", "weight", "bias")):
+        assert_rel_close(gi, gw, rtol=3e-2, what=name)
+
+
+def test_bf16_softmax_cache_is_the_recompute():
+    """The kept softmax, rounded to bf16, gives the gradients the recompute gives (both round the
+    same float32 softmax of the same bf16 logits)."""
+    h, w, b, y, up = make_inputs(seed=31)
+    run = lambda mb: grads(lambda *a: chunked_token_logps(*a, chunk_size=8, cache_mb=mb, compute_dtype=torch.bfloat16), h, w, b, y, up)  # noqa: E731
+    (o1, g1), (o2, g2) = run(0.0), run(64.0)
+    assert torch.equal(o1, o2)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)

@@ -182,15 +182,14 @@ def test_preflight_picks_longest_and_leaves_state(tmp_path):
 
 def test_preflight_out_of_memory_suggests_fix(tmp_path, monkeypatch):
     trainer, pairs = _tiny_trainer(tmp_path)
-    import preftune.engine as engine
 
     def boom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
 
-    monkeypatch.setattr(engine, "sequence_logps", boom)
+    monkeypatch.setattr(trainer, "sequence_logps", boom)
     with pytest.raises(PreftuneError, match=r"out of memory on the largest batch.*--max_tokens_per_batch.*--gradient_checkpointing"):
         memory_preflight(trainer, pairs)
-    monkeypatch.setattr(engine, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(trainer, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised as OOM
         memory_preflight(trainer, pairs)
 
