@@ -36,7 +36,7 @@ from .losses import (
     wpo_weights,
 )
 
-__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "method_names", "data_unit_of", "LossContext", "MethodLoss", "pair_metrics"]
+__all__ = ["Hyperparameters", "MethodSpec", "METHODS", "get_method", "find_method", "method_names", "data_unit_of", "LossContext", "MethodLoss", "pair_metrics"]
 
 
 # --- what a method's loss reads and returns (preftune.objective calls it) -----------------------
@@ -466,15 +466,20 @@ def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
+def find_method(name) -> MethodSpec | None:
+    """The declaration called ``name``, or None (a missing or unknown name, e.g. read from an old run's files)."""
+    return METHODS.get(name) if isinstance(name, str) else None
+
+
 def data_unit_of(name) -> str:
     """``data_unit`` of the method called ``name`` ("pairs" for an unknown or missing one: old runs)."""
-    spec = METHODS.get(name) if isinstance(name, str) else None
+    spec = find_method(name)
     return spec.data_unit if spec is not None else "pairs"
 
 
 def get_method(name: str) -> MethodSpec:
     """The declaration of ``--method name``; a one-line error naming the choices otherwise."""
-    spec = METHODS.get(name)
+    spec = find_method(name)
     if spec is None:
         raise PreftuneError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
     return spec

@@ -200,9 +200,9 @@ def _config_section(config: dict | None) -> str:
 
 def _method_hyperparameters(name) -> tuple[str, ...]:
     """The hyper-parameters ``name``'s declaration lists (none for an unknown or missing method)."""
-    from .methods import METHODS
+    from .methods import find_method
 
-    spec = METHODS.get(name) if isinstance(name, str) else None
+    spec = find_method(name)
     return spec.hyperparameters if spec is not None else ()
 
 
