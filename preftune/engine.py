@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .hf_helpers import unwrap_model
-from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunked_token_logps, log_sum_sq_probs
+from .logprobs import DEFAULT_CHUNK_SIZE, LogitTransform, chunk_rows, chunked_token_logps, log_sum_sq_probs
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def _head_logps(spec: LMHeadSpec, hidden: torch.Tensor, targets: torch.Tensor, c
     # LoRA-wrapped or quantized head: call the module itself chunk by chunk, recomputing each
     # chunk's logits in the backward (activation checkpointing) to keep memory O(chunk x V).
     pieces, squares = [], []
+    chunk_size = chunk_rows(chunk_size, head.out_features if hasattr(head, "out_features") else 0)
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         t = targets[start : start + chunk_size]

@@ -41,9 +41,27 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunked_token_logps", "reference_token_logps", "log_sum_sq_probs"]
+__all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunk_rows", "chunked_token_logps", "reference_token_logps", "log_sum_sq_probs"]
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 0
+"""``chunk_size`` 0 means "choose by the vocabulary" (:func:`chunk_rows`)."""
+AUTO_CHUNK_BYTES = 128 * 2**20
+AUTO_CHUNK_ROWS = (256, 1024)
+
+
+def chunk_rows(chunk_size: int, vocab: int) -> int:
+    """Rows per LM-head chunk: ``chunk_size`` when positive; for 0, the rows whose float32 logits
+    take about :data:`AUTO_CHUNK_BYTES` (128 MiB), kept within 256..1024.
+
+    Why by bytes: the chunk's ``(rows, V)`` buffer is live at the top of the activation stack, so
+    it adds to the step's peak. At a 152k vocabulary (Qwen2) 1024 rows are 622 MB and 256 rows
+    155 MB, and the head ran as fast at 256 rows as at 1024 on this project's CPU (fp32 and bf16,
+    ``(660, 896)`` hidden states); below 256 rows it slowed down. A 32k vocabulary keeps 1024.
+    """
+    if chunk_size > 0:
+        return chunk_size
+    lo, hi = AUTO_CHUNK_ROWS
+    return max(lo, min(hi, AUTO_CHUNK_BYTES // (4 * max(vocab, 1))))
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,36 @@ def _logits_into(dst: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias:
     return dst
 
 
+def _input_directions_into(dst: torch.Tensor, probs: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           targets: torch.Tensor, tf: LogitTransform) -> torch.Tensor:
+    """``J = d logp / d h`` ``(c, H)`` float32 of one chunk, from its float32 softmax ``probs``
+    ``(c, V)`` (overwritten when the transform is not the identity); ``h``/``weight`` in the
+    compute dtype.
+
+    Plain logits: ``J_n = W[y_n] - p_n W``. Transformed logits ``l = T(z)``: ``J_n = ((e_{y_n} - p_n)
+    * T'(z_n)) W`` with ``T'(z) = scale (1 - tanh^2(scale z / cap))`` (the soft-cap's ``z`` is
+    recomputed: the buffer holds the softmax by now). The recomputing backward's formula without
+    the upstream gradient ``g_n``, which multiplies ``J_n`` in the backward."""
+    if tf.is_identity:
+        if h.dtype == torch.float32:
+            torch.mm(probs, weight, out=dst)
+        else:
+            dst.copy_(torch.mm(probs.to(h.dtype), weight))
+        return dst.neg_().add_(weight.index_select(0, targets).float())
+    grad_l = probs.neg_()
+    grad_l.scatter_add_(1, targets[:, None], torch.ones_like(grad_l[:, :1]))
+    if tf.softcap is not None:  # l = cap * tanh(scale z / cap): d l / d (scale z) = 1 - tanh^2
+        z = torch.mm(h, weight.t()).float()
+        if bias is not None:
+            z.add_(bias)
+        t = z.mul_(tf.scale / tf.softcap).tanh_()
+        grad_l.mul_(t.mul_(t).neg_().add_(1.0))
+    if tf.scale != 1.0:
+        grad_l.mul_(tf.scale)
+    dst.copy_(torch.mm(grad_l.to(h.dtype), weight))
+    return dst
+
+
 def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
     """Turn ``logits`` ``(c, V)`` into softmax probabilities in place; return logsumexp ``(c,)``."""
     m = logits.amax(dim=1, keepdim=True)
@@ -112,7 +160,11 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     in bf16 lose the log-prob's third digit); gradients are returned in the inputs' dtypes.
     Autocast is switched off inside: every dtype here is explicit.
 
-    Memory: one reusable ``(chunk, V)`` float32 buffer, softmax computed in place. When
+    Memory: one reusable ``(chunk, V)`` float32 buffer, softmax computed in place. When only
+    ``hidden`` needs a gradient (a frozen head: LoRA, ReFT), the forward also computes
+    ``J = d logp / d hidden`` ``(N, H)`` from each chunk's softmax while it is in the buffer and
+    keeps only that: the backward is ``g * J``, with no logits recomputed and no ``(N, V)`` kept
+    (the same FLOPs as the backward's own ``p W``, moved forward). When the head trains and
     ``cache_probs`` is set (the caller checked ``N x V`` fits its budget), the forward keeps the
     ``(N, V)`` softmax, in ``compute_dtype``, so the backward skips recomputing the logits (one
     matmul of three saved).
@@ -121,6 +173,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform, chunk_size, cache_probs=False, with_log_sum_sq=False,
                 compute_dtype=torch.float32):  # noqa: D401
+        ctx.hidden_dtype = hidden.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             n, vocab = hidden.shape[0], weight.shape[0]
             out = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -134,10 +187,21 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             # a float32 cache is itself the buffer; otherwise soft-max in float32, then keep it rounded
             buf = None if cache_probs and full else torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             scratch = None if full else torch.empty(rows, vocab, dtype=compute_dtype, device=hidden.device)
+            # Frozen head (LoRA, ReFT, a frozen tied embedding): the backward needs only grad_h, and
+            # d logp_n / d h_n does not depend on the upstream gradient g_n, so it is computed here,
+            # from the softmax already in the buffer, and the backward is grad_h = g * J.
+            directions = None
+            if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2]):
+                directions = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+                probs = None
+                if cache_probs:  # nothing to cache: the directions replace the softmax
+                    cache_probs = False
+                    buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 dst = probs[start:end] if buf is None else buf[: end - start]
-                _logits_into(dst, hidden[start:end].to(compute_dtype), w, b, transform, scratch)
+                h_c = hidden[start:end].to(compute_dtype)
+                _logits_into(dst, h_c, w, b, transform, scratch)
                 target_logit = dst.gather(1, targets[start:end, None]).squeeze(1)
                 lse = _softmax_inplace(dst)
                 out[start:end] = target_logit - lse
@@ -146,6 +210,14 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
                     log_sum_sq[start:end] = torch.linalg.vector_norm(dst, dim=1).log_().mul_(2.0)
                 if cache_probs and buf is not None:
                     probs[start:end].copy_(dst)
+                if directions is not None:
+                    _input_directions_into(directions[start:end], dst, h_c, w, b, targets[start:end], transform)
+        if directions is not None:
+            ctx.save_for_backward(directions)
+            ctx.directions = True
+            ctx.mark_non_differentiable(log_sum_sq)
+            return out, log_sum_sq
+        ctx.directions = False
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all, probs)
         ctx.transform = transform
         ctx.chunk_size = chunk_size
@@ -161,6 +233,10 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
+        if ctx.directions:  # frozen head: grad_h_n = g_n * J_n (J from the forward)
+            (directions,) = ctx.saved_tensors
+            grad_h = (directions * grad_out.float()[:, None]).to(ctx.hidden_dtype)
+            return (grad_h,) + (None,) * 8
         hidden, weight, bias, targets, lse_all, probs = ctx.saved_tensors
         tf: LogitTransform = ctx.transform
         cdt = ctx.compute_dtype
@@ -260,8 +336,9 @@ def chunked_token_logps(
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return (empty, empty.clone()) if with_log_sum_sq else empty
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: auto), got {chunk_size}")
+    chunk_size = chunk_rows(chunk_size, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     itemsize = torch.empty(0, dtype=compute_dtype).element_size()
     cache = needs_grad and hidden.shape[0] * weight.shape[0] * itemsize <= cache_mb * 2**20

@@ -173,7 +173,21 @@ def test_empty_input():
 def test_bad_chunk_size():
     h, w, _, y, _ = make_inputs(n=3)
     with pytest.raises(ValueError):
-        chunked_token_logps(h, w, y, chunk_size=0)
+        chunked_token_logps(h, w, y, chunk_size=-1)
+
+
+def test_auto_chunk_rows_by_vocabulary():
+    """0 = auto: about 128 MiB of float32 logits per chunk, within 256..1024 rows; a positive
+    size is taken as given. The auto path computes the same log-probs."""
+    from preftune.logprobs import chunk_rows
+
+    assert chunk_rows(0, 151_936) == 256  # Qwen2: 1024 rows would be 622 MB
+    assert chunk_rows(0, 65_536) == 512
+    assert chunk_rows(0, 32_000) == 1024  # Llama-2
+    assert chunk_rows(0, 101) == 1024
+    assert chunk_rows(7, 151_936) == 7
+    h, w, b, y, _ = make_inputs(seed=3)
+    torch.testing.assert_close(chunked_token_logps(h, w, y, b, chunk_size=0), chunked_token_logps(h, w, y, b, chunk_size=N), rtol=0, atol=0)
 
 
 def test_no_grad_path():
@@ -271,3 +285,42 @@ def test_bf16_softmax_cache_is_the_recompute():
     assert torch.equal(o1, o2)
     for a, c in zip(g1, g2):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tname", list(TRANSFORMS))
+@pytest.mark.parametrize("chunk", [1, 7, N + 50], ids=["chunk1", "chunk7", "chunk>N"])
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_frozen_head_input_directions(tname, chunk, compute):
+    """Frozen head (LoRA): the forward computes ``J = d logp / d hidden`` and the backward is
+    ``g * J``. Against float64 (fp32) and against the recomputing backward (the path a trainable
+    head takes) on the same inputs."""
+    tf = TRANSFORMS[tname]
+    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+    h, w, b, y, up = make_inputs(seed=41 + chunk)
+    frozen_w, frozen_b = w.detach(), b.detach()
+    run = lambda w_, b_, mb=0.0: grads(lambda h_, w2, y_, b2: chunked_token_logps(h_, w2, y_, b2, transform=tf, chunk_size=chunk,  # noqa: E731
+                                                                                   cache_mb=mb, compute_dtype=dtype), h, w_, b_, y, up)
+    out, (g_frozen,) = run(frozen_w, frozen_b)
+    out_rec, g_rec = run(w, b)  # the head trains: the backward recomputes the logits
+    assert torch.equal(out, out_rec)
+    if compute == "fp32":
+        want, (g_want,) = grads(lambda h_, w2, y_, b2: f64_logps(h_, w2, y_, b2, tf), h, frozen_w, frozen_b, y, up)
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=VALUE_ATOL)
+        assert_rel_close(g_frozen, g_want, what="d/dhidden vs float64")
+    # the two differ only in how the softmax is rounded (the forward's exp(l - max) / sum against
+    # the recompute's exp(l - logsumexp))
+    assert_rel_close(g_frozen, g_rec[0], rtol=1e-6 if compute == "fp32" else 1e-2, what="d/dhidden vs recompute")
+    # the cache option does not change the frozen path (nothing V-sized is kept)
+    _, (g_cached,) = run(frozen_w, frozen_b, 64.0)
+    assert torch.equal(g_frozen, g_cached)
+
+
+def test_frozen_head_keeps_only_the_directions():
+    """What the frozen-head path keeps for the backward is ``(N, H)``, never ``(N, V)``."""
+    h, w, b, y, up = make_inputs(seed=53)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = chunked_token_logps(h, w.detach(), y, b.detach(), chunk_size=8, cache_mb=64.0)
+    assert sum(saved) == N * H, saved
+    (gh,) = torch.autograd.grad((out * up).sum(), [h])
+    assert torch.isfinite(gh).all() and gh.abs().max() > 0
