@@ -188,8 +188,9 @@ class PreferenceTrainer(Trainer):
         return float(getattr(config, "router_aux_loss_coef", 0.001))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`) and the
-        memory preflight (:mod:`preftune.reliability`).
+        """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`),
+        selective activation checkpointing (:mod:`preftune.checkpointing`) and the memory
+        preflight (:mod:`preftune.reliability`).
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
         its manifest (:func:`preftune.rundir.resolve_resume`), not merely the newest folder. A resumed run first
@@ -204,6 +205,10 @@ class PreferenceTrainer(Trainer):
             from .allocator import reuse_freed_memory
 
             reuse_freed_memory()
+        if self.args.selective_checkpointing and not self.args.gradient_checkpointing:
+            from .checkpointing import enable_selective_checkpointing
+
+            enable_selective_checkpointing(self.model)
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 
