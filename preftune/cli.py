@@ -46,7 +46,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+PRELOAD_COMMANDS = ("train", "eval")  # the commands whose memory a better allocator cuts (preftune.allocator)
+
+
+def _restart_on_better_allocator() -> None:
+    from .allocator import reexec_with_allocator
+
+    try:
+        reexec_with_allocator()  # returns only when it does not restart
+    except ValueError as e:
+        raise PreftuneError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -63,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return EXIT_USER_ERROR
     try:
+        if from_command_line and name in PRELOAD_COMMANDS:
+            _restart_on_better_allocator()
         return _command(name)(rest)
     except PreftuneError as e:
         if os.environ.get("PREFTUNE_DEBUG"):

@@ -163,8 +163,10 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
         out = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
-    logger.info("preftune: %s, %s; %d process%s", device.describe(), args.precision_choice.describe(), args.world_size,
-                "" if args.world_size == 1 else "es")
+    from .allocator import active_allocator
+
+    logger.info("preftune: %s, %s; %d process%s; memory: %s", device.describe(), args.precision_choice.describe(), args.world_size,
+                "" if args.world_size == 1 else "es", active_allocator())
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started, resume)
 
@@ -308,6 +310,8 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
     """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
+    from .allocator import active_allocator
+
     setup = setup_run(model_args, data_args, args)
     inputs = run_inputs(model_args, data_args)
     tokenizer = inputs.load_tokenizer()
@@ -323,6 +327,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "data_sources": data.sources,
         # processes that trained together (DDP); a launcher that started fewer than asked shows here
         "world_size": args.world_size,
+        "allocator": active_allocator(),
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
     final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)

@@ -40,3 +40,66 @@ def test_freed_memory_is_reused_between_steps():
     # small allocation lands between two big ones) one block's worth
     assert got["plain"] > 40_000
     assert got["reused"] <= got["plain"] / 3
+
+
+# --- preloading jemalloc / tcmalloc ------------------------------------------------------------
+def _finder(available):
+    return lambda name: f"lib{name}.so.9" if name in available else None
+
+
+def test_allocator_choice_rules():
+    from preftune.allocator import allocator_to_preload
+
+    linux = "linux"
+    assert allocator_to_preload({}, _finder({"jemalloc", "tcmalloc_minimal"}), linux) == ("jemalloc", "libjemalloc.so.9")
+    assert allocator_to_preload({}, _finder({"tcmalloc"}), linux) == ("tcmalloc", "libtcmalloc.so.9")
+    assert allocator_to_preload({"PREFTUNE_ALLOCATOR": "tcmalloc"}, _finder({"jemalloc", "tcmalloc_minimal"}), linux) == (
+        "tcmalloc", "libtcmalloc_minimal.so.9")
+    assert allocator_to_preload({}, _finder(set()), linux) is None  # nothing installed: the system allocator
+    assert allocator_to_preload({"PREFTUNE_ALLOCATOR": "system"}, _finder({"jemalloc"}), linux) is None
+    assert allocator_to_preload({}, _finder({"jemalloc"}), "darwin") is None
+    # already running on one: never a second restart
+    assert allocator_to_preload({"PREFTUNE_PRELOADED_ALLOCATOR": "jemalloc"}, _finder({"jemalloc"}), linux) is None
+    assert allocator_to_preload({"LD_PRELOAD": "/opt/lib/libtcmalloc.so"}, _finder({"jemalloc"}), linux) is None
+    with pytest.raises(ValueError, match="PREFTUNE_ALLOCATOR='mimalloc' is not one of"):
+        allocator_to_preload({"PREFTUNE_ALLOCATOR": "mimalloc"}, _finder({"jemalloc"}), linux)
+    with pytest.raises(ValueError, match="apt install libjemalloc2"):
+        allocator_to_preload({"PREFTUNE_ALLOCATOR": "jemalloc"}, _finder(set()), linux)
+
+
+RESTART_PROBE = textwrap.dedent("""
+    import os, sys
+    print("process", os.getpid(), os.environ.get("PREFTUNE_PRELOADED_ALLOCATOR"), os.environ.get("LD_PRELOAD", ""), flush=True)
+    from preftune.cli import main
+    sys.argv = ["preftune", "eval", "--help"]
+    sys.exit(main())
+""")
+
+
+def _run_probe(**env):
+    import os
+
+    full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PREFTUNE_PRELOADED_ALLOCATOR", "PREFTUNE_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", RESTART_PROBE], capture_output=True, text=True, timeout=120, env={**full, **env})
+    assert out.returncode == 0, out.stderr
+    return [line.split(" ", 3)[1:] for line in out.stdout.splitlines() if line.startswith("process ")]
+
+
+def test_command_line_restarts_on_jemalloc_when_installed():
+    """A real command-line start re-executes itself (same process id) with the library in
+    LD_PRELOAD, once; PREFTUNE_ALLOCATOR=system keeps the system allocator; a bad value is one line."""
+    import ctypes.util
+
+    if not (ctypes.util.find_library("jemalloc") or ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")):
+        pytest.skip("neither jemalloc nor tcmalloc is installed (apt install libjemalloc2)")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("LD_PRELOAD is Linux")
+    first, second = _run_probe()
+    assert first[1] == "None" and second[0] == first[0]  # same process id, now preloaded
+    assert second[1] in ("jemalloc", "tcmalloc") and second[1] in second[2]
+    assert len(_run_probe(PREFTUNE_ALLOCATOR="system")) == 1
+    import os
+
+    bad = subprocess.run([sys.executable, "-c", RESTART_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFTUNE_ALLOCATOR": "nope"})
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("preftune: error: PREFTUNE_ALLOCATOR='nope'") and "Traceback" not in bad.stderr

@@ -98,8 +98,8 @@ class _Created(TorchDispatchMode):
 
 
 def bytes_kept_for_backward(model, pairs) -> int:
-    """Bytes of the storages created during the forward that are still alive after it: what
-    autograd keeps for the backward (the loss and log-probs themselves are a few bytes)."""
+    """Bytes of the storages created during the forward that are still alive after it, weights
+    excluded: what autograd keeps for the backward (the loss and log-probs are a few bytes)."""
     created = _Created()
     with packed_attention(model, "segments"), created:
         batch, seq = run_layout(model, pairs, "packed", score_prompt=True)
@@ -107,7 +107,9 @@ def bytes_kept_for_backward(model, pairs) -> int:
         created.recording = False
         del batch, seq
         gc.collect()
-        seen, total = set(), 0
+        # views of the weights (a transposed weight in a matmul) point at the weights' storage
+        seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        total = 0
         for ref in created.storages:
             s = ref()
             if s is not None and s.data_ptr() not in seen:
