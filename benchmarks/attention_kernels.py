@@ -72,7 +72,7 @@ def per_run(mode):
     return run
 
 
-def preftune_kernel(block):
+def preftune_kernel(block, uncut_above=None):
     def run(q, k, v, segs):
         import torch
 
@@ -86,7 +86,7 @@ def preftune_kernel(block):
             offsets.append((0, off, p, c, r))
             off += p + c + r
         plan = attention.SegmentPlan.from_segments(torch.tensor(offsets), 1, off)
-        attention.CPU_QUERY_BLOCK = block
+        attention.CPU_QUERY_BLOCK, attention.CPU_UNCUT_ABOVE_KEYS = block, uncut_above
         module = torch.nn.Module()
         out, _ = ALL_ATTENTION_FUNCTIONS["preftune_sdpa"](module, q, k, v, None, scaling=DIM**-0.5, **{attention.SEGMENT_KWARG: plan})
         return out.transpose(1, 2)  # (1, H, T, D) like the others
@@ -100,6 +100,7 @@ FORMULATIONS = {
     "per run, causal_lower_right": per_run("lower_right"),
     "per run, keys repeated": per_run("repeat"),
     **{f"preftune, query blocks of {b}": preftune_kernel(b) for b in (None, 256, 128, 64, 32)},
+    "preftune default: blocks of 64, runs over 1,024 keys uncut": preftune_kernel(64, 1024),
 }
 
 

@@ -6,8 +6,8 @@ Three counts per step, each split into decoder ``layers``, LM ``head`` and ``att
   the prompt once), the LM head on scored tokens only, attention on the (query, key) pairs the
   model may attend (causal; rejected never sees chosen).
 * ``preftune``: what the packed layout executes: rows as its collator packs them, padded to the
-  longest row; the LM head on scored tokens, plus a recompute of the logits when the softmax does
-  not fit ``--logprob_cache_mb``; attention as PyTorch's CPU flash kernel computes it (score
+  longest row; the LM head on scored tokens, plus, for a trainable head, a recompute of the
+  logits when the softmax does not fit ``--logprob_cache_mb`` (a frozen head recomputes nothing); attention as PyTorch's CPU flash kernel computes it (score
   blocks computed whole, see :func:`segment_pairs_executed`); the dense mask computes ``T^2``
   per row.
 * ``trl`` (padded): ``2B`` rows padded to the longest sequence, the LM head on every position,
@@ -55,14 +55,15 @@ def cpu_causal_pairs(n: int) -> int:
     return total
 
 
-def segment_pairs_executed(p: int, c: int, r: int, block: int | None) -> int:
+def segment_pairs_executed(p: int, c: int, r: int, block: int | None, uncut_above: int | None = None) -> int:
     """What segment attention computes on the CPU: the runs ``[p, c]`` (over ``[p, c]``) and
     ``r`` (over ``[p, r]``) cut into query blocks of ``block`` (``preftune.attention.
-    CPU_QUERY_BLOCK``); a block's first run is square (``is_causal``), the others are masked
-    rectangles computed whole."""
+    CPU_QUERY_BLOCK``) unless they have more than ``uncut_above`` keys
+    (``CPU_UNCUT_ABOVE_KEYS``); a block's first run is square (``is_causal``), the others are
+    masked rectangles computed whole."""
     total = 0
     for q_len, shift in ((p + c, 0), (r, p)):
-        step = block or q_len
+        step = q_len if not block or (uncut_above is not None and q_len + shift > uncut_above) else block
         for s in range(0, q_len, step):
             e = min(s + step, q_len)
             if shift == 0 and s == 0:
@@ -100,10 +101,10 @@ def step_flops(pairs: list[Ids], params: dict, scored: Callable[[Ids], int], ref
 
     seg = [len(p) + len(c) + len(r) for p, c, r in pairs]
     if attention == "segments":
-        from preftune.attention import CPU_QUERY_BLOCK
+        from preftune.attention import CPU_QUERY_BLOCK, CPU_UNCUT_ABOVE_KEYS
 
         budget = choose_row_budget(seg, 0.0)
-        executed_pairs = sum(segment_pairs_executed(len(p), len(c), len(r), CPU_QUERY_BLOCK) for p, c, r in pairs)
+        executed_pairs = sum(segment_pairs_executed(len(p), len(c), len(r), CPU_QUERY_BLOCK, CPU_UNCUT_ABOVE_KEYS) for p, c, r in pairs)
     else:
         from preftune.layout import attention_cost_for
         from types import SimpleNamespace
@@ -115,7 +116,9 @@ def step_flops(pairs: list[Ids], params: dict, scored: Callable[[Ids], int], ref
     t_row = max(sum(seg[i] for i in row) for row in rows)
     if attention != "segments":
         executed_pairs = len(rows) * t_row * t_row
-    cached = n_scored * params["vocab"] * itemsize <= PREFTUNE_CACHE_MB * 2**20
+    # a frozen head keeps d logp / d h from the forward (no recompute); a trainable one recomputes
+    # its logits in the backward unless the softmax fits --logprob_cache_mb
+    cached = not trainable_head or n_scored * params["vocab"] * itemsize <= PREFTUNE_CACHE_MB * 2**20
     packed = tally(len(rows) * t_row, n_scored, head_train + (0 if cached else HEAD_RECOMPUTE), len(rows) * t_row,
                    completions, executed_pairs, executed_pairs)
 

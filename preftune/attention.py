@@ -101,8 +101,9 @@ class SegmentPlan:
         runs.sort(key=lambda u: (u.row, u.q_start))
         return cls(rows, row_len, runs, torch.device(device) if device is not None else segments.device)
 
-    def blocks(self, block: int | None) -> list[QueryRun]:
-        """The runs cut into query blocks of at most ``block`` queries (None: uncut).
+    def blocks(self, block: int | None, uncut_above: int | None = None) -> list[QueryRun]:
+        """The runs cut into query blocks of at most ``block`` queries (None: uncut); runs with
+        more than ``uncut_above`` keys stay whole.
 
         Block ``[s, e)`` of a run attends, bottom-right, to the run's first ``k_len - q_len + e``
         keys: everything a query of the block may see, nothing a later block needs. A kernel that
@@ -112,15 +113,19 @@ class SegmentPlan:
         """
         if not block:
             return self.runs
-        if block not in self._blocks:
+        key = (block, uncut_above)
+        if key not in self._blocks:
             out = []
             for u in self.runs:
+                if uncut_above is not None and u.k_len > uncut_above:
+                    out.append(u)
+                    continue
                 shift = u.k_len - u.q_len
                 for s in range(0, u.q_len, block):
                     e = min(s + block, u.q_len)
                     out.append(QueryRun(u.row, u.q_start + s, e - s, _first_keys(u.keys, shift + e)))
-            self._blocks[block] = out
-        return self._blocks[block]
+            self._blocks[key] = out
+        return self._blocks[key]
 
     def row_cuts(self, row: int, runs: list[QueryRun] | None = None) -> tuple[list[int], list[int]]:
         """Where row ``row`` is cut for the queries of ``runs`` (default: the plan's runs) and for
@@ -261,9 +266,17 @@ def _softcap_attention(q, k, v, mask, scaling, softcap, dropout, training):
     return torch.matmul(probs, v)
 
 
-CPU_QUERY_BLOCK = 128
+CPU_QUERY_BLOCK = 64
 """Query block of the per-run kernel on CPU (:meth:`SegmentPlan.blocks`): PyTorch's CPU flash
-kernel computes a causal run's whole score square when it is at most 512 keys long."""
+kernel computes a causal run's whole score square when it is at most 512 keys long, and a masked
+run's whole rectangle. Measured on this project's CPU (``benchmarks/attention_kernels.py``, fwd +
+bwd, quiet machine): on HH-sized segments blocks of 64 ran fastest (40.5 ms; 128: 43.2, 32: 47.0,
+uncut 46.6) and execute about 1.25x the useful (query, key) pairs (128: 1.44x, uncut 1.75x)."""
+
+CPU_UNCUT_ABOVE_KEYS = 1024
+"""Runs with more keys than this are not cut on CPU: the kernel skips key blocks above the
+diagonal by itself (in steps of 512 keys), so a long run wastes little uncut, and uncut ran
+fastest on 4k-token segments (1,765 ms; blocks of 128: 2,033, of 64: 21% slower than 128)."""
 
 
 def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scaling, sliding_window, softcap):
@@ -275,7 +288,7 @@ def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scali
     filled = [0] * rows
     row_parts = {}
     split_rows = [x.split(1, dim=0) for x in (query, key, value)]  # one backward for all rows
-    runs = plan.blocks(CPU_QUERY_BLOCK if query.device.type == "cpu" else None)
+    runs = plan.blocks(CPU_QUERY_BLOCK, CPU_UNCUT_ABOVE_KEYS) if query.device.type == "cpu" else plan.runs
     for run in runs:
         if run.row not in row_parts:
             q_cuts, k_cuts = plan.row_cuts(run.row, runs)

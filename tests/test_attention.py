@@ -72,6 +72,9 @@ def test_query_blocks_hand_case():
     got = [(u.q_start, u.q_len, u.keys) for u in plan.blocks(2)]
     assert got == [(0, 2, ((0, 2),)), (2, 2, ((0, 4),)), (4, 1, ((0, 5),)), (5, 2, ((0, 3), (5, 7))), (7, 1, ((0, 3), (5, 8)))]
     assert plan.blocks(None) is plan.runs
+    # runs with more keys than uncut_above stay whole: A has 5 keys, B 6
+    assert [(u.q_start, u.q_len) for u in plan.blocks(2, uncut_above=5)] == [(0, 2), (2, 2), (4, 1), (5, 3)]
+    assert plan.blocks(2, uncut_above=4) == plan.runs
 
 
 def test_run_mask_hand_case():
@@ -249,7 +252,8 @@ def test_placeholder_mask_fails_loudly_in_other_kernels():
 
 
 def test_unblocked_runs_match_dense(monkeypatch):
-    """The runs uncut (as SDPA runs them on CUDA) give the dense mask's log-probs too."""
+    """The runs uncut (as SDPA runs them on CUDA), and partly cut (long runs stay whole on CPU),
+    give the dense mask's log-probs too."""
     from conftest import tiny_llama
 
     from preftune import attention
@@ -258,11 +262,14 @@ def test_unblocked_runs_match_dense(monkeypatch):
     model = tiny_llama(seed=4)
     batch = _segments_batch([(7, 3, 5), (2, 4, 2), (5, 1, 6)])
     dense = sequence_logps(model, batch)
-    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", None)
     model.config._attn_implementation = segment_implementation("sdpa")
-    seg = sequence_logps(model, batch)
-    torch.testing.assert_close(seg.chosen_sum, dense.chosen_sum, rtol=0, atol=1e-5)
-    torch.testing.assert_close(seg.rejected_sum, dense.rejected_sum, rtol=0, atol=1e-5)
+    # uncut, and cut into blocks of 2 except the runs with more than 8 keys (both kinds in one batch)
+    for block, uncut_above in ((None, None), (2, 8)):
+        monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", block)
+        monkeypatch.setattr(attention, "CPU_UNCUT_ABOVE_KEYS", uncut_above)
+        seg = sequence_logps(model, batch)
+        torch.testing.assert_close(seg.chosen_sum, dense.chosen_sum, rtol=0, atol=1e-5)
+        torch.testing.assert_close(seg.rejected_sum, dense.rejected_sum, rtol=0, atol=1e-5)
 
 
 def test_segment_path_builds_no_dense_mask(monkeypatch):
