@@ -187,8 +187,17 @@ def build_workload(tokenizer, max_length: int, n_pairs: int, selection: str = "f
 # ---------------------------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------------------------
-def worker_env(threads: int) -> dict:
+def worker_env(threads: int, allocator: str = "system") -> dict:
+    """The environment of a worker process; ``allocator`` ``jemalloc``/``tcmalloc`` preloads that
+    library (the same for both tools: preftune's CLI would restart on it by itself, see
+    ``preftune.allocator``; the workers call the library directly, so the harness does it)."""
     env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if allocator != "system":
+        from preftune.allocator import allocator_to_preload
+
+        name, library = allocator_to_preload({"PREFTUNE_ALLOCATOR": allocator})
+        env["LD_PRELOAD"] = library
     env.update(
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
@@ -482,6 +491,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("segments", "dense"), default="segments",
                    help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
     p.add_argument("--chunk_size", type=int, default=1024, help="preftune logprob_chunk_size")
+    p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
+                   help="both tools' workers run on this malloc (jemalloc/tcmalloc via LD_PRELOAD; must be installed)")
     p.add_argument("--preflight", action="store_true", help="keep preftune's memory preflight (a forward+backward on the largest batch before step 1)")
     p.add_argument("--no_floor", action="store_true", help="skip the matmul-rate measurement")
     p.add_argument("--out", type=str, default=None, help="write all results as JSON here")
@@ -502,7 +513,7 @@ def run_worker(bench: Benchmark, role: str, spec: dict, tmp: Path) -> dict:
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, bench.script, "--worker", role, "--spec", str(spec_path), "--result", str(result_path)]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=worker_env(spec["threads"]), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=worker_env(spec["threads"], spec.get("allocator", "system")), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode == 3 and result_path.exists():  # stopped by the memory watchdog
         result = json.loads(result_path.read_text())
@@ -567,7 +578,7 @@ def run_tools(bench: Benchmark, ns, workload: Workload, model_dir: Path, tmp: Pa
         "beta": ns.beta, "seed": ns.seed, "threads": ns.threads, "layout": ns.layout,
         "chunk_size": ns.chunk_size, "preflight": ns.preflight, "tmp": str(tmp), "model": ns.model, "lora_r": ns.lora_r,
         "precision": ns.precision, "attention": ns.attention, "gradient_checkpointing": ns.gradient_checkpointing,
-        "memory_cap_gb": ns.memory_cap_gb, **bench.spec_extra,
+        "memory_cap_gb": ns.memory_cap_gb, "allocator": ns.allocator, **bench.spec_extra,
         **{k: getattr(ns, k) for k in bench.spec_args},
     }
     tools = TOOLS if ns.which == "both" else (ns.which,)
@@ -644,7 +655,8 @@ def main_report(bench: Benchmark, ns, res: dict, summ: dict, agree: dict, flops:
         f"Model {ns.model} ({training}); workload: {ws['pairs']} HH-RLHF harmless-base pairs ({ws['selection']}), max_length {ws['max_length']}, "
         f"batch {ns.batch_size}, {ns.steps} steps, {ns.threads} threads, {ns.precision}; mean prompt {ws['prompt_tokens_mean']} tokens, "
         f"longest sequence {ws['longest_sequence']}. preftune layout: {ns.layout} ({ns.attention} attention), "
-        f"memory preflight {'on' if ns.preflight else 'off'}{', gradient checkpointing (both)' if ns.gradient_checkpointing else ''}."
+        f"memory preflight {'on' if ns.preflight else 'off'}{', gradient checkpointing (both)' if ns.gradient_checkpointing else ''}; "
+        f"malloc (both): {ns.allocator}."
     )
     for note in bench.notes:
         lines.append(note)
