@@ -119,7 +119,7 @@ BENCH = common.Benchmark(
     spec_extra={"nll_on_prompt": False},
     spec_args=("reference",),
     agreement_keys=("loss", "logps/chosen", "logps/rejected"),
-    notes=["Both: loss sigmoid, beta 0.1, reference = separate frozen copy of the initial model, AdamW (adamw_torch), "
+    notes=["Both: loss sigmoid, beta 0.1, reference = separate frozen copy of the initial model, fused AdamW (adamw_torch_fused, transformers' default), "
            "constant lr, no dropout, no gradient checkpointing, sequential batches. Step-1 loss is log 2 by construction; "
            "the policy log-probs carry the check."],
 )

@@ -70,7 +70,7 @@ BENCH = common.Benchmark(
     reference=False,
     spec_extra={"nll_on_prompt": True},
     agreement_keys=("loss", "nll_loss", "logps/chosen", "logps/rejected", "log_odds_chosen"),
-    notes=["Both: beta 0.1, AdamW (adamw_torch), constant lr, no dropout, sequential batches; "
+    notes=["Both: beta 0.1, fused AdamW (adamw_torch_fused, transformers' default), constant lr, no dropout, sequential batches; "
            "preftune with nll_on_prompt=True (TRL's NLL: prompt + chosen tokens)."],
 )
 

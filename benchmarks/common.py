@@ -270,7 +270,7 @@ def training_kwargs(spec: dict, tool: str) -> dict:
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # transformers' default optimizer (fused AdamW kernel, CPU included)
         max_grad_norm=1.0,
         logging_steps=1,
         save_strategy="no",
