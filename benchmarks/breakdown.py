@@ -83,27 +83,39 @@ def step_meter():
 
 
 def saved_tensor_census(run_step):
-    """Bytes autograd keeps for the backward during ``run_step()``, by the module saving them.
+    """Bytes the forward leaves alive for the backward during ``run_step()``, by the module whose
+    forward created them (outside every module: ``engine (LM head, loss)``).
 
-    Storages are counted once; parameters (saved by reference, no new memory) are left out.
+    Counted as storages created by operations during the forward (a dispatch mode records each
+    output's storage and the innermost module running) that are still alive when the forward
+    has returned; each storage once, the weights' storages left out. This sees what autograd
+    keeps and what selective checkpointing caches alike (autograd's saved-tensor hooks do not
+    see inside a checkpointed layer). The mode stays on through the backward: the checkpoint's
+    replay must run under the same dispatch modes as the forward.
     """
+    import gc
+    import weakref
+
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     stack: list[str] = []
-    seen: set[int] = set()
-    by_module: Counter = Counter()
-    return_value = {}
+    created: list = []
+    recording = [True]
 
-    def pack(t):
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen and not isinstance(t, torch.nn.Parameter) and key not in param_ptrs:
-            seen.add(key)
-            by_module[stack[-1] if stack else "engine (LM head, loss)"] += storage.nbytes()
-        return t
+    class Created(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if recording[0]:
+                where = stack[-1] if stack else "engine (LM head, loss)"
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.numel():
+                        created.append((weakref.ref(t.untyped_storage()), where))
+            return out
 
     model = run_step.model
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
     def enter(module, args):
         stack.append(type(module).__name__)
 
@@ -115,13 +127,45 @@ def saved_tensor_census(run_step):
         kind = type(module).__name__
         if kind.endswith(("Attention", "MLP", "RMSNorm", "DecoderLayer")):
             handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    by_module: Counter = Counter()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return_value["loss"] = run_step()
+        with Created():
+            loss = run_step.forward()
+            recording[0] = False
+            stack.clear()
+            gc.collect()
+            seen = set(param_ptrs)
+            for ref, where in created:
+                storage = ref()
+                if storage is not None and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    by_module[where] += storage.nbytes()
+            run_step.backward(loss)
     finally:
         for h in handles:
             h.remove()
     return dict(by_module)
+
+
+def heap_in_use_mb() -> tuple[float, float] | None:
+    """glibc's ``(heap size, bytes in use)`` in MB (``mallinfo2``), or None off glibc / under a
+    preloaded allocator (whose own heap glibc does not see)."""
+    import ctypes
+
+    if os.environ.get("LD_PRELOAD"):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                                                   "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return None
+    return (info.arena + info.hblkhd) / 2**20, (info.uordblks + info.hblkhd) / 2**20
 
 
 def classify(event) -> str:
@@ -180,9 +224,10 @@ def build_parser():
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--attention", choices=("segments", "dense"), default="segments")
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--chunk_size", type=int, default=1024)
+    p.add_argument("--chunk_size", type=int, default=0, help="--logprob_chunk_size (0: preftune's automatic choice)")
     p.add_argument("--cache_mb", type=float, default=256.0, help="--logprob_cache_mb")
     p.add_argument("--preflight", action="store_true")
+    p.add_argument("--selective_checkpointing", choices=("true", "false"), default="true", help="preftune's --selective_checkpointing")
     p.add_argument("--keep_freed_memory", choices=("true", "false"), default="true", help="preftune's --reuse_freed_memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
@@ -230,7 +275,7 @@ def main(argv=None) -> int:
     spec = {"tmp": str(tmp), "steps": ns.steps, "batch_size": ns.batch_size, "lr": 1e-5, "seed": ns.seed,
             "precision": ns.precision, "gradient_checkpointing": ns.gradient_checkpointing}
     args = PreftuneConfig(**common.training_kwargs(spec, "preftune"), memory_preflight=ns.preflight, method=ns.method, beta=0.1,
-                          reuse_freed_memory=ns.keep_freed_memory == "true",
+                          reuse_freed_memory=ns.keep_freed_memory == "true", selective_checkpointing=ns.selective_checkpointing == "true",
                           nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
     meter = step_meter()
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])
@@ -242,20 +287,31 @@ def main(argv=None) -> int:
     reset_peak_rss()
     profiled = profile_step(trainer, batch)
 
-    def one_step():
-        loss = trainer.training_step(trainer.model_wrapped, batch)
-        trainer.optimizer.zero_grad()
-        return loss
+    class OneStep:  # step 1's batch, forward and backward apart (as Trainer.training_step runs them)
+        model = trainer.model
 
-    one_step.model = trainer.model
-    census = saved_tensor_census(one_step)
+        @staticmethod
+        def forward():
+            trainer.model_wrapped.train()
+            return trainer.compute_loss(trainer.model_wrapped, batch)
+
+        @staticmethod
+        def backward(loss):
+            loss.backward()
+            trainer.optimizer.zero_grad()
+
+    census = saved_tensor_census(OneStep)
     adam = sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
     head_itemsize = 2 if ns.precision == "bf16" else 4
     scored = int(batch["score_index"].numel())
     vocab = models.param_counts(ns.model)["vocab"]
-    chunk = min(ns.chunk_size, scored)
-    head_buffers = chunk * vocab * 4 * (2 if ns.precision == "bf16" else 1) * (1 if scored * vocab * head_itemsize > ns.cache_mb * 2**20 else 0)
-    head_cache = scored * vocab * head_itemsize if scored * vocab * head_itemsize <= ns.cache_mb * 2**20 else 0
+    from preftune.logprobs import chunk_rows
+
+    chunk = min(chunk_rows(ns.chunk_size, vocab), scored)
+    frozen_head = not trainer.model.get_output_embeddings().weight.requires_grad  # keeps d logp/d h, no softmax
+    cached = not frozen_head and scored * vocab * head_itemsize <= ns.cache_mb * 2**20
+    head_buffers = chunk * vocab * 4 * (2 if ns.precision == "bf16" else 1) * (0 if cached else 1)
+    head_cache = scored * vocab * head_itemsize if cached else 0
 
     steady = meter.steps[1:] or meter.steps
     mean = lambda k: sum(s[k] for s in steady) / len(steady)  # noqa: E731
@@ -271,12 +327,16 @@ def main(argv=None) -> int:
         ["LM head: chunk buffers (transient)", head_buffers / mb],
     ]
     accounted = sum(r[1] for r in memory_rows)
+    heap = heap_in_use_mb()
     memory_rows.append(["rest of the peak: gradients in flight, temporaries, allocator slack", peak - accounted])
     memory_rows.append(["peak RSS (step 1, the longest batch; VmHWM)", peak])
+    if heap is not None:
+        memory_rows.append(["glibc heap size (never trimmed, so its peak) and bytes in use at the end", f"{heap[0]:,.0f} ({heap[1]:,.0f})"])
     report = [
         f"## Where the time and memory go: {ns.model}, {'LoRA r=%d' % ns.lora_r if ns.lora_r else 'full fine-tuning'}, ORPO, "
         f"{ns.batch_size} pairs/step, max_length {ns.max_length} ({ns.select}), {ns.precision}, {ns.attention} attention"
-        f"{', gradient checkpointing' if ns.gradient_checkpointing else ''}, --reuse_freed_memory {ns.keep_freed_memory}"
+        f"{', gradient checkpointing' if ns.gradient_checkpointing else ''}, --reuse_freed_memory {ns.keep_freed_memory}, "
+        f"--selective_checkpointing {ns.selective_checkpointing}, malloc: {os.environ.get('LD_PRELOAD') or 'system'}"
         f"{', THP_MEM_ALLOC_ENABLE=1' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}",
         "",
         common.markdown_table(["step", "tokens", "wall s", "user CPU s", "kernel CPU s", "minor faults", "step peak RSS MB", "RSS after MB"],

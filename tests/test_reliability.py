@@ -59,7 +59,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
                         capture_output=True, text=True, env=recipe_env, timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert world_size_seen(single) == 1 and world_size_seen(ddp) == 2
-    assert "; 2 processes" in r2.stderr and "; 1 process\n" in r1.stderr
+    assert "; 2 processes; memory: " in r2.stderr and "; 1 process; memory: " in r1.stderr
     l1, _ = losses(single)
     l2, recs2 = losses(ddp)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]
