@@ -105,11 +105,12 @@ def reexec_with_allocator() -> None:
     """Re-execute this process's command line with jemalloc/tcmalloc preloaded when
     :func:`allocator_to_preload` finds one (see the module docstring); otherwise return.
 
-    Only for a real command-line start (``sys.orig_argv``), before torch is imported; the new
-    process image keeps the process id. If ``exec`` fails the process carries on as it is.
+    Only when this process is the ``preftune`` program (console script or ``python -m preftune``;
+    never inside a notebook that calls ``main()``), before torch is imported; the new process
+    image keeps the process id. If ``exec`` fails the process carries on as it is.
     """
     chosen = allocator_to_preload(os.environ)
-    if chosen is None or not getattr(sys, "orig_argv", None):
+    if chosen is None or not getattr(sys, "orig_argv", None) or not _started_as_preftune():
         return
     name, library = chosen
     env = dict(os.environ)
@@ -121,6 +122,15 @@ def reexec_with_allocator() -> None:
         os.execve(sys.executable, list(sys.orig_argv), env)
     except OSError as e:  # carry on with the system allocator
         logger.warning("could not restart on %s (%s); using the system allocator", library, e)
+
+
+def _started_as_preftune() -> bool:
+    """This process is the ``preftune`` program (console script or ``python -m preftune``), not
+    a notebook or another program that called :func:`preftune.cli.main`: only then is it safe
+    to re-execute the command line."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return os.path.basename(sys.argv[0] or "") == "preftune" or (spec is not None and spec.name == "preftune.__main__")
 
 
 def active_allocator() -> str:

@@ -67,11 +67,13 @@ def test_allocator_choice_rules():
         allocator_to_preload({"PREFTUNE_ALLOCATOR": "jemalloc"}, _finder(set()), linux)
 
 
+# sys.argv[0] "preftune" is what the console script sets; a program that merely calls main()
+# (argv[0] "-c" here, or a notebook) is never re-executed
 RESTART_PROBE = textwrap.dedent("""
     import os, sys
     print("process", os.getpid(), os.environ.get("PREFTUNE_PRELOADED_ALLOCATOR"), os.environ.get("LD_PRELOAD", ""), flush=True)
     from preftune.cli import main
-    sys.argv = ["preftune", "eval", "--help"]
+    sys.argv = [os.environ.get("PROBE_ARGV0", "preftune"), "eval", "--help"]
     sys.exit(main())
 """)
 
@@ -98,6 +100,7 @@ def test_command_line_restarts_on_jemalloc_when_installed():
     assert first[1] == "None" and second[0] == first[0]  # same process id, now preloaded
     assert second[1] in ("jemalloc", "tcmalloc") and second[1] in second[2]
     assert len(_run_probe(PREFTUNE_ALLOCATOR="system")) == 1
+    assert len(_run_probe(PROBE_ARGV0="ipykernel_launcher.py")) == 1  # not the preftune program: no restart
     import os
 
     bad = subprocess.run([sys.executable, "-c", RESTART_PROBE], capture_output=True, text=True, timeout=120,
