@@ -16,6 +16,7 @@ under ``torch.autocast``; the LM head's log-softmax and the loss stay fp32
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,14 @@ class PrecisionChoice:
     def describe(self) -> str:
         mode = "bf16 mixed precision" if self.bf16 else "fp16 mixed precision" if self.fp16 else "fp32 compute"
         return f"{mode} ({self.reason})"
+
+    def autocast(self, device_type: str):
+        """The autocast context of this choice on ``device_type``: the one accelerate enters for
+        the Trainer's forward (``torch.autocast`` in bf16 or fp16), a no-op for fp32. For forwards
+        outside the Trainer that must match its numbers (the precomputed DPO reference)."""
+        if not (self.bf16 or self.fp16):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=torch.bfloat16 if self.bf16 else torch.float16)
 
 
 def cpu_flags() -> set[str]:
