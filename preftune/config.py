@@ -353,9 +353,10 @@ class PreftuneConfig(TrainingArguments):
             self.train_sampling_strategy = "sequential"
 
     def _resolve_precision(self):
-        """``--bf16 true|false|auto`` -> a bool for TrainingArguments, and the reason, kept in
-        ``precision_choice`` for the start-up line. On a machine without an accelerator, mixed
-        precision runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on CPU without it)."""
+        """``--bf16 true|false|auto`` and ``--fp16`` -> the bools TrainingArguments takes (what will
+        run), and the reason, kept in ``precision_choice`` for the start-up line. On a machine
+        without an accelerator, bf16 runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on
+        CPU without it)."""
         from .precision import resolve_precision
 
         accelerator = _has_accelerator() and not self.use_cpu
@@ -363,8 +364,8 @@ class PreftuneConfig(TrainingArguments):
             self.precision_choice = resolve_precision(self.bf16, self.fp16, "cuda" if accelerator else "cpu")
         except ValueError as e:
             raise PreftuneError(str(e)) from None
-        self.bf16 = self.precision_choice.bf16
-        if (self.bf16 or self.fp16) and not _has_accelerator():
+        self.bf16, self.fp16 = self.precision_choice.bf16, self.precision_choice.fp16
+        if self.bf16 and not _has_accelerator():
             self.use_cpu = True
 
     @property

@@ -10,8 +10,9 @@ the device runs bf16 matmuls fast and off elsewhere:
 
 Mixed precision means: weights, gradients and optimizer state stay fp32; matmuls run in bf16
 under ``torch.autocast``; the LM head's log-softmax and the loss stay fp32
-(:mod:`preftune.logprobs`). On a CPU, ``--bf16 true`` / ``--fp16 true`` need no ``--use_cpu``
-(the config sets it when no accelerator is present).
+(:mod:`preftune.logprobs`). On a CPU, ``--bf16 true`` needs no ``--use_cpu`` (the config sets it
+when no accelerator is present). ``--fp16 true`` on a CPU runs fp32, as accelerate has no fp16
+autocast there, and the start-up line says so.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def resolve_precision(bf16, fp16: bool, device_type: str) -> PrecisionChoice:
     if fp16:
         if mode == "true":
             raise ValueError("choose one of --bf16 true and --fp16 true")
+        if device_type == "cpu":  # accelerate has no fp16 autocast on a CPU: the run computes in fp32, say so
+            return PrecisionChoice(False, False, "--fp16 true, which a CPU runs as fp32; --bf16 true for mixed precision")
         return PrecisionChoice(False, True, "--fp16 true")
     if mode == "auto":
         fast, why = fast_bf16(device_type)

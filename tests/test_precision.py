@@ -27,7 +27,10 @@ def test_bf16_auto_follows_the_cpu(monkeypatch, flags, fast):
     assert choice.describe().startswith("bf16 mixed precision" if fast else "fp32 compute")
     # explicit choices do not look at the hardware
     assert resolve_precision("true", False, "cpu").bf16 and not resolve_precision(False, False, "cpu").bf16
-    assert resolve_precision("false", True, "cpu").fp16
+    # --fp16 on a CPU: accelerate has no fp16 autocast there, so it is fp32, and says so; fp16 on a GPU
+    on_cpu, on_gpu = resolve_precision("false", True, "cpu"), resolve_precision("false", True, "cuda")
+    assert not on_cpu.fp16 and not on_cpu.bf16 and on_cpu.describe().startswith("fp32 compute (--fp16 true, which a CPU runs as fp32")
+    assert on_gpu.fp16 and on_gpu.describe() == "fp16 mixed precision (--fp16 true)"
 
 
 def test_precision_flags_parse_without_use_cpu():
@@ -39,7 +42,7 @@ def test_precision_flags_parse_without_use_cpu():
     _, _, args = parse_train_args(common + ["--bf16", "auto"])
     assert isinstance(args.bf16, bool) and args.precision_choice.reason.startswith("--bf16 auto: ")
     _, _, args = parse_train_args(common + ["--fp16", "true"])
-    assert args.fp16 and not args.bf16
+    assert not args.bf16 and args.fp16 is torch.cuda.is_available()  # what runs: fp32 on a CPU
     with pytest.raises(PreftuneError, match="--bf16 must be true, false or auto, got 'fast'"):
         parse_train_args(common + ["--bf16", "fast"])
     with pytest.raises(PreftuneError, match="choose one of --bf16 true and --fp16 true"):
