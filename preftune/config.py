@@ -278,9 +278,11 @@ class PreftuneConfig(TrainingArguments):
     warmup_ratio: float | None = _f(None, "Warm-up as a fraction of total steps (transformers 5 folds this into --warmup_steps; kept for familiar configs).", "training")
     disable_dropout: bool = _f(True, "Turn dropout off in the model (as TRL does for preference methods).", "method")
     bf16: str = _f(
-        "false",
-        "bf16 mixed precision: true, false, or auto (on where the device runs bf16 fast: CUDA GPUs with bf16, CPUs with "
-        "AVX512-BF16 or AMX; fp32 elsewhere). Weights, optimizer state, log-softmax and loss stay fp32. No --use_cpu needed on a CPU.",
+        "auto",
+        "bf16 mixed precision: auto (default: on where the device runs bf16 fast, CUDA GPUs with bf16 and CPUs with "
+        "AVX512-BF16 or AMX; fp32 elsewhere, so a run's numbers depend on the machine), true, or false (fp32 compute on "
+        "every machine). Weights, optimizer state, log-softmax and loss stay fp32. An explicit --fp16 true wins over auto. "
+        "No --use_cpu needed on a CPU.",
         "training", nargs="?", const="true",
     )
 

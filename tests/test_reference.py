@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import FP32, tiny_llama
 from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.engine import sequence_logps
 from preftune.layout import PairTokens, collate_pairs
@@ -33,8 +33,10 @@ def make_pairs(n: int, seed: int, id_offset: int = 0, vocab: int = 97) -> list[P
 
 
 def make_args(tmp_path, **kw) -> PreftuneConfig:
+    """fp32 (unless ``bf16`` is given): these tests compare reference tables with fp32 forwards
+    (``direct``) and batchings that bf16 would round differently."""
     base = dict(output_dir=str(tmp_path / "out"), method="dpo", report_to="none", per_device_eval_batch_size=3,
-                use_cpu=True, disable_tqdm=True, save_strategy="no")
+                use_cpu=True, disable_tqdm=True, save_strategy="no", **FP32)
     base.update(kw)
     return PreftuneConfig(**base)
 
