@@ -113,7 +113,8 @@ def preftune_worker(spec: dict) -> dict:
         from preftune.trainer import PreferenceTrainer
 
         targs = PreftuneConfig(output_dir=spec["out_dir"], max_steps=spec["train_steps"], per_device_train_batch_size=4, learning_rate=1e-4,
-                               logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+                               logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
+                               bf16="false")  # fp32, as measured in docs/benchmarks.md (auto would pick bf16 on AVX512-BF16 CPUs)
         trainer = PreferenceTrainer(model=tiny_model(), args=targs, train_pairs=data.train_pairs, processing_class=tok)
         t = time.perf_counter()
         trainer.train()

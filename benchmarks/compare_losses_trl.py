@@ -162,7 +162,8 @@ def run_preftune(method: str, settings: dict, rows: list[dict], model_dir: Path,
     from preftune.training_model import choose_device
 
     batch = len(rows) * (2 if method == "kto" else 1)
-    training = {k: v for k, v in common_training(ns, out, batch).items() if k not in ("bf16", "gradient_checkpointing")}
+    # bf16=False kept: preftune's default is --bf16 auto, and both tools must run fp32 here
+    training = {k: v for k, v in common_training(ns, out, batch).items() if k != "gradient_checkpointing"}
     args = PreftuneConfig(**training, method=method, beta=ns.beta, memory_preflight=False, **settings)
     examples = [normalize_record(Record(r, f"row {i}"), ColumnMap(), i) for i, r in enumerate(rows)]
     spec = get_method(method)  # KTO: labelled examples with KL completions from groups of one batch

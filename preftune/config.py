@@ -281,9 +281,11 @@ class PreftuneConfig(TrainingArguments):
     warmup_ratio: float | None = _f(None, "Warm-up as a fraction of total steps (transformers 5 folds this into --warmup_steps; kept for familiar configs).", "training")
     disable_dropout: bool = _f(True, "Turn dropout off in the model (as TRL does for preference methods).", "method")
     bf16: str = _f(
-        "false",
-        "bf16 mixed precision: true, false, or auto (on where the device runs bf16 fast: CUDA GPUs with bf16, CPUs with "
-        "AVX512-BF16 or AMX; fp32 elsewhere). Weights, optimizer state, log-softmax and loss stay fp32. No --use_cpu needed on a CPU.",
+        "auto",
+        "bf16 mixed precision: auto (default: on where the device runs bf16 fast, CUDA GPUs with bf16 and CPUs with "
+        "AVX512-BF16 or AMX; fp32 elsewhere, so a run's numbers depend on the machine), true, or false (fp32 compute on "
+        "every machine). Weights, optimizer state, log-softmax and loss stay fp32. An explicit --fp16 true wins over auto. "
+        "No --use_cpu needed on a CPU.",
         "training", nargs="?", const="true",
     )
 
@@ -356,9 +358,10 @@ class PreftuneConfig(TrainingArguments):
             self.train_sampling_strategy = "sequential"
 
     def _resolve_precision(self):
-        """``--bf16 true|false|auto`` -> a bool for TrainingArguments, and the reason, kept in
-        ``precision_choice`` for the start-up line. On a machine without an accelerator, mixed
-        precision runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on CPU without it)."""
+        """``--bf16 true|false|auto`` and ``--fp16`` -> the bools TrainingArguments takes (what will
+        run), and the reason, kept in ``precision_choice`` for the start-up line. On a machine
+        without an accelerator, bf16 runs on the CPU: set ``use_cpu`` (transformers refuses bf16 on
+        CPU without it)."""
         from .precision import resolve_precision
 
         accelerator = _has_accelerator() and not self.use_cpu
@@ -366,8 +369,8 @@ class PreftuneConfig(TrainingArguments):
             self.precision_choice = resolve_precision(self.bf16, self.fp16, "cuda" if accelerator else "cpu")
         except ValueError as e:
             raise PreftuneError(str(e)) from None
-        self.bf16 = self.precision_choice.bf16
-        if (self.bf16 or self.fp16) and not _has_accelerator():
+        self.bf16, self.fp16 = self.precision_choice.bf16, self.precision_choice.fp16
+        if self.bf16 and not _has_accelerator():
             self.use_cpu = True
 
     @property

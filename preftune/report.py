@@ -338,6 +338,8 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
 
         unit = data_unit_of(training.get("method"))
         facts.append(f"data {_e(config.get('dataset', '?'))} ({_e(config.get('train_pairs', '?'))} training {unit}, {_e(config.get('eval_pairs', 0))} eval {unit})")
+        if config.get("precision"):  # runs before issue 13 did not record it
+            facts.append(_e(config["precision"]))
     if complete and isinstance(complete.get("seconds"), (int, float)):
         facts.append(f"finished in {complete['seconds']:.0f} s")
     cards = []

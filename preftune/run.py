@@ -327,6 +327,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "data_sources": data.sources,
         # processes that trained together (DDP); a launcher that started fewer than asked shows here
         "world_size": args.world_size,
+        # what --bf16/--fp16 resolved to on this machine, and why (training.bf16 holds the resolved bool)
+        "precision": args.precision_choice.describe(),
         "allocator": active_allocator(),
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
@@ -354,6 +356,7 @@ def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
     out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     out["optim"] = str(getattr(args.optim, "value", args.optim))
     out.update(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
+    out["precision"] = args.precision_choice.describe()  # --bf16 auto differs between machines: say what ran
     return out
 
 

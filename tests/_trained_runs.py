@@ -10,12 +10,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from conftest import FP32_FLAGS
+
 DEMO_STEPS = 60
 _cache: dict[str, object] = {}
 
 
 def demo_run(tmp_path_factory) -> Path:
-    """Output folder of ``preftune train --max_steps 60`` (the built-in demo), trained once.
+    """Output folder of ``preftune train --max_steps 60 --bf16 false`` (the built-in demo), trained once.
 
     The weights training started from are recorded on the way (:func:`demo_initial_model`), so
     tests can check "base" models against what the run really started from rather than against
@@ -38,7 +40,8 @@ def demo_run(tmp_path_factory) -> Path:
         # a busy CPU; these tests never read it.
         skip_table = mock.patch("preftune.demo.evaluate_demo", return_value={"preference_accuracy": 0.0, "generation_accuracy": 0.0})
         with skip_table, mock.patch.object(PreferenceTrainer, "train", recording_train):
-            assert main(["train", "--output_dir", str(out), "--max_steps", str(DEMO_STEPS), "--disable_tqdm", "true"]) == 0
+            # fp32: test_evaluate checks `preftune eval` (fp32) against the trainer's own final eval to 1e-4
+            assert main(["train", "--output_dir", str(out), "--max_steps", str(DEMO_STEPS), "--disable_tqdm", "true", *FP32_FLAGS]) == 0
         _cache["demo"] = out
     return _cache["demo"]
 

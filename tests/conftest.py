@@ -27,6 +27,16 @@ LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 
+# `--bf16 auto` is the default: bf16 mixed precision on CPUs with AVX512-BF16/AMX (this machine),
+# fp32 elsewhere. A test that compares two computations bf16 rounds differently (gradient
+# accumulation vs one batch, 2 processes vs 1, a precomputed table vs the live forward, the trainer
+# vs a plain fp32 forward) at fp32 tolerances pins fp32 with these, so it keeps testing what it was
+# written for on every machine; tests of bf16 itself, and runs that only need to learn or to repeat
+# themselves bit for bit, keep the default.
+FP32 = {"bf16": "false"}  # PreftuneConfig(**FP32, ...)
+FP32_FLAGS = ["--bf16", "false"]  # preftune train ... *FP32_FLAGS
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous), so concurrent test runs
     on one machine do not collide on a fixed port."""

@@ -23,7 +23,7 @@ from preftune.layout import PairTokens, collate_pairs
 from preftune.methods import METHODS, Hyperparameters, get_method
 from preftune.objective import METRIC_DOCS, Window, compute_objective
 
-from conftest import REPO, free_port, tiny_llama
+from conftest import FP32, REPO, free_port, tiny_llama
 
 f64 = torch.float64
 
@@ -185,7 +185,8 @@ def test_eval_loss_is_the_objectives_own_loss_with_the_aux_term(tmp_path):
     torch.manual_seed(0)
     model = tf.MixtralForCausalLM(config)
     pairs = random_pairs(6)
-    args = PreftuneConfig(output_dir=str(tmp_path), per_device_eval_batch_size=6, report_to="none", use_cpu=True, disable_tqdm=True)
+    # fp32: the expected loss below is a plain fp32 forward
+    args = PreftuneConfig(output_dir=str(tmp_path), per_device_eval_batch_size=6, report_to="none", use_cpu=True, disable_tqdm=True, **FP32)
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, eval_pairs=pairs, pad_token_id=0)
     got = trainer.evaluate()["eval_loss"]
     batch = collate_pairs(pairs, 0)
@@ -242,14 +243,16 @@ def case_id(case):
 
 
 def train_case(out_dir, case, batch_size, accumulation, steps=1, pairs=None):
-    """Train tiny_llama(seed=3) with SGD on 16 pairs (labelled for KTO); return the weights."""
+    """Train tiny_llama(seed=3) with SGD on 16 pairs (labelled for KTO); return the weights. In fp32:
+    the callers compare batchings (accumulation, processes) that bf16 would round differently."""
     from preftune.training_model import choose_device
     from preftune.reference import build_reference
     from preftune.trainer import PreferenceTrainer
 
     args = PreftuneConfig(output_dir=str(out_dir), max_steps=steps, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                           report_to="none", save_strategy="no", logging_steps=1, seed=7, disable_tqdm=True, max_grad_norm=0.0, use_cpu=True,
-                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, memory_preflight=False, **case)
+                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, memory_preflight=False,
+                          **FP32, **case)
     pairs = pairs or random_pairs(16, labelled=get_method(args.method).unpaired)
     model = tiny_llama(seed=3)
     reference = build_reference(model, ModelArguments(), args, choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
@@ -386,7 +389,8 @@ def test_precomputed_reference_for_kto_and_ld_dpo_equals_on_the_fly(tmp_path):
     model = tiny_llama(seed=5)
     for case, pairs in ((dict(method="kto"), random_pairs(10, labelled=True)), (dict(method="dpo", ld_alpha=0.3), random_pairs(10))):
         def reference(precompute):
-            args = PreftuneConfig(output_dir=str(tmp_path / case["method"]), use_cpu=True, precompute_ref_log_probs=precompute, **case)
+            # fp32: the on-the-fly reference is called below outside the trainer's autocast
+            args = PreftuneConfig(output_dir=str(tmp_path / case["method"]), use_cpu=True, precompute_ref_log_probs=precompute, **FP32, **case)
             return build_reference(model, ModelArguments(), args, choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
 
         batch = collate_pairs(pairs, 0, tail_weight=case.get("ld_alpha"))
@@ -394,7 +398,7 @@ def test_precomputed_reference_for_kto_and_ld_dpo_equals_on_the_fly(tmp_path):
         for a, b in zip(on_the_fly, table):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
     unweighted = build_reference(model, ModelArguments(), PreftuneConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, method="dpo",
-                                 precompute_ref_log_probs=True), choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
+                                 precompute_ref_log_probs=True, **FP32), choose_device("float32", "sdpa"), pairs, [], SimpleNamespace(pad_token_id=0))
     assert unweighted.fingerprint != reference(True).fingerprint
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import FP32, tiny_llama
 from preftune.config import DataArguments, ModelArguments, PreftuneConfig
 from preftune.engine import sequence_logps
 from preftune.layout import PairTokens, collate_pairs
@@ -33,8 +33,10 @@ def make_pairs(n: int, seed: int, id_offset: int = 0, vocab: int = 97) -> list[P
 
 
 def make_args(tmp_path, **kw) -> PreftuneConfig:
+    """fp32 (unless ``bf16`` is given): these tests compare reference tables with fp32 forwards
+    (``direct``) and batchings that bf16 would round differently."""
     base = dict(output_dir=str(tmp_path / "out"), method="dpo", report_to="none", per_device_eval_batch_size=3,
-                use_cpu=True, disable_tqdm=True, save_strategy="no")
+                use_cpu=True, disable_tqdm=True, save_strategy="no", **FP32)
     base.update(kw)
     return PreftuneConfig(**base)
 
@@ -92,6 +94,27 @@ def test_precomputed_rejects_unknown_ids_and_id_clashes(tmp_path):
     clash = PairTokens([1, 5], [6, 2], [7, 2], example_id=train[0].example_id)
     with pytest.raises(ValueError, match="distinct ids"):
         build_reference(model, ModelArguments(), make_args(tmp_path, precompute_ref_log_probs=True), CHOICE, train, [clash], PAD)
+
+
+def test_precomputed_table_is_computed_in_the_runs_mixed_precision(tmp_path):
+    """Under --bf16 the reference pass runs in the trainer's autocast (as TRL's does): the table
+    holds the policy's own bf16 log-probs, bit for bit when batched alike, and a bf16 table is
+    another cache file than the fp32 one."""
+    model = tiny_llama(seed=0)
+    pairs = make_pairs(6, seed=1)
+    # one pair per batch in the pass, so each single-pair batch below is batched alike
+    tables = {bf16: build_reference(model, ModelArguments(), make_args(tmp_path, precompute_ref_log_probs=True, per_device_eval_batch_size=1,
+                                                                      bf16=bf16), CHOICE, pairs, [], PAD) for bf16 in ("false", "true")}
+    assert not tables["true"].from_cache and tables["true"].cache_path != tables["false"].cache_path
+    apart = 0.0
+    for pair in pairs:
+        batch = collate_pairs([pair], 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate enters for the trainer's forward
+            bf16_forward = direct(model, batch)
+        assert max_diff(tables["true"](model, batch), bf16_forward) == 0.0
+        assert max_diff(tables["false"](model, batch), direct(model, batch)) == 0.0
+        apart = max(apart, max_diff(tables["true"](model, batch), tables["false"](model, batch)))
+    assert 1e-5 < apart < 0.05  # bf16 really ran (sums of ~10 log-probs of ~-4.6, rounded at 2^-9 relative)
 
 
 # --- PEFT: adapters off == a separate copy of the base --------------------------------------------

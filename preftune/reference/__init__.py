@@ -15,9 +15,11 @@
 3. **Precomputed** (:class:`PrecomputedReference`, ``--precompute_ref_log_probs``). Before
    training, one forward-only pass of the reference chosen by 1/2 over the train and eval pairs
    (the same forward-only scorer as evaluation, :func:`preftune.engine.score_pairs`,
-   ``per_device_eval_batch_size`` pairs per batch) fills a table keyed by ``example_id``. Training
-   then costs no reference forward and no reference weights (a separate reference model is
-   released after the pass).
+   ``per_device_eval_batch_size`` pairs per batch) fills a table keyed by ``example_id``. The pass
+   runs under the run's mixed precision (``--bf16``, as the trainer's forward does), so at step 0
+   the table equals the policy's log-probs and DPO's rewards start at 0. Training then costs no
+   reference forward and no reference weights (a separate reference model is released after the
+   pass).
 
 The precomputed table is cached at ``output_dir/ref_logps/<fingerprint>.safetensors``. The
 fingerprint is a sha256 over (see :func:`reference_fingerprint`):
@@ -30,7 +32,8 @@ fingerprint is a sha256 over (see :func:`reference_fingerprint`):
   their stores, i.e. tokenized-cache fingerprints over data, tokenizer and chat template, plus
   every example id and truncated length; order-independent), which captures
   every tokenization setting (``max_length``, truncation, chat template, tokenizer);
-* the engine settings that change the numbers: dtype, attention kernel, quantization, layout.
+* the engine settings that change the numbers: dtype, attention kernel, quantization, layout,
+  and bf16/fp16 mixed precision when it is on.
 
 A later run with the same fingerprint (including ``--resume_from_checkpoint``, which rebuilds the
 starting model before loading the checkpoint) reads the file instead of running the model. Any

@@ -3,6 +3,7 @@ see :mod:`preftune.reference` for the three kinds."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -24,7 +25,7 @@ __all__ = ["build_reference"]
 
 
 def _engine_settings(args, choice, model_args) -> dict:
-    return {
+    settings = {
         "dtype": str(getattr(choice, "dtype", None)),
         "attn_implementation": getattr(choice, "attn_implementation", None),
         "layout": getattr(args, "batch_layout", "packed"),
@@ -34,6 +35,17 @@ def _engine_settings(args, choice, model_args) -> dict:
         "bnb_4bit_quant_type": getattr(model_args, "bnb_4bit_quant_type", None),
         "use_bnb_nested_quant": getattr(model_args, "use_bnb_nested_quant", None),
     }
+    precision = getattr(args, "precision_choice", None)
+    if precision is not None and (precision.bf16 or precision.fp16):  # fp32 tables keep the fingerprints they had
+        settings["mixed_precision"] = "bf16" if precision.bf16 else "fp16"
+    return settings
+
+
+def _run_precision(args, device_type: str):
+    """The autocast of the run's mixed precision: the table holds the log-probs the policy's own
+    forward computes at step 0 (DPO's rewards start at exactly 0), as the on-the-fly reference does."""
+    precision = getattr(args, "precision_choice", None)
+    return precision.autocast(device_type) if precision is not None else contextlib.nullcontext()
 
 
 def _load_separate(path: str, model_args, choice) -> nn.Module:
@@ -95,10 +107,11 @@ def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokeniz
     move_to(ref_model, torch.device(device))
     device = model_device(ref_model)
     started = time.perf_counter()
-    ids, chosen, rejected = compute_reference_table(
-        reference.score, pairs, pad_token_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget,
-        getattr(args, "ld_alpha", None),
-    )
+    with _run_precision(args, device.type):
+        ids, chosen, rejected = compute_reference_table(
+            reference.score, pairs, pad_token_id(tokenizer), args.per_device_eval_batch_size, device, args.batch_layout, args.row_budget,
+            getattr(args, "ld_alpha", None),
+        )
     seconds = time.perf_counter() - started
     written = getattr(args, "process_index", 0) == 0 and write_cache(path, fingerprint, ids, chosen, rejected, description)
     logger.info("DPO reference: %s, %d pairs, computed in %.1f s%s", description, len(ids), seconds,
