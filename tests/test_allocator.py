@@ -71,7 +71,8 @@ def test_allocator_choice_rules():
 # (argv[0] "-c" here, or a notebook) is never re-executed
 RESTART_PROBE = textwrap.dedent("""
     import os, sys
-    print("process", os.getpid(), os.environ.get("PREFTUNE_PRELOADED_ALLOCATOR"), os.environ.get("LD_PRELOAD", ""), flush=True)
+    print("process", os.getpid(), os.environ.get("PREFTUNE_PRELOADED_ALLOCATOR"), os.environ.get("LD_PRELOAD", ""),
+          os.environ.get("MALLOC_CONF", "") + os.environ.get("TCMALLOC_RELEASE_RATE", ""), flush=True)
     from preftune.cli import main
     sys.argv = [os.environ.get("PROBE_ARGV0", "preftune"), "eval", "--help"]
     sys.exit(main())
@@ -84,7 +85,7 @@ def _run_probe(**env):
     full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PREFTUNE_PRELOADED_ALLOCATOR", "PREFTUNE_ALLOCATOR")}
     out = subprocess.run([sys.executable, "-c", RESTART_PROBE], capture_output=True, text=True, timeout=120, env={**full, **env})
     assert out.returncode == 0, out.stderr
-    return [line.split(" ", 3)[1:] for line in out.stdout.splitlines() if line.startswith("process ")]
+    return [line.split(" ", 4)[1:] for line in out.stdout.splitlines() if line.startswith("process ")]
 
 
 def test_command_line_restarts_on_jemalloc_when_installed():
@@ -99,6 +100,7 @@ def test_command_line_restarts_on_jemalloc_when_installed():
     first, second = _run_probe()
     assert first[1] == "None" and second[0] == first[0]  # same process id, now preloaded
     assert second[1] in ("jemalloc", "tcmalloc") and second[1] in second[2]
+    assert second[3] in ("dirty_decay_ms:-1,muzzy_decay_ms:-1", "0")  # freed pages kept for the next step
     assert len(_run_probe(PREFTUNE_ALLOCATOR="system")) == 1
     assert len(_run_probe(PROBE_ARGV0="ipykernel_launcher.py")) == 1  # not the preftune program: no restart
     import os

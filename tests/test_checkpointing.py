@@ -148,3 +148,28 @@ def test_policy_keeps_long_contractions_only():
     assert selective_policy(None, aten.silu.default, a) == CheckpointPolicy.PREFER_RECOMPUTE
     assert selective_policy(None, aten.mul.Tensor, a, a) == CheckpointPolicy.PREFER_RECOMPUTE
     assert selective_policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == CheckpointPolicy.MUST_SAVE
+
+
+@pytest.mark.parametrize("bf16", ["false", "true"])
+def test_trainer_step_is_the_same_with_and_without(tmp_path, bf16):
+    """Two optimizer steps through PreferenceTrainer with ``selective_checkpointing=True`` (off by
+    default): the weights after them equal the plain run's bit for bit, in fp32 and under bf16
+    autocast (the replay re-enters the forward's autocast)."""
+    from test_trainer import random_pairs, train_weights
+
+    pairs = random_pairs(8, seed=4)
+    common = dict(max_steps=2, per_device_train_batch_size=4, bf16=bf16)
+    plain, t0 = train_weights(tmp_path / "plain", pairs, **common)
+    selective, t1 = train_weights(tmp_path / "selective", pairs, selective_checkpointing=True, **common)
+    assert t1.args.selective_checkpointing and not t0.args.selective_checkpointing
+    layers = [m for m in t1.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert layers and all(m.gradient_checkpointing for m in layers)  # it really ran checkpointed
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in t0.model.modules())
+    from conftest import tiny_llama
+
+    initial = dict(tiny_llama(seed=3).named_parameters())  # train_weights' starting model
+    moved = 0
+    for name, w in plain.items():
+        assert torch.equal(w, selective[name]), name
+        moved += int(not torch.equal(w, initial[name]))
+    assert moved > len(plain) // 2  # the steps changed most weights: the comparison is not of two idle models
