@@ -37,7 +37,8 @@ def row_argv(ns, length: int, pairs_per_step: int) -> list[str]:
     argv = ["--model", ns.model, "--lora_r", str(ns.lora_r), "--precision", ns.precision, "--max_length", str(length),
             "--batch_size", str(pairs_per_step), "--steps", str(steps), "--pairs", str(pairs_per_step * steps),
             "--select", "first" if length <= 2048 else "stacked", "--threads", str(ns.threads), "--lr", "1e-4",
-            "--memory_cap_gb", str(ns.memory_cap_gb), "--which", ns.which, "--allocator", ns.allocator]
+            "--memory_cap_gb", str(ns.memory_cap_gb), "--which", ns.which, "--allocator", ns.allocator,
+            "--selective_checkpointing", ns.selective_checkpointing]
     if ns.model_dir:
         argv += ["--model_dir", ns.model_dir]
     return argv
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory_cap_gb", type=float, default=20.0)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (see benchmarks/common.py worker_env)")
+    p.add_argument("--selective_checkpointing", choices=("true", "false"), default="false", help="preftune's --selective_checkpointing")
     p.add_argument("--model_dir", default=None, help="create the model here once and reuse it (default: a temporary folder)")
     p.add_argument("--out", default=None, help="write every row's raw results as JSON here")
     ns = p.parse_args(argv)
