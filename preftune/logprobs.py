@@ -131,7 +131,16 @@ def _input_directions_into(dst: torch.Tensor, probs: torch.Tensor, h: torch.Tens
         return dst.neg_().add_(weight.index_select(0, targets).float())
     grad_l = probs.neg_()
     grad_l.scatter_add_(1, targets[:, None], torch.ones_like(grad_l[:, :1]))
-    if tf.softcap is not None:  # l = cap * tanh(scale z / cap): d l / d (scale z) = 1 - tanh^2
+    _times_transform_derivative(grad_l, h, weight, bias, tf)
+    dst.copy_(torch.mm(grad_l.to(h.dtype), weight))
+    return dst
+
+
+def _times_transform_derivative(grad_l: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                tf: LogitTransform) -> torch.Tensor:
+    """``grad_l *= d l / d z`` in place for ``l = cap * tanh(scale z / cap)`` (``scale (1 -
+    tanh^2)``; the soft-cap's ``z = h W^T + b`` is recomputed) or ``l = scale z``."""
+    if tf.softcap is not None:
         z = torch.mm(h, weight.t()).float()
         if bias is not None:
             z.add_(bias)
@@ -139,8 +148,7 @@ def _input_directions_into(dst: torch.Tensor, probs: torch.Tensor, h: torch.Tens
         grad_l.mul_(t.mul_(t).neg_().add_(1.0))
     if tf.scale != 1.0:
         grad_l.mul_(tf.scale)
-    dst.copy_(torch.mm(grad_l.to(h.dtype), weight))
-    return dst
+    return grad_l
 
 
 def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
@@ -286,14 +294,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             p = p.float()
             grad_l = torch.mul(p, -g[:, None], out=p if probs is None else None)  # (c, V)
             grad_l.scatter_add_(1, y[:, None], g[:, None])
-            if tf.softcap is not None:  # l = cap * tanh(scale z / cap): d l / d (scale z) = 1 - tanh^2
-                z = torch.mm(h, w.t()).float()
-                if b is not None:
-                    z.add_(b)
-                t = z.mul_(tf.scale / tf.softcap).tanh_()
-                grad_l.mul_(t.mul_(t).neg_().add_(1.0))
-            if tf.scale != 1.0:
-                grad_l.mul_(tf.scale)
+            _times_transform_derivative(grad_l, h, w, b, tf)
             grad_l_c = grad_l.to(cdt)
             if need_h:
                 grad_h[start:end] = torch.mm(grad_l_c, w)
