@@ -7,9 +7,9 @@ Three counts per step, each split into decoder ``layers``, LM ``head`` and ``att
   model may attend (causal; rejected never sees chosen).
 * ``preftune``: what the packed layout executes: rows as its collator packs them, padded to the
   longest row; the LM head on scored tokens, plus, for a trainable head, a recompute of the
-  logits when the softmax does not fit ``--logprob_cache_mb`` (a frozen head recomputes nothing); attention as PyTorch's CPU flash kernel computes it (score
-  blocks computed whole, see :func:`segment_pairs_executed`); the dense mask computes ``T^2``
-  per row.
+  logits when the softmax does not fit ``--logprob_cache_mb`` (a frozen head recomputes
+  nothing); attention as PyTorch's CPU flash kernel computes it (score blocks computed whole,
+  see :func:`segment_pairs_executed`); the dense mask computes ``T^2`` per row.
 * ``trl`` (padded): ``2B`` rows padded to the longest sequence, the LM head on every position,
   dense ``T x T`` attention.
 

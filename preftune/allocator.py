@@ -81,6 +81,11 @@ def reuse_freed_memory() -> bool:
     return _applied
 
 
+def _named_in_preload(preload: str) -> str | None:
+    """The allocator (jemalloc/tcmalloc) an ``LD_PRELOAD`` value already loads, or None."""
+    return next((name for name in _LIBRARIES if name in preload), None)
+
+
 def allocator_to_preload(env: Mapping[str, str], find_library: Callable[[str], str | None] = ctypes.util.find_library,
                          platform: str = sys.platform) -> tuple[str, str] | None:
     """``(allocator, library)`` to put in ``LD_PRELOAD``, or None to run on what the process has.
@@ -93,8 +98,7 @@ def allocator_to_preload(env: Mapping[str, str], find_library: Callable[[str], s
     choice = (env.get(ALLOCATOR_ENV) or "auto").strip().lower()
     if choice not in _CHOICES:
         raise ValueError(f"{ALLOCATOR_ENV}={env.get(ALLOCATOR_ENV)!r} is not one of {', '.join(_CHOICES)}")
-    preload = env.get("LD_PRELOAD", "")
-    if choice == "system" or not platform.startswith("linux") or env.get(_PRELOADED_ENV) or any(n in preload for n in _LIBRARIES):
+    if choice == "system" or not platform.startswith("linux") or env.get(_PRELOADED_ENV) or _named_in_preload(env.get("LD_PRELOAD", "")):
         return None
     for name in _LIBRARIES if choice == "auto" else (choice,):
         for lib in _LIBRARIES[name]:
@@ -146,8 +150,7 @@ def active_allocator() -> str:
     preloaded = os.environ.get(_PRELOADED_ENV)
     if preloaded:
         return f"{preloaded} ({ALLOCATOR_ENV}=system to turn off)"
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in _LIBRARIES:
-        if name in preload:
-            return f"{name} (LD_PRELOAD)"
+    named = _named_in_preload(os.environ.get("LD_PRELOAD", ""))
+    if named:
+        return f"{named} (LD_PRELOAD)"
     return "system malloc" + (" (apt install libjemalloc2 for less memory: docs/engine.md)" if sys.platform.startswith("linux") else "")

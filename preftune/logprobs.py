@@ -191,20 +191,17 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             b = bias.float() if bias is not None else None
             rows = min(chunk_size, n)
             full = compute_dtype == torch.float32
+            # Frozen head (LoRA, ReFT, a frozen tied embedding): the backward needs only grad_h, and
+            # d logp_n / d h_n does not depend on the upstream gradient g_n, so it is computed here,
+            # from the softmax already in the buffer, and the backward is grad_h = g * J; there is
+            # then no softmax to keep.
+            frozen_head = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2])
+            directions = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if frozen_head else None
+            cache_probs = cache_probs and not frozen_head
             probs = torch.empty(n, vocab, dtype=compute_dtype, device=hidden.device) if cache_probs else None
             # a float32 cache is itself the buffer; otherwise soft-max in float32, then keep it rounded
             buf = None if cache_probs and full else torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             scratch = None if full else torch.empty(rows, vocab, dtype=compute_dtype, device=hidden.device)
-            # Frozen head (LoRA, ReFT, a frozen tied embedding): the backward needs only grad_h, and
-            # d logp_n / d h_n does not depend on the upstream gradient g_n, so it is computed here,
-            # from the softmax already in the buffer, and the backward is grad_h = g * J.
-            directions = None
-            if ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2]):
-                directions = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-                probs = None
-                if cache_probs:  # nothing to cache: the directions replace the softmax
-                    cache_probs = False
-                    buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 dst = probs[start:end] if buf is None else buf[: end - start]
