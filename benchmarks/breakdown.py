@@ -227,7 +227,7 @@ def build_parser():
     p.add_argument("--chunk_size", type=int, default=0, help="--logprob_chunk_size (0: preftune's automatic choice)")
     p.add_argument("--cache_mb", type=float, default=256.0, help="--logprob_cache_mb")
     p.add_argument("--preflight", action="store_true")
-    p.add_argument("--selective_checkpointing", choices=("true", "false"), default="false", help="preftune's --selective_checkpointing")
+    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
     p.add_argument("--keep_freed_memory", choices=("true", "false"), default="true", help="preftune's --reuse_freed_memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     spec = {"tmp": str(tmp), "steps": ns.steps, "batch_size": ns.batch_size, "lr": 1e-5, "seed": ns.seed,
             "precision": ns.precision, "gradient_checkpointing": ns.gradient_checkpointing}
     args = PreftuneConfig(**common.training_kwargs(spec, "preftune"), memory_preflight=ns.preflight, method=ns.method, beta=0.1,
-                          reuse_freed_memory=ns.keep_freed_memory == "true", selective_checkpointing=ns.selective_checkpointing == "true",
+                          reuse_freed_memory=ns.keep_freed_memory == "true", selective_checkpointing=ns.selective_checkpointing,
                           nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
     meter = step_meter()
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])

@@ -414,7 +414,7 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
         # whole dataset before step 1; off by default here so both tools' peak RSS covers the
         # same batches (--preflight turns it on)
         memory_preflight=spec["preflight"],
-        selective_checkpointing=spec.get("selective_checkpointing", False),
+        selective_checkpointing=spec.get("selective_checkpointing", "mlp"),
         method=method,
         beta=spec["beta"],
         nll_on_prompt=spec.get("nll_on_prompt", False),
@@ -496,7 +496,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("segments", "dense"), default="segments",
                    help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
     p.add_argument("--chunk_size", type=int, default=1024, help="preftune logprob_chunk_size")
-    p.add_argument("--selective_checkpointing", choices=("true", "false"), default="false", help="preftune's --selective_checkpointing")
+    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (jemalloc/tcmalloc via LD_PRELOAD; must be installed)")
     p.add_argument("--preflight", action="store_true", help="keep preftune's memory preflight (a forward+backward on the largest batch before step 1)")
@@ -584,7 +584,7 @@ def run_tools(bench: Benchmark, ns, workload: Workload, model_dir: Path, tmp: Pa
         "beta": ns.beta, "seed": ns.seed, "threads": ns.threads, "layout": ns.layout,
         "chunk_size": ns.chunk_size, "preflight": ns.preflight, "tmp": str(tmp), "model": ns.model, "lora_r": ns.lora_r,
         "precision": ns.precision, "attention": ns.attention, "gradient_checkpointing": ns.gradient_checkpointing,
-        "memory_cap_gb": ns.memory_cap_gb, "allocator": ns.allocator, "selective_checkpointing": ns.selective_checkpointing == "true",
+        "memory_cap_gb": ns.memory_cap_gb, "allocator": ns.allocator, "selective_checkpointing": ns.selective_checkpointing,
         **bench.spec_extra,
         **{k: getattr(ns, k) for k in bench.spec_args},
     }

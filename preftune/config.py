@@ -264,10 +264,11 @@ class PreftuneConfig(TrainingArguments):
     logprob_cache_mb: float = _f(256.0, "Keep the LM head's softmax from the forward (skipping one matmul in the backward) when it fits in this many MiB; 0 always recomputes. Only a trainable head uses it (a frozen head keeps no softmax).", "engine")
     max_nonfinite_steps: int = _f(5, "Skip steps whose loss or gradient is not finite; stop with an error after this many.", "engine")
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
-    selective_checkpointing: bool = _f(False, "Keep only the matmul and attention outputs of each decoder layer for the backward and recompute the "
-                                       "elementwise work (norms, activations, products) there: about half the activation memory, same numbers, "
-                                       "10-20% slower (measured on a 0.5B LoRA model: 5.1 instead of 6.5 GB at 4 pairs/step). "
-                                       "--gradient_checkpointing true (replay whole layers) replaces it.", "engine")
+    selective_checkpointing: str = _f("mlp", "What each decoder layer keeps for the backward. mlp (default): the feed-forward block keeps its "
+                                      "projections' outputs and recomputes its activation and gated product (same numbers, about a third "
+                                      "less activation memory for a few percent of step time); true: every decoder layer keeps only its matmul "
+                                      "and attention outputs and recomputes norms, rotary and the rest too (less memory again, 10-20% slower); "
+                                      "false: keep everything autograd saves. --gradient_checkpointing true (replay whole layers) replaces it.", "engine")
     reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
     eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
@@ -305,6 +306,7 @@ class PreftuneConfig(TrainingArguments):
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
         self._check_method()
         _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
+        self.selective_checkpointing = _selective_checkpointing_choice(self.selective_checkpointing)
         _require(self.logprob_chunk_size >= 0, f"--logprob_chunk_size must be 0 (auto) or a number of tokens, got {self.logprob_chunk_size}")
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
@@ -382,6 +384,15 @@ class PreftuneConfig(TrainingArguments):
 
 
 ORPOConfig = PreftuneConfig
+
+SELECTIVE_CHECKPOINTING_CHOICES = ("false", "mlp", "true")
+
+
+def _selective_checkpointing_choice(value) -> str:
+    """``--selective_checkpointing``: a YAML/Python bool or one of :data:`SELECTIVE_CHECKPOINTING_CHOICES`."""
+    text = str(value).strip().lower()  # a bool prints as "True"/"False"
+    _require(text in SELECTIVE_CHECKPOINTING_CHOICES, f"--selective_checkpointing must be false, mlp or true, got {value!r}")
+    return text
 
 # --- options of the after-training commands ------------------------------------------------------
 @_grouped

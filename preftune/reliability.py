@@ -153,7 +153,7 @@ def memory_preflight(trainer, pairs) -> None:
             f"out of memory on the largest batch of this run ({len(batch_pairs)} pairs, {tokens} tokens, "
             f"longest pair {batch_pairs[0].packed_length} tokens) before training started. Fixes: set --max_tokens_per_batch "
             f"(e.g. {max(tokens // 2, 1)}), lower --max_length / --per_device_train_batch_size (raise --gradient_accumulation_steps "
-            f"to keep the batch), or pass --selective_checkpointing true (about a quarter less memory, some 10-20% slower) "
+            f"to keep the batch), or pass --selective_checkpointing true (recompute norms and rotary too: less memory again, some 10-20% slower) "
             f"or --gradient_checkpointing true (least memory)"
         ) from None
     finally:

@@ -205,10 +205,13 @@ class PreferenceTrainer(Trainer):
             from .allocator import reuse_freed_memory
 
             reuse_freed_memory()
-        if self.args.selective_checkpointing and not self.args.gradient_checkpointing:
-            from .checkpointing import enable_selective_checkpointing
+        if not self.args.gradient_checkpointing:
+            from .checkpointing import enable_feed_forward_checkpointing, enable_selective_checkpointing
 
-            enable_selective_checkpointing(self.model)
+            if self.args.selective_checkpointing == "true":
+                enable_selective_checkpointing(self.model)
+            elif self.args.selective_checkpointing == "mlp":
+                enable_feed_forward_checkpointing(self.model)
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 

@@ -15,13 +15,19 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from preftune.checkpointing import MIN_SAVED_CONTRACTION, enable_selective_checkpointing, selective_policy
+from preftune.checkpointing import (
+    MIN_SAVED_CONTRACTION, disable_feed_forward_checkpointing, enable_feed_forward_checkpointing, enable_selective_checkpointing,
+    selective_policy,
+)
 from test_engine_equivalence import BATCHES, build_model, grads_of, make_pairs, orpo_loss_of, packed_attention, run_layout
 from test_engine_families import FAMILIES, build
 
 IN_DEPTH = ("llama", "qwen2", "mistral", "gemma2", "phi3", "mixtral", "qwen2_moe")
+# --selective_checkpointing true (every decoder layer) and mlp (the feed-forward blocks only)
+ENABLE = {"layers": enable_selective_checkpointing, "mlp": enable_feed_forward_checkpointing}
 
 
 def make(family: str):
@@ -58,24 +64,49 @@ def assert_same(plain, selective, what):
     assert moved > len(g0) // 2, f"{what}: most gradients are zero; the comparison proves little"
 
 
+@pytest.mark.parametrize("mode", sorted(ENABLE))
 @pytest.mark.parametrize("family", IN_DEPTH + tuple(sorted(FAMILIES)))
-def test_selective_checkpointing_changes_no_number(family):
+def test_selective_checkpointing_changes_no_number(family, mode):
     """Training mode: GPT-2's default config has dropout 0.1, replayed with the same masks."""
     model = make(family).train()
     pairs = make_pairs(BATCHES["odd_lengths"][0], seed=5)
     plain = loss_and_grads(model, pairs)
-    assert enable_selective_checkpointing(model)
-    assert_same(plain, loss_and_grads(model, pairs), f"{family}, every weight training")
+    assert ENABLE[mode](model)
+    assert_same(plain, loss_and_grads(model, pairs), f"{family}, {mode}, every weight training")
 
 
+@pytest.mark.parametrize("mode", sorted(ENABLE))
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe", "gemma2"])
-def test_selective_checkpointing_with_lora(family):
+def test_selective_checkpointing_with_lora(family, mode):
     model = with_lora(make(family)).train()
     pairs = make_pairs(BATCHES["odd_lengths"][0], seed=7)
     plain = loss_and_grads(model, pairs)
-    assert enable_selective_checkpointing(model)
+    assert ENABLE[mode](model)
     selective = loss_and_grads(model, pairs)
-    assert_same(plain, selective, f"{family} + LoRA")
+    assert_same(plain, selective, f"{family} + LoRA, {mode}")
+
+
+def test_feed_forward_checkpointing_wraps_each_block_once_and_undoes():
+    """Every decoder layer's MLP is wrapped (granitemoe's ``block_sparse_moe`` too), enabling
+    twice wraps nothing twice, a deep copy runs its own blocks, evaluation and generation run the
+    class's forward untouched, and disabling restores the class's forward."""
+    import copy
+
+    from test_engine_families import build
+
+    model = build("granitemoe")
+    blocks = [layer.block_sparse_moe for layer in model.model.layers]
+    assert enable_feed_forward_checkpointing(model) == len(blocks) == enable_feed_forward_checkpointing(model)
+    assert all("forward" in vars(b) for b in blocks)
+    twin = copy.deepcopy(model)
+    assert all(tb.forward.__self__ is tb for tb in (layer.block_sparse_moe for layer in twin.model.layers))
+    ids = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    with torch.no_grad():
+        wrapped = model(ids).logits
+        disable_feed_forward_checkpointing(model)
+        assert not any("forward" in vars(b) for b in blocks)
+        assert torch.equal(wrapped, model(ids).logits)
 
 
 class _Created(TorchDispatchMode):
@@ -121,8 +152,11 @@ def bytes_kept_for_backward(model, pairs) -> int:
 
 def test_selective_checkpointing_keeps_less():
     """A Llama with a SwiGLU MLP 4x wider than the model, LoRA on every projection (the user's
-    case): the plain run keeps four ``(T, intermediate)`` tensors per layer, the selective run two
-    plus projection outputs; it must keep at most 70% of the plain run's bytes."""
+    case): the plain run keeps four ``(T, intermediate)`` tensors per layer, the selective runs two
+    plus projection outputs. Checkpointing the MLPs alone must keep two ``(T, intermediate)`` float32
+    tensors per layer fewer than the plain run, less what it keeps instead (``down``'s base output,
+    ``(T, hidden)``, and three LoRA ``A`` outputs, ``(T, r)``); every layer, at most 70% of the plain
+    run's bytes and less than the MLPs alone."""
     import transformers as tf
 
     config = tf.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -130,11 +164,47 @@ def test_selective_checkpointing_keeps_less():
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = with_lora(tf.LlamaForCausalLM(config)).train()
-    pairs = make_pairs([(40, 30, 25), (35, 20, 45)], seed=9)
+    lengths = [(40, 30, 25), (35, 20, 45)]
+    pairs = make_pairs(lengths, seed=9)
+    per_token_and_layer = 2 * config.intermediate_size - config.hidden_size - 3 * 4  # floats; LoRA r = 4
+    fewer_at_least = sum(map(sum, lengths)) * config.num_hidden_layers * per_token_and_layer * 4  # bytes
     plain = bytes_kept_for_backward(model, pairs)
+    enable_feed_forward_checkpointing(model)
+    mlp = bytes_kept_for_backward(model, pairs)
+    disable_feed_forward_checkpointing(model)
     enable_selective_checkpointing(model)
-    selective = bytes_kept_for_backward(model, pairs)
-    assert plain > 0 and selective <= 0.7 * plain, (plain, selective)
+    layers = bytes_kept_for_backward(model, pairs)
+    assert plain - mlp >= fewer_at_least, (plain, mlp, fewer_at_least)
+    assert layers <= 0.7 * plain and layers < mlp, (plain, mlp, layers)
+
+
+def test_gated_mlp_probe_rejects_other_maths_and_keeps_the_random_state():
+    """An MLP whose forward adds a dropout to the gated product is not the gated shape: it gets the
+    generic selective checkpoint (which replays the dropout mask), and the values and gradients
+    still match; the probe does not move the caller's random stream."""
+    import transformers as tf
+
+    class DroppingMLP(tf.models.llama.modeling_llama.LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(F.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x), 0.3, self.training))
+
+    config = tf.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).train()
+    for layer in model.model.layers:
+        state = layer.mlp.state_dict()
+        layer.mlp = DroppingMLP(config)
+        layer.mlp.load_state_dict(state)
+    pairs = make_pairs(BATCHES["odd_lengths"][0], seed=3)
+    plain = loss_and_grads(model, pairs)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    assert enable_feed_forward_checkpointing(model) == 2
+    assert torch.equal(before, torch.get_rng_state())
+    assert all(layer.mlp.forward.__func__.__name__ == "_selectively_checkpointed_forward" for layer in model.model.layers)
+    assert_same(plain, loss_and_grads(model, pairs), "Llama with dropout in the MLP")
 
 
 def test_policy_keeps_long_contractions_only():
@@ -150,21 +220,31 @@ def test_policy_keeps_long_contractions_only():
     assert selective_policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == CheckpointPolicy.MUST_SAVE
 
 
+@pytest.mark.parametrize("mode", ["mlp", "true"])
 @pytest.mark.parametrize("bf16", ["false", "true"])
-def test_trainer_step_is_the_same_with_and_without(tmp_path, bf16):
-    """Two optimizer steps through PreferenceTrainer with ``selective_checkpointing=True`` (off by
-    default): the weights after them equal the plain run's bit for bit, in fp32 and under bf16
-    autocast (the replay re-enters the forward's autocast)."""
+def test_trainer_step_is_the_same_with_and_without(tmp_path, bf16, mode):
+    """Two optimizer steps through PreferenceTrainer with ``selective_checkpointing`` ``mlp`` (the
+    default) or ``true`` against ``false``: the weights after them equal the plain run's bit for
+    bit, in fp32 and under bf16 autocast (the recomputations re-enter the forward's autocast)."""
     from test_trainer import random_pairs, train_weights
+
+    from preftune.checkpointing import _feed_forward_blocks
 
     pairs = random_pairs(8, seed=4)
     common = dict(max_steps=2, per_device_train_batch_size=4, bf16=bf16)
-    plain, t0 = train_weights(tmp_path / "plain", pairs, **common)
-    selective, t1 = train_weights(tmp_path / "selective", pairs, selective_checkpointing=True, **common)
-    assert t1.args.selective_checkpointing and not t0.args.selective_checkpointing
+    plain, t0 = train_weights(tmp_path / "plain", pairs, selective_checkpointing="false", **common)
+    selective, t1 = train_weights(tmp_path / "selective", pairs, selective_checkpointing=mode, **common)
+    assert t1.args.selective_checkpointing == mode and t0.args.selective_checkpointing == "false"
     layers = [m for m in t1.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
-    assert layers and all(m.gradient_checkpointing for m in layers)  # it really ran checkpointed
-    assert not any(getattr(m, "gradient_checkpointing", False) for m in t0.model.modules())
+    mlps = list(_feed_forward_blocks(t1.model))
+    assert layers and len(mlps) == len(layers)
+    if mode == "true":  # it really ran checkpointed
+        assert all(m.gradient_checkpointing for m in layers)
+    else:
+        assert all(m.forward.__func__.__name__ == "_gated_mlp_forward" for m in mlps)
+    plain_layers = [m for m in t0.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert not any(m.gradient_checkpointing for m in plain_layers)
+    assert not any("forward" in vars(m) for m in _feed_forward_blocks(t0.model))
     from conftest import tiny_llama
 
     initial = dict(tiny_llama(seed=3).named_parameters())  # train_weights' starting model
