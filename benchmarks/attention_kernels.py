@@ -99,7 +99,7 @@ FORMULATIONS = {
     "per run, boolean mask": per_run("bool"),
     "per run, causal_lower_right": per_run("lower_right"),
     "per run, keys repeated": per_run("repeat"),
-    **{f"preftune, query blocks of {b}": preftune_kernel(b) for b in (None, 256, 128, 64, 32)},
+    **{f"preftune, query blocks of {b}": preftune_kernel(b) for b in (None, 256, 128, 64, 48, 32)},
     "preftune default: blocks of 64, runs over 1,024 keys uncut": preftune_kernel(64, 1024),
 }
 

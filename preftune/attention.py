@@ -18,10 +18,14 @@ key ranges)``, built once per batch from ``batch["segments"]`` and handed to eve
 keyword argument ``preftune_segments`` (transformers passes unknown keyword arguments from the
 decoder call through to the attention function). Kernels:
 
-* ``sdpa`` (any device): one ``scaled_dot_product_attention`` call per query run: ``is_causal``
-  for A (the kernel skips blocks above the diagonal), a small ``(R, P + R)`` boolean
-  lower-right mask for B; GQA through ``enable_gqa``. Soft-capped attention (Gemma 2) goes
-  through the same runs in plain maths, since SDPA has no soft-cap.
+* CPU (no dropout, no soft-cap): :class:`_CPURunsAttention`, PyTorch's CPU flash kernel (what
+  ``scaled_dot_product_attention`` runs on CPU) per query block, as one autograd node that
+  writes every output into the ``(B, T, H, D)`` result and keeps only that, ``q``/``k``/``v``
+  and one log-sum-exp per block for the backward.
+* ``sdpa`` (any other case): one ``scaled_dot_product_attention`` call per query run:
+  ``is_causal`` for A, a small ``(R, P + R)`` boolean lower-right mask for B; GQA through
+  ``enable_gqa``. Soft-capped attention (Gemma 2) goes through the same runs in plain maths,
+  since SDPA has no soft-cap.
 * ``flash_attention_2`` (CUDA with the ``flash_attn`` package): one
   ``flash_attn_varlen_func`` call for the whole batch, with ``cu_seqlens_q != cu_seqlens_k``
   (bottom-right causal) and B's keys gathered by index.
@@ -168,6 +172,19 @@ class SegmentPlan:
             self._masks[key] = mask
         return mask
 
+    def additive_run_mask(self, run: QueryRun, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """:meth:`run_mask` as the additive mask PyTorch's flash kernels take (0 where attended,
+        ``-inf`` elsewhere) in ``dtype``; None where :meth:`run_mask` is None."""
+        mask = self.run_mask(run, window)
+        if mask is None:
+            return None
+        key = (run.q_len, run.k_len, window, dtype)
+        additive = self._masks.get(key)
+        if additive is None:
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._masks[key] = additive
+        return additive
+
     # --- the varlen description ----------------------------------------------------------------
     def varlen(self) -> dict:
         """``cu_seqlens_q/k`` (int32), ``max_seqlen_q/k`` and ``kv_index`` (flat key token of each
@@ -269,9 +286,12 @@ def _softcap_attention(q, k, v, mask, scaling, softcap, dropout, training):
 CPU_QUERY_BLOCK = 64
 """Query block of the per-run kernel on CPU (:meth:`SegmentPlan.blocks`): PyTorch's CPU flash
 kernel computes a causal run's whole score square when it is at most 512 keys long, and a masked
-run's whole rectangle. Measured on this project's CPU (``benchmarks/attention_kernels.py``, fwd +
-bwd, quiet machine): on HH-sized segments blocks of 64 ran fastest (40.5 ms; 128: 43.2, 32: 47.0,
-uncut 46.6) and execute about 1.25x the useful (query, key) pairs (128: 1.44x, uncut 1.75x)."""
+run's whole rectangle. Blocks of 64 execute about 1.25x the useful (query, key) pairs on HH-sized
+segments (32: 1.17x, 128: 1.44x, uncut 1.75x) and ran fastest here: fwd + bwd of one
+Qwen2-0.5B-shaped layer on 4 HH-sized pairs, alternated in one process (``/tmp`` probe over
+``benchmarks/attention_kernels.py``), 40.2 ms at 64 against 47.6 at 48 and 47.0 at 32; on the
+tiny benchmark's 4 heads 24.6 against 26.7 and 27.8. Each call costs about 0.4 ms beyond its FLOPs
+(buffers set up inside the kernel), more than smaller blocks save."""
 
 CPU_UNCUT_ABOVE_KEYS = 1024
 """Runs with more keys than this are not cut on CPU: the kernel skips key blocks above the
@@ -281,6 +301,8 @@ fastest on 4k-token segments (1,765 ms; blocks of 128: 2,033, of 64: 21% slower 
 
 def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scaling, sliding_window, softcap):
     """Per-run attention on any device; returns ``(B, T, H, D)`` like transformers' kernels."""
+    if query.device.type == "cpu" and softcap is None and not dropout:
+        return _cpu_runs_attention(query, key, value, plan, scaling, sliding_window)
     rows, heads, t, dim = query.shape
     lower_right = query.device.type == "cuda" and sliding_window is None
     gqa = key.shape[1] != heads
@@ -319,6 +341,83 @@ def _runs_attention(module, query, key, value, plan: SegmentPlan, dropout, scali
             outputs[r].append(query.new_zeros(t - filled[r], heads, dim))
         pieces += outputs[r]
     return torch.cat(pieces, dim=0).view(rows, t, heads, dim)  # one copy into the (B, T, H, D) layout
+
+
+def _keys_of(x_row: torch.Tensor, keys: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """``x_row[:, :, a:b]`` concatenated over the key ranges: a view for one range, a copy for two."""
+    parts = [x_row[:, :, a:b] for a, b in keys]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class _CPURunsAttention(torch.autograd.Function):
+    """Every query run of a batch through PyTorch's CPU flash-attention kernel, as one autograd node.
+
+    The same kernel ``scaled_dot_product_attention`` picks on CPU
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), called per run
+    directly, so each run's output and gradients are the bits SDPA would give. One node instead of
+    SDPA's per run (and the slices, concatenations and transposes around each) keeps per-run
+    overhead low enough to cut runs into small query blocks, and keeps less: the outputs are
+    written into the one ``(B, T, H, D)`` tensor the next projection reads (saved once, not also
+    per run), and the two-range keys of rejected runs are gathered again in the backward instead
+    of being kept.
+
+    Inputs: query ``(B, H, T, D)``, key/value ``(B, H_kv, T, D)`` (grouped-query attention is the
+    kernel's own), ``runs`` (:class:`QueryRun`), ``masks`` (per run: None for top-left causal,
+    else an additive ``(q_len, k_len)`` mask in the query's dtype), ``scaling``. Output
+    ``(B, T, H, D)``; queries in no run (row-end padding) get zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, runs, masks, scaling):
+        rows, heads, t, dim = query.shape
+        out = query.new_zeros(rows, t, heads, dim)
+        lses = []
+        for run, mask in zip(runs, masks):
+            r, s, e = run.row, run.q_start, run.q_start + run.q_len
+            q = query[r : r + 1, :, s:e]
+            k, v = _keys_of(key[r : r + 1], run.keys), _keys_of(value[r : r + 1], run.keys)
+            o, lse = _FLASH_CPU(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scaling)
+            out[r, s:e].copy_(o[0].transpose(0, 1))
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.runs, ctx.masks, ctx.scaling = runs, masks, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *lses = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for run, mask, lse in zip(ctx.runs, ctx.masks, lses):
+            r, s, e = run.row, run.q_start, run.q_start + run.q_len
+            k, v = _keys_of(key[r : r + 1], run.keys), _keys_of(value[r : r + 1], run.keys)
+            dq, dk, dv = _FLASH_CPU_BACKWARD(
+                grad_out[r : r + 1, s:e].transpose(1, 2), query[r : r + 1, :, s:e], k, v, out[r : r + 1, s:e].transpose(1, 2), lse,
+                0.0, mask is None, attn_mask=mask, scale=ctx.scaling,
+            )
+            grad_q[r : r + 1, :, s:e] = dq
+            start = 0
+            for a, b in run.keys:  # keys shared by runs (the prompt) add up
+                grad_k[r : r + 1, :, a:b] += dk[:, :, start : start + b - a]
+                grad_v[r : r + 1, :, a:b] += dv[:, :, start : start + b - a]
+                start += b - a
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _cpu_runs_attention(query, key, value, plan: SegmentPlan, scaling, sliding_window):
+    """:class:`_CPURunsAttention` over the plan's CPU query blocks, with SDPA's autocast rule (the
+    kernel runs in the autocast dtype when autocast is on) and additive masks cached per plan."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    elif not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"segment attention: query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})")
+    runs = plan.blocks(CPU_QUERY_BLOCK, CPU_UNCUT_ABOVE_KEYS)
+    masks = [plan.additive_run_mask(run, sliding_window, query.dtype) for run in runs]
+    return _CPURunsAttention.apply(query, key, value, runs, masks, scaling)
 
 
 def flash_attn_available() -> bool:

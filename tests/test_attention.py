@@ -331,3 +331,73 @@ def test_packed_layout_chooses_segment_attention(caplog):
     with caplog.at_level("WARNING"):
         assert choose_device("float32", "flex_attention", "packed").attn_implementation == "preftune_sdpa"
     assert "cannot run the packed layout's segment attention" in caplog.text
+
+
+def _reference_attention(q, k, v, mask, scaling):
+    """Float64 masked softmax attention over whole rows, ``(B, H, T, D)`` in, ``(B, T, H, D)``
+    out; queries with no visible key give zeros."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scaling
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("bhqk,bhkd->bqhd", probs, v)
+
+
+@pytest.mark.parametrize("block,window", [(None, None), (2, None), (3, 4), (64, None)])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_runs_kernel_against_float64(block, window, kv_heads, monkeypatch):
+    """The one-node CPU kernel (PyTorch's flash kernel per run, outputs written in place, keys
+    re-gathered in the backward): output and the gradients of query, key and value against a
+    float64 reference over the dense mask, with grouped-query heads, a sliding window, runs cut
+    into query blocks or not, and several pairs in a row (the prompt's keys collect gradients
+    from two runs)."""
+    from preftune import attention
+
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", block)
+    batch = _segments_batch([(7, 3, 5), (2, 4, 2), (5, 1, 6), (4, 6, 3)], row_budget=30)
+    plan = _plan(batch)
+    mask = _dense_with_window(batch, window)
+    rows, t = batch["input_ids"].shape
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(rows, h, t, 8, generator=g, requires_grad=True) for h in (4, kv_heads, kv_heads))
+    grad_out = torch.randn(rows, t, 4, 8, generator=g) * batch["token_mask"][:, :, None, None]
+    out = attention._cpu_runs_attention(q, k, v, plan, 8**-0.5, window)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    real = batch["token_mask"].bool()[:, :, None, None]
+    want_out = _reference_attention(q64, k64, v64, mask, 8**-0.5) * real  # padding: never read
+    want = torch.autograd.grad(want_out, (q64, k64, v64), grad_out.double())
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
+    assert not out[~batch["token_mask"].bool()].any()  # padding queries: zero output
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_cpu_runs_kernel_is_sdpa_under_bf16_autocast():
+    """Under CPU bf16 autocast the kernel runs in bf16 as SDPA does (q/k/v cast, gradients flow
+    back to the fp32 inputs), and equals SDPA called per run on the same blocks."""
+    import torch.nn.functional as F
+
+    from preftune import attention
+
+    batch = _segments_batch([(9, 4, 6), (3, 5, 2)])
+    plan = _plan(batch)
+    rows, t = batch["input_ids"].shape
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(rows, h, t, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention._cpu_runs_attention(q, k, v, plan, 0.25, None)
+        want = torch.zeros_like(out)
+        for run in plan.blocks(attention.CPU_QUERY_BLOCK, attention.CPU_UNCUT_ABOVE_KEYS):
+            keys = torch.cat([torch.arange(a, b) for a, b in run.keys])
+            s, e = run.q_start, run.q_start + run.q_len
+            mask = plan.run_mask(run, None)
+            o = F.scaled_dot_product_attention(q[run.row : run.row + 1, :, s:e], k[run.row : run.row + 1, :, keys],
+                                               v[run.row : run.row + 1, :, keys], attn_mask=mask, is_causal=mask is None,
+                                               scale=0.25, enable_gqa=True)
+            want[run.row, s:e] = o[0].transpose(0, 1)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, want)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
