@@ -495,7 +495,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("packed", "padded"), default="packed", help="preftune batch layout")
     p.add_argument("--attention", choices=("segments", "dense"), default="segments",
                    help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
-    p.add_argument("--chunk_size", type=int, default=1024, help="preftune logprob_chunk_size")
+    p.add_argument("--chunk_size", type=int, default=0, help="preftune --logprob_chunk_size (default 0: preftune's own automatic choice, as users get it)")
     p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (jemalloc/tcmalloc via LD_PRELOAD; must be installed)")

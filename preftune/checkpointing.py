@@ -151,48 +151,74 @@ class _AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
+class _GatedRecompute:
+    """What the backward of one gated product needs: ``g``, ``u``, the activation, the forward's
+    autocast setting, and ``act(g)`` once recomputed (with its graph back to a detached ``g``), so
+    ``down``'s saved input and :class:`_GatedProduct`'s backward share one recomputation."""
+
+    __slots__ = ("g", "u", "act", "autocast_state", "g_leaf", "s")
+
+    def __init__(self, g, u, act, autocast_state):
+        self.g, self.u, self.act, self.autocast_state = g, u, act, autocast_state
+        self.g_leaf = self.s = None
+
+    def act_of_g(self):
+        """``(g_leaf, act(g_leaf))``, computed on first use."""
+        if self.s is None:
+            with torch.enable_grad(), self.autocast_state():
+                self.g_leaf = self.g.detach().requires_grad_()
+                self.s = self.act(self.g_leaf)
+        return self.g_leaf, self.s
+
+    def product(self) -> torch.Tensor:
+        """``act(g) * u`` as the forward computed it."""
+        _, s = self.act_of_g()
+        with torch.no_grad(), self.autocast_state():
+            return s.detach() * self.u
+
+    def release(self) -> None:
+        self.g_leaf = self.s = None
+
+
 class _GatedProduct(torch.autograd.Function):
     """``h = act(g) * u`` keeping only ``g`` and ``u`` for the backward.
 
     Plain autograd keeps ``g`` (for the activation's backward), ``act(g)`` and ``u`` (for the
-    product's). The backward recomputes ``act(g) * u`` from ``g`` and ``u`` and differentiates
-    that with autograd: the same backward operations on the same values, so the gradients are
-    bit-identical to the plain path's.
+    product's). The backward recomputes ``s = act(g)`` (or takes the one ``down``'s unpacked input
+    already recomputed) and runs the product's and the activation's own backward: ``grad_u =
+    grad_h * s``, ``grad_g = act'(g) grad_h * u`` through autograd, the same operations on the same
+    values as the plain path, so the gradients are bit-identical.
     """
 
     @staticmethod
-    def forward(ctx, g, u, act, autocast_state):
-        ctx.act, ctx.autocast_state = act, autocast_state
-        ctx.save_for_backward(g, u)
-        return act(g) * u
+    def forward(ctx, g, u, recompute: _GatedRecompute):
+        ctx.recompute = recompute
+        ctx.save_for_backward(g, u)  # (the version check: neither may change before the backward)
+        return recompute.act(g) * u
 
     @staticmethod
     def backward(ctx, grad_h):
-        g, u = ctx.saved_tensors
+        _, u = ctx.saved_tensors
         need_g, need_u = ctx.needs_input_grad[:2]
-        with torch.enable_grad(), ctx.autocast_state():
-            g_ = g.detach().requires_grad_(need_g)
-            u_ = u.detach().requires_grad_(need_u)
-            h = ctx.act(g_) * u_
-        wanted = [t for t, need in ((g_, need_g), (u_, need_u)) if need]
-        grads = iter(torch.autograd.grad(h, wanted, grad_h) if wanted else ())
-        return (next(grads) if need_g else None), (next(grads) if need_u else None), None, None
+        g_leaf, s = ctx.recompute.act_of_g()
+        grad_u = grad_h * s.detach() if need_u else None
+        grad_g = torch.autograd.grad(s, g_leaf, grad_h * u)[0] if need_g else None
+        ctx.recompute.release()
+        return grad_g, grad_u, None
 
 
 class _RecomputedProduct:
-    """What a saved view of ``h = act(g) * u`` is packed into: ``g``, ``u`` (kept by
-    :class:`_GatedProduct` anyway) and the view's geometry."""
+    """What a saved view of ``h = act(g) * u`` is packed into: the product's
+    :class:`_GatedRecompute` and the view's geometry."""
 
-    __slots__ = ("g", "u", "act", "autocast_state", "size", "stride", "offset")
+    __slots__ = ("recompute", "size", "stride", "offset")
 
-    def __init__(self, g, u, act, autocast_state, view):
-        self.g, self.u, self.act, self.autocast_state = g, u, act, autocast_state
+    def __init__(self, recompute: _GatedRecompute, view: torch.Tensor):
+        self.recompute = recompute
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
     def unpack(self) -> torch.Tensor:
-        with torch.no_grad(), self.autocast_state():
-            h = self.act(self.g) * self.u
-        return h.as_strided(self.size, self.stride, self.offset)
+        return self.recompute.product().as_strided(self.size, self.stride, self.offset)
 
 
 def _gated_mlp_forward(self, x):
@@ -200,19 +226,20 @@ def _gated_mlp_forward(self, x):
 
     ``act(g)`` is never kept (:class:`_GatedProduct`) and the product ``h``, which ``down`` keeps
     for its weight (or LoRA ``A``) gradient, is packed by a saved-tensor hook into a reference to
-    ``g`` and ``u`` and recomputed when ``down``'s backward asks for it. No matmul is recomputed.
+    ``g`` and ``u`` and recomputed when ``down``'s backward asks for it. No matmul is recomputed;
+    the backward adds one activation and one product per layer to the plain path's work.
     """
     if not (self.training and torch.is_grad_enabled()):
         return type(self).forward(self, x)
     g, u = self.gate_proj(x), self.up_proj(x)
-    autocast_state = _AutocastState(x.device.type)
-    h = _GatedProduct.apply(g, u, self.act_fn, autocast_state)
+    recompute = _GatedRecompute(g, u, self.act_fn, _AutocastState(x.device.type))
+    h = _GatedProduct.apply(g, u, recompute)
     # the hooks live as long as the saved tensors: they must not hold ``h`` itself
-    storage, dtype, act = h.untyped_storage().data_ptr(), h.dtype, self.act_fn
+    storage, dtype = h.untyped_storage().data_ptr(), h.dtype
 
     def pack(t):
         if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
-            return _RecomputedProduct(g, u, act, autocast_state, t)
+            return _RecomputedProduct(recompute, t)
         return t
 
     def unpack(packed):
