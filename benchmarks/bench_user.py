@@ -38,7 +38,7 @@ def row_argv(ns, length: int, pairs_per_step: int) -> list[str]:
             "--batch_size", str(pairs_per_step), "--steps", str(steps), "--pairs", str(pairs_per_step * steps),
             "--select", "first" if length <= 2048 else "stacked", "--threads", str(ns.threads), "--lr", "1e-4",
             "--memory_cap_gb", str(ns.memory_cap_gb), "--which", ns.which, "--allocator", ns.allocator,
-            "--selective_checkpointing", ns.selective_checkpointing]
+            "--selective_checkpointing", ns.selective_checkpointing, "--repeats", str(ns.repeats)]
     if ns.model_dir:
         argv += ["--model_dir", ns.model_dir]
     return argv
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--model", default="qwen2-0.5b", help="benchmarks/models.py name (tiny: a quick check of the harness)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="run each tool this many times, alternating, and keep each tool's median run "
+                   "(this machine's speed drifts by 10-30%% over minutes; alternating spreads the drift over both tools)")
     p.add_argument("--which", choices=("preftune", "trl", "both"), default="both")
     p.add_argument("--memory_cap_gb", type=float, default=20.0)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
