@@ -253,3 +253,17 @@ def test_trainer_step_is_the_same_with_and_without(tmp_path, bf16, mode):
         assert torch.equal(w, selective[name]), name
         moved += int(not torch.equal(w, initial[name]))
     assert moved > len(plain) // 2  # the steps changed most weights: the comparison is not of two idle models
+
+
+def test_selective_checkpointing_setting_parses_and_refuses(tmp_path):
+    """YAML/Python booleans and any case map to false|mlp|true; anything else stops with the choices."""
+    from preftune.config import PreftuneConfig
+    from preftune.errors import PreftuneError
+
+    def setting(value):
+        return PreftuneConfig(output_dir=str(tmp_path / "o"), selective_checkpointing=value, use_cpu=True).selective_checkpointing
+
+    assert PreftuneConfig(output_dir=str(tmp_path / "o"), use_cpu=True).selective_checkpointing == "mlp"
+    assert [setting(v) for v in (True, False, "MLP", " true ")] == ["true", "false", "mlp", "true"]
+    with pytest.raises(PreftuneError, match="must be false, mlp or true, got 'layers'"):
+        setting("layers")

@@ -229,6 +229,7 @@ FLAG_VALUES = {
     "--max_length": ["64", "0", "abc"],
     "--eval_fraction": ["0.25", "1.5", "nan"],
     "--batch_layout": ["padded", "diagonal"],
+    "--selective_checkpointing": ["mlp", "layers"],
     "--truncation_mode": ["keep_start", "middle"],
     "--learning_rate": ["1e-4", "abc"],
     "--nll_on_prompt": ["true", "yes", "maybe"],
