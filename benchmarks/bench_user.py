@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory_cap_gb", type=float, default=20.0)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (see benchmarks/common.py worker_env)")
-    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
+    common.add_selective_checkpointing_argument(p)
     p.add_argument("--model_dir", default=None, help="create the model here once and reuse it (default: a temporary folder)")
     p.add_argument("--out", default=None, help="write every row's raw results as JSON here")
     ns = p.parse_args(argv)

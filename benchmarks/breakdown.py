@@ -227,7 +227,7 @@ def build_parser():
     p.add_argument("--chunk_size", type=int, default=0, help="--logprob_chunk_size (0: preftune's automatic choice)")
     p.add_argument("--cache_mb", type=float, default=256.0, help="--logprob_cache_mb")
     p.add_argument("--preflight", action="store_true")
-    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
+    common.add_selective_checkpointing_argument(p)
     p.add_argument("--keep_freed_memory", choices=("true", "false"), default="true", help="preftune's --reuse_freed_memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)

@@ -468,6 +468,11 @@ class Benchmark:
     notes: list = field(default_factory=list)
 
 
+def add_selective_checkpointing_argument(p: argparse.ArgumentParser) -> None:
+    """``--selective_checkpointing``, passed to preftune as given (default: preftune's own, mlp)."""
+    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per tool")
@@ -496,7 +501,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("segments", "dense"), default="segments",
                    help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
     p.add_argument("--chunk_size", type=int, default=0, help="preftune --logprob_chunk_size (default 0: preftune's own automatic choice, as users get it)")
-    p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
+    add_selective_checkpointing_argument(p)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (jemalloc/tcmalloc via LD_PRELOAD; must be installed)")
     p.add_argument("--preflight", action="store_true", help="keep preftune's memory preflight (a forward+backward on the largest batch before step 1)")

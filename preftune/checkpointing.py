@@ -261,6 +261,11 @@ def _selectively_checkpointed_forward(self, *args, **kwargs):
 _WRAPPERS = (_gated_mlp_forward, _selectively_checkpointed_forward)
 
 
+def _is_wrapped(block) -> bool:
+    """Whether ``block``'s instance ``forward`` is one of :data:`_WRAPPERS`."""
+    return getattr(vars(block).get("forward"), "__func__", None) in _WRAPPERS
+
+
 def _is_gated_mlp(block) -> bool:
     """Whether ``block`` computes exactly ``down(act(gate(x)) * up(x))`` with its own submodules:
     the attributes are there and, on a 3-token probe in the block's training mode (the same seed
@@ -311,7 +316,7 @@ def enable_feed_forward_checkpointing(model) -> int:
     wrapped = 0
     for block in _feed_forward_blocks(model):
         if "forward" in vars(block):
-            if getattr(block.forward, "__func__", None) in _WRAPPERS:
+            if _is_wrapped(block):
                 wrapped += 1
             else:
                 logger.info("feed-forward checkpointing: %s already has its own forward; left alone", type(block).__name__)
@@ -325,5 +330,5 @@ def enable_feed_forward_checkpointing(model) -> int:
 def disable_feed_forward_checkpointing(model) -> None:
     """Undo :func:`enable_feed_forward_checkpointing`."""
     for block in _feed_forward_blocks(model):
-        if getattr(vars(block).get("forward"), "__func__", None) in _WRAPPERS:
+        if _is_wrapped(block):
             del block.forward
