@@ -266,7 +266,7 @@ class PreftuneConfig(TrainingArguments):
     memory_preflight: bool = _f(True, "Before the first step, run forward+backward on the largest batch so out-of-memory fails in the first minute with a fix.", "engine")
     selective_checkpointing: str = _f("mlp", "What each decoder layer keeps for the backward. mlp (default): the feed-forward block keeps its "
                                       "projections' outputs and recomputes its activation and gated product (same numbers, about a third "
-                                      "less activation memory, under 1% more step time measured); true: every decoder layer keeps only its matmul "
+                                      "less activation memory, under 1 percent more step time measured); true: every decoder layer keeps only its matmul "
                                       "and attention outputs and recomputes norms, rotary and the rest too (less memory again, 10-20% slower); "
                                       "false: keep everything autograd saves. --gradient_checkpointing true (replay whole layers) replaces it.", "engine")
     reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
