@@ -38,7 +38,7 @@ def row_argv(ns, length: int, pairs_per_step: int) -> list[str]:
             "--batch_size", str(pairs_per_step), "--steps", str(steps), "--pairs", str(pairs_per_step * steps),
             "--select", "first" if length <= 2048 else "stacked", "--threads", str(ns.threads), "--lr", "1e-4",
             "--memory_cap_gb", str(ns.memory_cap_gb), "--which", ns.which, "--allocator", ns.allocator,
-            "--selective_checkpointing", ns.selective_checkpointing, "--repeats", str(ns.repeats)]
+            "--selective_checkpointing", ns.selective_checkpointing, "--linear_kernel", ns.linear_kernel, "--repeats", str(ns.repeats)]
     if ns.model_dir:
         argv += ["--model_dir", ns.model_dir]
     return argv
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory_cap_gb", type=float, default=20.0)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (see benchmarks/common.py worker_env)")
-    common.add_selective_checkpointing_argument(p)
+    common.add_preftune_engine_arguments(p)
     p.add_argument("--model_dir", default=None, help="create the model here once and reuse it (default: a temporary folder)")
     p.add_argument("--out", default=None, help="write every row's raw results as JSON here")
     ns = p.parse_args(argv)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import models  # noqa: E402
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}  # the last: --linear_kernel onednn
 
 
 def _status_kb(field: str) -> int:
@@ -227,7 +227,7 @@ def build_parser():
     p.add_argument("--chunk_size", type=int, default=0, help="--logprob_chunk_size (0: preftune's automatic choice)")
     p.add_argument("--cache_mb", type=float, default=256.0, help="--logprob_cache_mb")
     p.add_argument("--preflight", action="store_true")
-    common.add_selective_checkpointing_argument(p)
+    common.add_preftune_engine_arguments(p)
     p.add_argument("--keep_freed_memory", choices=("true", "false"), default="true", help="preftune's --reuse_freed_memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
             "precision": ns.precision, "gradient_checkpointing": ns.gradient_checkpointing}
     args = PreftuneConfig(**common.training_kwargs(spec, "preftune"), memory_preflight=ns.preflight, method=ns.method, beta=0.1,
                           reuse_freed_memory=ns.keep_freed_memory == "true", selective_checkpointing=ns.selective_checkpointing,
-                          nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
+                          linear_kernel=ns.linear_kernel, nll_on_prompt=True, logprob_chunk_size=ns.chunk_size, logprob_cache_mb=ns.cache_mb)
     meter = step_meter()
     trainer = PreferenceTrainer(model=model, args=args, train_pairs=pairs, processing_class=tok, callbacks=[meter])
     rss_trainer = common.current_rss_mb()
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         f"## Where the time and memory go: {ns.model}, {'LoRA r=%d' % ns.lora_r if ns.lora_r else 'full fine-tuning'}, ORPO, "
         f"{ns.batch_size} pairs/step, max_length {ns.max_length} ({ns.select}), {ns.precision}, {ns.attention} attention"
         f"{', gradient checkpointing' if ns.gradient_checkpointing else ''}, --reuse_freed_memory {ns.keep_freed_memory}, "
-        f"--selective_checkpointing {ns.selective_checkpointing}, malloc: {os.environ.get('LD_PRELOAD') or 'system'}"
+        f"--selective_checkpointing {ns.selective_checkpointing}, --linear_kernel {ns.linear_kernel}, malloc: {os.environ.get('LD_PRELOAD') or 'system'}"
         f"{', THP_MEM_ALLOC_ENABLE=1' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}",
         "",
         common.markdown_table(["step", "tokens", "wall s", "user CPU s", "kernel CPU s", "minor faults", "step peak RSS MB", "RSS after MB"],

@@ -415,6 +415,7 @@ def preftune_worker(spec: dict, method: str, make_reference=None) -> dict:
         # same batches (--preflight turns it on)
         memory_preflight=spec["preflight"],
         selective_checkpointing=spec.get("selective_checkpointing", "mlp"),
+        linear_kernel=spec.get("linear_kernel", "auto"),
         method=method,
         beta=spec["beta"],
         nll_on_prompt=spec.get("nll_on_prompt", False),
@@ -468,9 +469,10 @@ class Benchmark:
     notes: list = field(default_factory=list)
 
 
-def add_selective_checkpointing_argument(p: argparse.ArgumentParser) -> None:
-    """``--selective_checkpointing``, passed to preftune as given (default: preftune's own, mlp)."""
+def add_preftune_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--selective_checkpointing`` and ``--linear_kernel``, passed to preftune as given (defaults: preftune's own)."""
     p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
+    p.add_argument("--linear_kernel", choices=("auto", "onednn", "default"), default="auto", help="preftune's --linear_kernel")
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -501,7 +503,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("segments", "dense"), default="segments",
                    help="preftune's packed-layout attention: segment attention (default) or the dense (T, T) mask (the reference path)")
     p.add_argument("--chunk_size", type=int, default=0, help="preftune --logprob_chunk_size (default 0: preftune's own automatic choice, as users get it)")
-    add_selective_checkpointing_argument(p)
+    add_preftune_engine_arguments(p)
     p.add_argument("--allocator", choices=("system", "jemalloc", "tcmalloc"), default="system",
                    help="both tools' workers run on this malloc (jemalloc/tcmalloc via LD_PRELOAD; must be installed)")
     p.add_argument("--preflight", action="store_true", help="keep preftune's memory preflight (a forward+backward on the largest batch before step 1)")
@@ -590,6 +592,7 @@ def run_tools(bench: Benchmark, ns, workload: Workload, model_dir: Path, tmp: Pa
         "chunk_size": ns.chunk_size, "preflight": ns.preflight, "tmp": str(tmp), "model": ns.model, "lora_r": ns.lora_r,
         "precision": ns.precision, "attention": ns.attention, "gradient_checkpointing": ns.gradient_checkpointing,
         "memory_cap_gb": ns.memory_cap_gb, "allocator": ns.allocator, "selective_checkpointing": ns.selective_checkpointing,
+        "linear_kernel": ns.linear_kernel,
         **bench.spec_extra,
         **{k: getattr(ns, k) for k in bench.spec_args},
     }

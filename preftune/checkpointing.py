@@ -43,12 +43,11 @@ checkpointing support run ``true`` as ``false``.
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .hf_helpers import unwrap_model
+from .hf_helpers import is_forward_wrapped, unwrap_forward, unwrap_model, wrap_forward
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +68,8 @@ _MATMULS = {
     _aten.addmm.default: 1,
     _aten.baddbmm.default: 1,
 }
+if hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # preftune.linear_kernel's oneDNN linear: x is first
+    _MATMULS[torch.ops.mkldnn._linear_pointwise.default] = 0
 
 
 def _contraction(op, args) -> int | None:
@@ -261,11 +262,6 @@ def _selectively_checkpointed_forward(self, *args, **kwargs):
 _WRAPPERS = (_gated_mlp_forward, _selectively_checkpointed_forward)
 
 
-def _is_wrapped(block) -> bool:
-    """Whether ``block``'s instance ``forward`` is one of :data:`_WRAPPERS`."""
-    return getattr(vars(block).get("forward"), "__func__", None) in _WRAPPERS
-
-
 def _is_gated_mlp(block) -> bool:
     """Whether ``block`` computes exactly ``down(act(gate(x)) * up(x))`` with its own submodules:
     the attributes are there and, on a 3-token probe in the block's training mode (the same seed
@@ -316,19 +312,16 @@ def enable_feed_forward_checkpointing(model) -> int:
     wrapped = 0
     for block in _feed_forward_blocks(model):
         if "forward" in vars(block):
-            if _is_wrapped(block):
+            if is_forward_wrapped(block, _WRAPPERS):
                 wrapped += 1
             else:
                 logger.info("feed-forward checkpointing: %s already has its own forward; left alone", type(block).__name__)
             continue
-        forward = _gated_mlp_forward if _is_gated_mlp(block) else _selectively_checkpointed_forward
-        block.forward = types.MethodType(forward, block)
-        wrapped += 1
+        wrapped += wrap_forward(block, _gated_mlp_forward if _is_gated_mlp(block) else _selectively_checkpointed_forward)
     return wrapped
 
 
 def disable_feed_forward_checkpointing(model) -> None:
     """Undo :func:`enable_feed_forward_checkpointing`."""
     for block in _feed_forward_blocks(model):
-        if _is_wrapped(block):
-            del block.forward
+        unwrap_forward(block, _WRAPPERS)

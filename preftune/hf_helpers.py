@@ -7,6 +7,9 @@
   scored explicitly, so any id works; the pad token, else EOS, else 0).
 * :data:`TORCH_DTYPES` / :func:`torch_dtype_of`: the ``--torch_dtype`` names and their dtypes.
 * :func:`has_chat_template`: whether a tokenizer carries a chat template.
+* :func:`wrap_forward` / :func:`is_forward_wrapped` / :func:`unwrap_forward`: a module's
+  ``forward`` replaced on the instance (selective checkpointing, the oneDNN linear), bound with
+  ``types.MethodType`` so a deep copy rebinds to the copy, and only over the class's own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where needed, so config parsing stays light
     from torch import nn
 
-__all__ = ["unwrap_model", "find_peft_model", "pad_token_id", "TORCH_DTYPES", "torch_dtype_of", "has_chat_template"]
+__all__ = [
+    "unwrap_model", "find_peft_model", "pad_token_id", "TORCH_DTYPES", "torch_dtype_of", "has_chat_template", "wrap_forward", "is_forward_wrapped",
+    "unwrap_forward",
+]
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -84,3 +90,26 @@ def torch_dtype_of(name: str):
 def has_chat_template(tokenizer) -> bool:
     """Whether ``tokenizer`` carries a chat template of its own."""
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def wrap_forward(module: "nn.Module", forward) -> bool:
+    """Set ``module.forward`` on the instance to ``forward`` bound to ``module`` (so a deep copy
+    rebinds to the copy). Returns False, changing nothing, when the instance already has its own
+    ``forward`` (another wrapper's, or accelerate's offloading hooks): wrappers never stack."""
+    import types
+
+    if "forward" in vars(module):
+        return False
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
+def is_forward_wrapped(module: "nn.Module", forwards) -> bool:
+    """Whether ``module``'s instance ``forward`` is one of the functions ``forwards``."""
+    return getattr(vars(module).get("forward"), "__func__", None) in forwards
+
+
+def unwrap_forward(module: "nn.Module", forwards) -> None:
+    """Remove ``module``'s instance ``forward`` if it is one of ``forwards`` (back to the class's)."""
+    if is_forward_wrapped(module, forwards):
+        del module.forward

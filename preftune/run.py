@@ -165,8 +165,8 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     from .allocator import active_allocator
 
-    logger.info("preftune: %s, %s; %d process%s; memory: %s", device.describe(), args.precision_choice.describe(), args.world_size,
-                "" if args.world_size == 1 else "es", active_allocator())
+    logger.info("preftune: %s, %s; %d process%s; memory: %s; linear layers: %s", device.describe(), args.precision_choice.describe(),
+                args.world_size, "" if args.world_size == 1 else "es", active_allocator(), _linear_kernel_label(args))
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started, resume)
 
@@ -330,6 +330,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         # what --bf16/--fp16 resolved to on this machine, and why (training.bf16 holds the resolved bool)
         "precision": args.precision_choice.describe(),
         "allocator": active_allocator(),
+        "linear_kernel": _linear_kernel_label(args),
     }
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
     final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)
@@ -344,6 +345,15 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 
 
 # --- what the run config and model card record ------------------------------------------------------
+def _linear_kernel_label(args: PreftuneConfig) -> str:
+    """What ``--linear_kernel`` resolved to on this device, for the start-up line and run_config.json."""
+    from .linear_kernel import resolve_linear_kernel
+
+    if resolve_linear_kernel(args.linear_kernel, args.device, args.bf16 or args.fp16) == "onednn":
+        return "oneDNN matmul (float32, CPU)"
+    return "F.linear" + (" under autocast" if args.bf16 or args.fp16 else "")
+
+
 def _hyperparameters(args: PreftuneConfig, data_args: DataArguments) -> dict:
     """The model card's hyper-parameters: the method's own (its declaration lists them) and the run's."""
     from .methods import get_method

@@ -189,8 +189,9 @@ class PreferenceTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`),
-        selective activation checkpointing (:mod:`preftune.checkpointing`) and the memory
-        preflight (:mod:`preftune.reliability`).
+        selective activation checkpointing (:mod:`preftune.checkpointing`), the CPU linear
+        kernel (:mod:`preftune.linear_kernel`, on the policy and a separate reference model) and
+        the memory preflight (:mod:`preftune.reliability`).
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
         its manifest (:func:`preftune.rundir.resolve_resume`), not merely the newest folder. A resumed run first
@@ -212,6 +213,13 @@ class PreferenceTrainer(Trainer):
                 enable_selective_checkpointing(self.model)
             elif self.args.selective_checkpointing == "mlp":
                 enable_feed_forward_checkpointing(self.model)
+        from .linear_kernel import enable_onednn_linear, resolve_linear_kernel
+
+        if resolve_linear_kernel(self.args.linear_kernel, self.args.device, self.args.bf16 or self.args.fp16) == "onednn":
+            ref_model = getattr(self.reference, "model", None)
+            for model in (self.model, ref_model if ref_model is not self.model else None):
+                if model is not None:
+                    enable_onednn_linear(model)
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 
