@@ -197,3 +197,99 @@ def test_trainer_runs_it_and_lands_near_the_plain_run(tmp_path):
         torch.testing.assert_close(fast[name], w, rtol=1e-4, atol=1e-6, msg=name)
         moved += int(not torch.equal(w, initial[name]))
     assert moved > len(plain) // 2
+
+
+def _lora_model(seed=0, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.Tanh(), torch.nn.Linear(80, 24, bias=False))
+    # random B as well as A (PEFT's default B = 0 would leave every A gradient zero)
+    config = dict(r=4, lora_alpha=12, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0)
+    return get_peft_model(model, LoraConfig(**{**config, **lora}))
+
+
+def _float64_twin(model):
+    twin = copy.deepcopy(model).double()
+    disable_onednn_linear(twin)  # F.linear in float64: the reference
+    return twin
+
+
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_lora_layer_in_one_node_matches_float64(base_trains):
+    """y = base(x) + s B(A(x)) as one node: values and the gradients of x, A, B (and of the base
+    weight and bias when they train) against PEFT's own forward run in float64."""
+    model = _lora_model()
+    for name, p in model.named_parameters():
+        if "base_layer" in name:
+            p.requires_grad_(base_trains)
+    reference = _float64_twin(model)
+    assert enable_onednn_linear(model) == 8  # 2 LoRA layers, each with its base, A and B
+    x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    y = model(x)
+    assert "OneDNNLoRALinear" in type(y.grad_fn).__name__
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference(x64)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+    params = [p for p in model.parameters() if p.requires_grad]
+    params64 = [p for p in reference.parameters() if p.requires_grad]
+    assert len(params) == (7 if base_trains else 4)  # A and B of two layers; two base weights, one bias
+    grads = torch.autograd.grad(y, [x, *params], upstream)
+    grads64 = torch.autograd.grad(y64, [x64, *params64], upstream.double())
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_layer_falls_back_to_peft_exactly():
+    """Where the one-node form is not what PEFT computes (adapters disabled: a DPO reference;
+    DoRA; dropout in effect) the layer runs PEFT's own forward: the same bits as the LoRA layer
+    without its wrapper (its base, A and B still on the oneDNN linear in both)."""
+    import contextlib
+
+    from preftune.hf_helpers import unwrap_forward
+    from preftune.linear_kernel import _FORWARDS
+
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(7))
+    cases = [(dict(), lambda m: m.disable_adapter()), (dict(use_dora=True), None), (dict(lora_dropout=0.5), None)]
+    for lora, context in cases:
+        model = _lora_model(**lora).train()
+        enable_onednn_linear(model)
+        lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "forward" in vars(m)]
+        assert len(lora_layers) == 2
+
+        def run():
+            torch.manual_seed(0)  # the same dropout masks
+            with torch.no_grad(), (context(model) if context else contextlib.nullcontext()):
+                return model(x)
+
+        wrapped = run()
+        for m in lora_layers:
+            unwrap_forward(m, _FORWARDS)
+        assert torch.equal(run(), wrapped), lora
+    # and the wrapper is not a no-op where it applies: one node differs from PEFT's three in the last bits at most
+    model = _lora_model()
+    enable_onednn_linear(model)
+    with torch.no_grad():
+        one_node = model(x)
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            unwrap_forward(m, _FORWARDS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), one_node, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mlp", "layers"])
+def test_selective_checkpointing_is_exact_on_the_onednn_layers(mode):
+    """The checkpointing settings change no bit when the LoRA layers run as one oneDNN node: the
+    gated MLP's saved-tensor hook finds ``down``'s input among what the node keeps, and the
+    selective policy keeps the oneDNN matmul outputs instead of replaying them."""
+    from test_checkpointing import ENABLE, assert_same, loss_and_grads, make, with_lora
+    from test_engine_equivalence import BATCHES, make_pairs
+
+    model = with_lora(make("llama")).train()
+    assert enable_onednn_linear(model) > 0
+    pairs = make_pairs(BATCHES["odd_lengths"][0], seed=7)
+    plain = loss_and_grads(model, pairs)
+    assert ENABLE[mode](model)
+    assert_same(plain, loss_and_grads(model, pairs), f"llama + LoRA on oneDNN, {mode}")
