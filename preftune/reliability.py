@@ -125,6 +125,15 @@ def largest_batch(pairs, batch_size: int, max_tokens_per_batch: int | None = Non
     return [pairs[int(head[i])] for i in first]
 
 
+def _recompute_advice(args) -> str:
+    """The recomputation settings an out-of-memory run has not used yet, least costly first."""
+    if args.gradient_checkpointing:
+        return " (--gradient_checkpointing true is on already: the least memory per token)"
+    selective = ("--selective_checkpointing true (recompute norms and rotary too: less memory again, some 10-20% slower) or "
+                 if args.selective_checkpointing != "true" else "")
+    return ", or pass " + selective + "--gradient_checkpointing true (least memory)"
+
+
 def memory_preflight(trainer, pairs) -> None:
     """Run forward + backward on the worst-case batch; raise a PreftuneError on out-of-memory.
 
@@ -153,8 +162,7 @@ def memory_preflight(trainer, pairs) -> None:
             f"out of memory on the largest batch of this run ({len(batch_pairs)} pairs, {tokens} tokens, "
             f"longest pair {batch_pairs[0].packed_length} tokens) before training started. Fixes: set --max_tokens_per_batch "
             f"(e.g. {max(tokens // 2, 1)}), lower --max_length / --per_device_train_batch_size (raise --gradient_accumulation_steps "
-            f"to keep the batch), or pass --selective_checkpointing true (recompute norms and rotary too: less memory again, some 10-20% slower) "
-            f"or --gradient_checkpointing true (least memory)"
+            f"to keep the batch){_recompute_advice(args)}"
         ) from None
     finally:
         for p in model.parameters():

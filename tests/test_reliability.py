@@ -188,8 +188,17 @@ def test_preflight_out_of_memory_suggests_fix(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
 
     monkeypatch.setattr(trainer, "sequence_logps", boom)
-    with pytest.raises(PreftuneError, match=r"out of memory on the largest batch.*--max_tokens_per_batch.*--gradient_checkpointing"):
+    with pytest.raises(PreftuneError, match=r"out of memory on the largest batch.*--max_tokens_per_batch.*--selective_checkpointing true.*--gradient_checkpointing"):
         memory_preflight(trainer, pairs)
+    # the advice names only what the run does not use yet
+    monkeypatch.setattr(trainer.args, "selective_checkpointing", "true")
+    with pytest.raises(PreftuneError) as raised:
+        memory_preflight(trainer, pairs)
+    assert "--selective_checkpointing" not in str(raised.value) and "--gradient_checkpointing true (least memory)" in str(raised.value)
+    monkeypatch.setattr(trainer.args, "gradient_checkpointing", True)
+    with pytest.raises(PreftuneError) as raised:
+        memory_preflight(trainer, pairs)
+    assert "is on already" in str(raised.value) and "pass --gradient_checkpointing" not in str(raised.value)
     monkeypatch.setattr(trainer, "sequence_logps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not disguised as OOM
         memory_preflight(trainer, pairs)
