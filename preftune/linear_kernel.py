@@ -69,14 +69,19 @@ def onednn_available() -> bool:
     if op is None:
         return False
     try:
+        return _probe(op)
+    except Exception:  # noqa: BLE001 - any failure means "not available here"
+        return False
+
+
+def _probe(op) -> bool:
+    with torch.autocast("cpu", enabled=False), torch.no_grad():  # the first call may come from inside an autocast region
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(5, 37, generator=gen)
         w = torch.randn(11, 37, generator=gen)
         b = torch.randn(11, generator=gen)
         got = op(x, w, b, "none", [], "")
-    except Exception:  # noqa: BLE001 - any failure means "not available here"
-        return False
-    return got.shape == (5, 11) and got.dtype == torch.float32 and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        return got.shape == (5, 11) and got.dtype == torch.float32 and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -215,6 +220,7 @@ def _onednn_lora_forward(self, x, *args, **kwargs):
         if onednn_applies(x, base.weight, base.bias) and onednn_applies(x, lora_a) and lora_b.dtype == torch.float32:
             return _OneDNNLoRALinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling)
     return type(self).forward(self, x, *args, **kwargs)
+
 
 
 def _lora_linear_class():

@@ -149,6 +149,16 @@ def test_lm_head_fresh_logits_match_the_buffered_path(monkeypatch):
         torch.testing.assert_close(fresh[0].double(), float64, rtol=1e-6, atol=1e-5)
 
 
+def test_the_probe_answers_the_same_inside_autocast():
+    """The availability probe (cached) may first run inside a bf16 autocast region."""
+    linear_kernel.onednn_available.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_kernel.onednn_available()
+    finally:
+        linear_kernel.onednn_available.cache_clear()
+
+
 def test_resolving_the_setting(monkeypatch):
     from preftune.errors import PreftuneError
 
