@@ -311,9 +311,8 @@ class PreftuneConfig(TrainingArguments):
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
         self._check_method()
         _require(self.batch_layout in ("packed", "padded"), f"--batch_layout must be packed or padded, got {self.batch_layout!r}")
-        self.selective_checkpointing = _selective_checkpointing_choice(self.selective_checkpointing)
-        self.linear_kernel = str(self.linear_kernel).strip().lower()
-        _require(self.linear_kernel in LINEAR_KERNEL_CHOICES, f"--linear_kernel must be auto, onednn or default, got {self.linear_kernel!r}")
+        self.selective_checkpointing = _one_of("--selective_checkpointing", self.selective_checkpointing, SELECTIVE_CHECKPOINTING_CHOICES)
+        self.linear_kernel = _one_of("--linear_kernel", self.linear_kernel, LINEAR_KERNEL_CHOICES)
         _require(self.logprob_chunk_size >= 0, f"--logprob_chunk_size must be 0 (auto) or a number of tokens, got {self.logprob_chunk_size}")
         _require(self.logprob_cache_mb >= 0, f"--logprob_cache_mb must be >= 0, got {self.logprob_cache_mb}")
         _require(self.max_tokens_per_batch is None or self.max_tokens_per_batch > 0, "--max_tokens_per_batch must be positive")
@@ -395,10 +394,12 @@ ORPOConfig = PreftuneConfig
 SELECTIVE_CHECKPOINTING_CHOICES = ("false", "mlp", "true")
 
 
-def _selective_checkpointing_choice(value) -> str:
-    """``--selective_checkpointing``: a YAML/Python bool or one of :data:`SELECTIVE_CHECKPOINTING_CHOICES`."""
-    text = str(value).strip().lower()  # a bool prints as "True"/"False"
-    _require(text in SELECTIVE_CHECKPOINTING_CHOICES, f"--selective_checkpointing must be false, mlp or true, got {value!r}")
+def _one_of(flag: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` of option ``flag`` as one of ``choices``, in any case (a YAML/Python bool prints
+    as "True"/"False", so ``--selective_checkpointing`` takes booleans too); anything else stops
+    with the choices."""
+    text = str(value).strip().lower()
+    _require(text in choices, f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     return text
 
 # --- options of the after-training commands ------------------------------------------------------

@@ -47,7 +47,7 @@ from .errors import PreftuneError
 from .hf_helpers import is_forward_wrapped, unwrap_forward, wrap_forward
 
 __all__ = [
-    "LINEAR_KERNEL_CHOICES", "onednn_available", "onednn_applies", "linear", "resolve_linear_kernel", "enable_onednn_linear", "disable_onednn_linear",
+    "LINEAR_KERNEL_CHOICES", "onednn_available", "onednn_applies", "linear", "resolve_linear_kernel", "linear_kernel_of", "enable_onednn_linear", "disable_onednn_linear",
 ]
 
 
@@ -57,6 +57,18 @@ LINEAR_KERNEL_CHOICES = ("auto", "onednn", "default")
 def _onednn_op():
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return getattr(mkldnn, "_linear_pointwise", None) if mkldnn is not None else None
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x weight^T + bias`` by oneDNN's matmul (no autograd; the caller checked it applies)."""
+    return _onednn_op()(x, weight, bias, "none", [], "")
+
+
+def _input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dx = g W`` of ``y = x W^T``, as oneDNN's ``linear(g, W^T)``: measured 4-5 percent of a LoRA
+    step faster than MKL's ``g @ W``, most at down_proj's (896, 4864) weight (173-177 against
+    138-149 GFLOP/s)."""
+    return _onednn_linear(grad, weight.t())
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,18 +81,18 @@ def onednn_available() -> bool:
     if op is None:
         return False
     try:
-        return _probe(op)
+        return _probe()
     except Exception:  # noqa: BLE001 - any failure means "not available here"
         return False
 
 
-def _probe(op) -> bool:
+def _probe() -> bool:
     with torch.autocast("cpu", enabled=False), torch.no_grad():  # the first call may come from inside an autocast region
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(5, 37, generator=gen)
         w = torch.randn(11, 37, generator=gen)
         b = torch.randn(11, generator=gen)
-        got = op(x, w, b, "none", [], "")
+        got = _onednn_linear(x, w, b)
         return got.shape == (5, 11) and got.dtype == torch.float32 and torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
@@ -112,15 +124,13 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
-        return _onednn_op()(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        # dx = g W = linear(g, W^T): through oneDNN too (measured 4-5 percent of a LoRA step faster than
-        # MKL's g @ W, most at down_proj's (896, 4864) weight: 173-177 against 138-149 GFLOP/s)
-        grad_x = _onednn_op()(grad, weight.t(), None, "none", [], "") if need_x else None
+        grad_x = _input_grad(grad, weight) if need_x else None
         flat = grad.reshape(-1, grad.shape[-1]) if need_w or need_b else None
         grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
         grad_b = flat.sum(0) if need_b else None
@@ -160,9 +170,8 @@ class _OneDNNLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         need_x, need_w, _, need_a, need_b, _ = ctx.needs_input_grad
-        op = _onednn_op()
-        base = op(x, weight, bias, "none", [], "")
-        xa = op(x, lora_a, None, "none", [], "")
+        base = _onednn_linear(x, weight, bias)
+        xa = _onednn_linear(x, lora_a)
         # out of place: selective checkpointing may have cached ``base`` (an in-place add would be refused)
         y = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t(), alpha=scaling).view(base.shape)
         ctx.save_for_backward(x if need_a or need_w else None, xa if need_b else None, weight if need_x else None,
@@ -179,7 +188,7 @@ class _OneDNNLoRALinear(torch.autograd.Function):
         gxa = flat.mm(lora_b).mul_(ctx.scaling) if need_x or need_a else None
         grad_x = None
         if need_x:
-            grad_x = _onednn_op()(grad, weight.t(), None, "none", [], "").contiguous()
+            grad_x = _input_grad(grad, weight).contiguous()
             grad_x.view(-1, grad_x.shape[-1]).addmm_(gxa, lora_a)
         flat_x = x.reshape(-1, x.shape[-1]) if x is not None else None
         grad_w = flat.t().mm(flat_x) if need_w else None
@@ -222,7 +231,6 @@ def _onednn_lora_forward(self, x, *args, **kwargs):
     return type(self).forward(self, x, *args, **kwargs)
 
 
-
 def _lora_linear_class():
     try:
         from peft.tuners.lora.layer import Linear
@@ -246,6 +254,12 @@ def resolve_linear_kernel(choice: str, device: torch.device | str, mixed_precisi
     if choice == "onednn":
         raise PreftuneError("--linear_kernel onednn: this PyTorch build has no oneDNN linear on the CPU; use --linear_kernel auto or default")
     return "default"
+
+
+def linear_kernel_of(args) -> str:
+    """:func:`resolve_linear_kernel` for a run's :class:`preftune.config.PreftuneConfig` (its
+    ``--linear_kernel``, device, and ``--bf16``/``--fp16`` as resolved)."""
+    return resolve_linear_kernel(args.linear_kernel, args.device, bool(args.bf16 or args.fp16))
 
 
 def enable_onednn_linear(model: torch.nn.Module) -> int:

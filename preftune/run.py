@@ -347,9 +347,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
 # --- what the run config and model card record ------------------------------------------------------
 def _linear_kernel_label(args: PreftuneConfig) -> str:
     """What ``--linear_kernel`` resolved to on this device, for the start-up line and run_config.json."""
-    from .linear_kernel import resolve_linear_kernel
+    from .linear_kernel import linear_kernel_of
 
-    if resolve_linear_kernel(args.linear_kernel, args.device, args.bf16 or args.fp16) == "onednn":
+    if linear_kernel_of(args) == "onednn":
         return "oneDNN matmul (float32, CPU)"
     return "F.linear" + (" under autocast" if args.bf16 or args.fp16 else "")
 

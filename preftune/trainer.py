@@ -213,9 +213,9 @@ class PreferenceTrainer(Trainer):
                 enable_selective_checkpointing(self.model)
             elif self.args.selective_checkpointing == "mlp":
                 enable_feed_forward_checkpointing(self.model)
-        from .linear_kernel import enable_onednn_linear, resolve_linear_kernel
+        from .linear_kernel import enable_onednn_linear, linear_kernel_of
 
-        if resolve_linear_kernel(self.args.linear_kernel, self.args.device, self.args.bf16 or self.args.fp16) == "onednn":
+        if linear_kernel_of(self.args) == "onednn":
             ref_model = getattr(self.reference, "model", None)
             for model in (self.model, ref_model if ref_model is not self.model else None):
                 if model is not None:
