@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linear_kernel import linear, onednn_applies
+from .linear_kernel import cast_weight, linear, onednn_applies
 
 __all__ = ["LogitTransform", "ChunkedLinearLogProbs", "chunk_rows", "chunked_token_logps", "reference_token_logps", "log_sum_sq_probs"]
 
@@ -210,7 +210,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             out = torch.empty(n, dtype=torch.float32, device=hidden.device)
             lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
             log_sum_sq = torch.empty(n if with_log_sum_sq else 0, dtype=torch.float32, device=hidden.device)
-            w = weight.to(compute_dtype)
+            w = cast_weight(weight, compute_dtype)  # a frozen head's kept cast under --linear_kernel auto
             b = bias.float() if bias is not None else None
             rows = min(chunk_size, n)
             full = compute_dtype == torch.float32
@@ -275,7 +275,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
         tf: LogitTransform = ctx.transform
         cdt = ctx.compute_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        w = weight.to(cdt)
+        w = cast_weight(weight, cdt)
         b = bias.float() if bias is not None else None
         grad_h = torch.empty_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None

@@ -349,8 +349,11 @@ def _linear_kernel_label(args: PreftuneConfig) -> str:
     """What ``--linear_kernel`` resolved to on this device, for the start-up line and run_config.json."""
     from .linear_kernel import linear_kernel_of
 
-    if linear_kernel_of(args) == "onednn":
+    kernel = linear_kernel_of(args)
+    if kernel == "onednn":
         return "oneDNN matmul (float32, CPU)"
+    if kernel == "cast_once":
+        return "F.linear under autocast, frozen weights cast once"
     return "F.linear" + (" under autocast" if args.bf16 or args.fp16 else "")
 
 

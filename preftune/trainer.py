@@ -190,7 +190,8 @@ class PreferenceTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`),
         selective activation checkpointing (:mod:`preftune.checkpointing`), the CPU linear
-        kernel (:mod:`preftune.linear_kernel`, on the policy and a separate reference model) and
+        kernel (:mod:`preftune.linear_kernel`: oneDNN on the policy and a separate reference model in
+        float32, frozen weights cast once under mixed precision) and
         the memory preflight (:mod:`preftune.reliability`).
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
@@ -213,13 +214,14 @@ class PreferenceTrainer(Trainer):
                 enable_selective_checkpointing(self.model)
             elif self.args.selective_checkpointing == "mlp":
                 enable_feed_forward_checkpointing(self.model)
-        from .linear_kernel import enable_onednn_linear, linear_kernel_of
+        from .linear_kernel import enable_linear_kernel, linear_kernel_of, release_cast_copies
 
-        if linear_kernel_of(self.args) == "onednn":
-            ref_model = getattr(self.reference, "model", None)
-            for model in (self.model, ref_model if ref_model is not self.model else None):
-                if model is not None:
-                    enable_onednn_linear(model)
+        kernel = linear_kernel_of(self.args)
+        enable_linear_kernel(self.model, kernel)
+        ref_model = getattr(self.reference, "model", None)
+        if kernel == "onednn" and ref_model is not None and ref_model is not self.model:
+            # not cast_once: a separate reference's kept casts would add half its float32 size
+            enable_linear_kernel(ref_model, kernel)
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 
@@ -241,6 +243,7 @@ class PreferenceTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self.args.save_total_limit = limit
+            release_cast_copies(self.model)
 
     def _method_state(self) -> MethodStateCallback:
         """The running-state callback (looked up: transformers may replace it when restoring callbacks)."""

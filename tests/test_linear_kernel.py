@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune import linear_kernel
-from preftune.linear_kernel import disable_onednn_linear, enable_onednn_linear, linear, onednn_applies, resolve_linear_kernel
+from preftune.linear_kernel import disable_linear_kernel, enable_linear_kernel, linear, onednn_applies, resolve_linear_kernel
 
 pytestmark = pytest.mark.skipif(not linear_kernel.onednn_available(), reason="this PyTorch build has no oneDNN linear on the CPU")
 
@@ -105,15 +105,15 @@ def test_wrapping_a_model_counts_skips_copies_and_undoes():
     x = torch.randn(3, 8)
     with torch.no_grad():
         before = model(x)
-    assert enable_onednn_linear(model) == 2
-    assert enable_onednn_linear(model) == 2  # idempotent: no wrapper on a wrapper
+    assert enable_linear_kernel(model, "onednn") == 2
+    assert enable_linear_kernel(model, "onednn") == 2  # idempotent: no wrapper on a wrapper
     assert "forward" in vars(model[0]) and "forward" not in vars(model[3])
     with torch.no_grad():
         after = model(x)
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
     twin = copy.deepcopy(model)
     assert twin[0].forward.__self__ is twin[0]  # bound to the copy, not to the original
-    disable_onednn_linear(model)
+    disable_linear_kernel(model)
     assert not any("forward" in vars(m) for m in list(model)[:4]) and "forward" in vars(hooked)
     with torch.no_grad():
         assert torch.equal(model(x), before)  # back to F.linear: the same bits as before
@@ -165,7 +165,8 @@ def test_resolving_the_setting(monkeypatch):
     assert resolve_linear_kernel("auto", "cpu") == "onednn"
     assert resolve_linear_kernel("onednn", "cpu") == "onednn"
     assert resolve_linear_kernel("default", "cpu") == "default"
-    assert resolve_linear_kernel("auto", "cpu", mixed_precision=True) == "default"
+    assert resolve_linear_kernel("auto", "cpu", mixed_precision=True) == "cast_once"
+    assert resolve_linear_kernel("default", "cpu", mixed_precision=True) == "default"
     assert resolve_linear_kernel("onednn", "cuda") == "default"
     monkeypatch.setattr(linear_kernel, "onednn_available", lambda: False)
     assert resolve_linear_kernel("auto", "cpu") == "default"
@@ -197,7 +198,7 @@ def test_trainer_runs_it_and_lands_near_the_plain_run(tmp_path):
     fast, t_fast = train_weights(tmp_path / "onednn", pairs, linear_kernel="auto", **common)
     plain, t_plain = train_weights(tmp_path / "plain", pairs, linear_kernel="default", **common)
     linears = [m for m in t_fast.model.modules() if type(m) is torch.nn.Linear]
-    assert linears and all(m.forward.__func__.__name__ == "_onednn_linear_forward" for m in linears)
+    assert linears and all(m.forward.__func__.__name__ == "_linear_forward" for m in linears)
     assert not any("forward" in vars(m) for m in t_plain.model.modules() if type(m) is torch.nn.Linear)
     from conftest import tiny_llama
 
@@ -221,7 +222,7 @@ def _lora_model(seed=0, **lora):
 
 def _float64_twin(model):
     twin = copy.deepcopy(model).double()
-    disable_onednn_linear(twin)  # F.linear in float64: the reference
+    disable_linear_kernel(twin)  # F.linear in float64: the reference
     return twin
 
 
@@ -234,7 +235,7 @@ def test_lora_layer_in_one_node_matches_float64(base_trains):
         if "base_layer" in name:
             p.requires_grad_(base_trains)
     reference = _float64_twin(model)
-    assert enable_onednn_linear(model) == 8  # 2 LoRA layers, each with its base, A and B
+    assert enable_linear_kernel(model, "onednn") == 8  # 2 LoRA layers, each with its base, A and B
     x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(5), requires_grad=True)
     y = model(x)
     assert "OneDNNLoRALinear" in type(y.grad_fn).__name__
@@ -264,7 +265,7 @@ def test_lora_layer_falls_back_to_peft_exactly():
     cases = [(dict(), lambda m: m.disable_adapter()), (dict(use_dora=True), None), (dict(lora_dropout=0.5), None)]
     for lora, context in cases:
         model = _lora_model(**lora).train()
-        enable_onednn_linear(model)
+        enable_linear_kernel(model, "onednn")
         lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and "forward" in vars(m)]
         assert len(lora_layers) == 2
 
@@ -279,7 +280,7 @@ def test_lora_layer_falls_back_to_peft_exactly():
         assert torch.equal(run(), wrapped), lora
     # and the wrapper is not a no-op where it applies: one node differs from PEFT's three in the last bits at most
     model = _lora_model()
-    enable_onednn_linear(model)
+    enable_linear_kernel(model, "onednn")
     with torch.no_grad():
         one_node = model(x)
     for m in model.modules():
@@ -298,7 +299,7 @@ def test_selective_checkpointing_is_exact_on_the_onednn_layers(mode):
     from test_engine_equivalence import BATCHES, make_pairs
 
     model = with_lora(make("llama")).train()
-    assert enable_onednn_linear(model) > 0
+    assert enable_linear_kernel(model, "onednn") > 0
     pairs = make_pairs(BATCHES["odd_lengths"][0], seed=7)
     plain = loss_and_grads(model, pairs)
     assert ENABLE[mode](model)

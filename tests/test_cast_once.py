@@ -1,0 +1,196 @@
+"""Frozen weights cast once under mixed precision (``--linear_kernel auto`` with bf16/fp16,
+preftune/linear_kernel.py): bit-for-bit what autocast computes, a copy made once and made again
+when the weight changes, trainable and unregistered weights left to autocast, the LM head's kept
+cast, the run-level resolution, and a bf16 LoRA trainer run against ``--linear_kernel default``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from preftune import linear_kernel
+from preftune.linear_kernel import cast_weight, disable_linear_kernel, enable_linear_kernel, linear, linear_kernel_of, release_cast_copies
+
+BF16 = torch.bfloat16
+
+
+def _lora_model(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.Tanh(), torch.nn.Linear(80, 24, bias=False))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0))
+
+
+def _frozen_bases(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+
+
+def _step(model, x):
+    """Forward + backward under CPU bf16 autocast; returns the output and every gradient."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=BF16):
+        y = model(x)
+    y.float().pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+def _kept(t):
+    return linear_kernel._CAST_ONCE[t][1]
+
+
+def test_kept_casts_give_autocast_bits_and_are_made_once():
+    plain = _lora_model()
+    fast = copy.deepcopy(plain)
+    bases = _frozen_bases(fast)
+    assert len(bases) == 2
+    assert enable_linear_kernel(fast, "cast_once") == 2  # the frozen bases only: A and B train
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1))
+    want = _step(plain, x)
+    got = _step(fast, x)
+    assert torch.equal(got[0], want[0]) and got[0].dtype == BF16
+    assert torch.equal(got[1], want[1])
+    assert want[2].keys() == got[2].keys() and len(got[2]) == 4  # lora_A and lora_B of both layers
+    for name in want[2]:
+        assert torch.equal(got[2][name], want[2][name]), name
+    copies = {id(_kept(m.weight)) for m in bases}
+    assert all(_kept(m.weight).dtype == BF16 for m in bases) and _kept(bases[0].bias).dtype == BF16
+    _step(fast, x)
+    assert {id(_kept(m.weight)) for m in bases} == copies  # the second step casts nothing
+    release_cast_copies(fast)
+    assert all(linear_kernel._CAST_ONCE[m.weight] is None for m in bases)
+    disable_linear_kernel(fast)
+    assert not any(m.weight in linear_kernel._CAST_ONCE for m in bases)
+    assert not any("forward" in vars(m) for m in fast.modules())
+
+
+@pytest.mark.parametrize("change", ["in place", "new storage"])
+def test_a_changed_weight_is_cast_again(change):
+    layer = torch.nn.Linear(16, 8).requires_grad_(False)
+    enable_linear_kernel(layer, "cast_once")
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=BF16):
+        layer(x)
+        first = _kept(layer.weight)
+        if change == "in place":
+            with torch.no_grad():
+                layer.weight.mul_(-2.0)
+        else:
+            layer.weight.data = torch.randn(8, 16)
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)  # autocast's own cast of the current weight
+    assert _kept(layer.weight) is not first
+    assert torch.equal(got, want)
+
+
+def test_trainable_unregistered_and_float32_paths_are_untouched():
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(6, 12, generator=gen), torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    frozen = torch.nn.Linear(12, 5).requires_grad_(False)
+    enable_linear_kernel(frozen, "cast_once")
+    # without autocast: float32 F.linear on the float32 weight, no copy made
+    assert torch.equal(frozen(x), F.linear(x, frozen.weight, frozen.bias))
+    assert linear_kernel._CAST_ONCE[frozen.weight] is None
+    # a trainable weight is never registered and keeps its float32 gradient through autocast's cast
+    trained = torch.nn.Linear(12, 5)
+    assert enable_linear_kernel(trained, "cast_once") == 0 and trained.weight not in linear_kernel._CAST_ONCE
+    w_a, w_b = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=BF16):
+        linear(x, w_a, b).float().sum().backward()
+        F.linear(x, w_b, b).float().sum().backward()
+    assert w_a.grad.dtype == torch.float32 and torch.equal(w_a.grad, w_b.grad)
+    # cast_weight: float32 asked, or a tensor nobody registered: a plain .to
+    assert cast_weight(frozen.weight, torch.float32) is frozen.weight
+    assert torch.equal(cast_weight(w, BF16), w.to(BF16)) and w not in linear_kernel._CAST_ONCE
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_lm_head_uses_the_kept_cast_of_a_frozen_head(head_trains):
+    """The chunked head in bf16 (as under mixed precision): the same log-probs and gradients with a
+    registered head as without; a frozen head is cast once, a trained one every call."""
+    from preftune.logprobs import chunked_token_logps
+
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(24, 50, bias=False).requires_grad_(head_trains)
+    twin = copy.deepcopy(head)
+    enable_linear_kernel(head, "cast_once")
+    h = torch.randn(9, 24, generator=gen)
+    y = torch.randint(0, 50, (9,), generator=gen)
+
+    def run(layer):
+        hidden = h.clone().requires_grad_(True)
+        logp = chunked_token_logps(hidden, layer.weight, y, chunk_size=4, compute_dtype=BF16)
+        (logp * torch.linspace(0.5, 1.5, 9)).sum().backward()
+        return logp.detach(), hidden.grad, None if layer.weight.grad is None else layer.weight.grad.clone()
+
+    want, got = run(twin), run(head)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if head_trains:
+        assert head.weight not in linear_kernel._CAST_ONCE and got[2] is not None
+    else:
+        first = _kept(head.weight)
+        run(head)
+        assert _kept(head.weight) is first and first.dtype == BF16
+
+
+def _args(tmp_path, **kw):
+    from preftune.config import PreftuneConfig
+
+    return PreftuneConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", **kw)
+
+
+def test_resolution_and_what_the_run_reports(tmp_path):
+    from preftune.run import _linear_kernel_label
+
+    bf16 = _args(tmp_path, bf16="true")
+    assert linear_kernel_of(bf16) == "cast_once"
+    assert _linear_kernel_label(bf16) == "F.linear under autocast, frozen weights cast once"
+    assert linear_kernel_of(_args(tmp_path, bf16="true", linear_kernel="default")) == "default"
+    # checkpointing replays the casts to save memory: kept copies would undo that
+    assert linear_kernel_of(_args(tmp_path, bf16="true", gradient_checkpointing=True)) == "default"
+    assert linear_kernel_of(_args(tmp_path, bf16="true", selective_checkpointing="true")) == "default"
+    assert linear_kernel_of(_args(tmp_path, bf16="true", selective_checkpointing="mlp")) == "cast_once"
+    assert linear_kernel_of(_args(tmp_path, bf16="false")) in ("onednn", "default")
+
+
+def test_bf16_lora_training_is_bit_identical_to_the_default_kernel(tmp_path, monkeypatch):
+    """Two bf16 LoRA optimizer steps with ``--linear_kernel auto`` (frozen weights cast once) and
+    ``default`` (autocast casts every call): the same adapter weights to the bit, and the trainer
+    really registered the frozen base layers (and dropped their copies when training ended)."""
+    from conftest import tiny_llama
+    from test_peft import TRAIN, _lora_args, _train_args
+    from preftune.trainer import PreferenceTrainer
+    from preftune.training_model import apply_peft
+
+    kept_at_end = []
+    release = linear_kernel.release_cast_copies
+
+    def counting_release(model):
+        kept_at_end.append(sum(linear_kernel._CAST_ONCE.get(m.weight) is not None for m in _frozen_bases(model)))
+        release(model)
+
+    monkeypatch.setattr(linear_kernel, "release_cast_copies", counting_release)
+    runs = {}
+    for kernel in ("auto", "default"):
+        model = apply_peft(tiny_llama(), _lora_args())
+        args = _train_args(tmp_path / kernel, bf16="true", max_steps=2, linear_kernel=kernel)
+        trainer = PreferenceTrainer(model=model, args=args, train_pairs=TRAIN[:32], pad_token_id=0)
+        trainer.train()
+        runs[kernel] = (model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    fast, plain = runs["auto"][1], runs["default"][1]
+    assert fast.keys() == plain.keys() and fast
+    for name in plain:
+        assert torch.equal(fast[name], plain[name]), name
+    bases = _frozen_bases(runs["auto"][0])
+    assert kept_at_end == [len(bases), 0]  # every frozen base layer ran from its kept copy
+    assert len(bases) > 10 and all(linear_kernel._CAST_ONCE.get(m.weight, "absent") is None for m in bases)
+    assert not any(m.weight in linear_kernel._CAST_ONCE for m in _frozen_bases(runs["default"][0]))
+    initial = apply_peft(tiny_llama(), _lora_args())
+    moved = [n for n, p in initial.named_parameters() if p.requires_grad and not torch.equal(p, plain[n])]
+    assert moved
