@@ -174,13 +174,40 @@ def _times_transform_derivative(grad_l: torch.Tensor, h: torch.Tensor, weight: t
     return grad_l
 
 
+SOFTMAX_BLOCK_BYTES = 8 * 2**20
+"""Rows of a chunk's logits processed together by the elementwise passes (:func:`_softmax_inplace`,
+:func:`_probs_from_logits_`): the softmax is five passes (max, subtract, exp, sum, divide), and
+over a whole ``(c, V)`` chunk (128 MiB and more) each pass goes out to memory, while over a block
+of about 8 MiB the later passes find it in cache. Measured at ``(1264, 32000)`` float32 on this
+project's CPU: 40 ms over the whole chunk, 28 ms in blocks of 64 rows (8 MiB), 33 ms in blocks of
+4 rows; the same operations on the same rows, so the same values."""
+
+
+def _row_blocks(x: torch.Tensor):
+    """``x`` ``(c, V)`` in blocks of rows of about :data:`SOFTMAX_BLOCK_BYTES` (views)."""
+    return x.split(max(1, SOFTMAX_BLOCK_BYTES // max(1, x.shape[1] * x.element_size())))
+
+
 def _softmax_inplace(logits: torch.Tensor) -> torch.Tensor:
-    """Turn ``logits`` ``(c, V)`` into softmax probabilities in place; return logsumexp ``(c,)``."""
-    m = logits.amax(dim=1, keepdim=True)
-    logits.sub_(m).exp_()
-    total = logits.sum(dim=1, keepdim=True)
-    logits.div_(total)
-    return total.log_().add_(m).squeeze(1)
+    """Turn ``logits`` ``(c, V)`` into softmax probabilities in place, block of rows by block of
+    rows (:data:`SOFTMAX_BLOCK_BYTES`); return logsumexp ``(c,)``."""
+    lse = []
+    for block in _row_blocks(logits):
+        m = block.amax(dim=1, keepdim=True)
+        block.sub_(m).exp_()
+        total = block.sum(dim=1, keepdim=True)
+        block.div_(total)
+        lse.append(total.log_().add_(m).squeeze(1))
+    return lse[0] if len(lse) == 1 else torch.cat(lse)
+
+
+def _probs_from_logits_(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``exp(logits - lse)`` in place, by blocks of rows: the softmax again from recomputed logits
+    ``(c, V)`` and the forward's logsumexp ``(c,)``."""
+    blocks = _row_blocks(logits)
+    for block, block_lse in zip(blocks, lse.split(blocks[0].shape[0])):
+        block.sub_(block_lse[:, None]).exp_()
+    return logits
 
 
 class ChunkedLinearLogProbs(torch.autograd.Function):
@@ -295,7 +322,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             if probs is not None:
                 p = probs[start:end]
             else:  # recompute the softmax of this chunk (into the buffer, or new from oneDNN)
-                p = _chunk_logits(h, w, b, tf, buf, scratch).sub_(lse_all[start:end, None]).exp_()
+                p = _probs_from_logits_(_chunk_logits(h, w, b, tf, buf, scratch), lse_all[start:end])
             if tf.is_identity:
                 # d logp_n / d l = onehot(y_n) - p_n. Factored so no (c, V) elementwise pass is needed:
                 #   grad_h = g * (W[y] - p W),   grad_W = -p^T (g h) + sum_n g_n e_{y_n} h_n^T,   grad_b = -p^T g + scatter(g)

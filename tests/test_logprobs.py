@@ -324,3 +324,28 @@ def test_frozen_head_keeps_only_the_directions():
     assert sum(saved) == N * H, saved
     (gh,) = torch.autograd.grad((out * up).sum(), [h])
     assert torch.isfinite(gh).all() and gh.abs().max() > 0
+
+
+@pytest.mark.parametrize("path", ["recompute", "cached", "frozen_head"])
+@pytest.mark.parametrize("chunk", [7, N + 50], ids=["chunk7", "chunk>N"])
+def test_softmax_in_row_blocks_matches_float64(monkeypatch, path, chunk):
+    """The softmax and the backward's recomputed probabilities run over blocks of rows
+    (``SOFTMAX_BLOCK_BYTES``); with blocks of 3 rows (a chunk of 7 is 3 + 3 + 1) values and
+    gradients still match the float64 reference on every path."""
+    from preftune import logprobs
+
+    monkeypatch.setattr(logprobs, "SOFTMAX_BLOCK_BYTES", 3 * V * 4)
+    assert [b.shape[0] for b in logprobs._row_blocks(torch.zeros(7, V))] == [3, 3, 1]
+    h, w, b, y, up = make_inputs(seed=11)
+    if path == "frozen_head":
+        w, b = w.detach(), b.detach()
+
+    def chunked(h_, w_, y_, b_):
+        return chunked_token_logps(h_, w_, y_, b_, chunk_size=chunk, cache_mb=64.0 if path == "cached" else 0.0)
+
+    out, g = grads(chunked, h, w, b, y, up)
+    want, g_want = grads(lambda h_, w_, y_, b_: f64_logps(h_, w_, y_, b_), h, w, b, y, up)
+    torch.testing.assert_close(out.double(), want.double(), rtol=0, atol=VALUE_ATOL)
+    assert len(g) == (1 if path == "frozen_head" else 3)
+    for gi, gw, what in zip(g, g_want, ("hidden", "weight", "bias")):
+        assert_rel_close(gi, gw, what=f"{path} d/d{what}")
