@@ -41,7 +41,7 @@ def row_argv(ns, length: int, pairs_per_step: int) -> list[str]:
             "--selective_checkpointing", ns.selective_checkpointing, "--linear_kernel", ns.linear_kernel, "--repeats", str(ns.repeats)]
     if ns.model_dir:
         argv += ["--model_dir", ns.model_dir]
-    return argv
+    return argv + ["--checkpoint_dtype", ns.checkpoint_dtype]
 
 
 def summary_row(length: int, pairs_per_step: int, run: dict) -> list:
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
                    help="both tools' workers run on this malloc (see benchmarks/common.py worker_env)")
     common.add_preftune_engine_arguments(p)
     p.add_argument("--model_dir", default=None, help="create the model here once and reuse it (default: a temporary folder)")
+    common.add_checkpoint_dtype_argument(p)
     p.add_argument("--out", default=None, help="write every row's raw results as JSON here")
     ns = p.parse_args(argv)
 

@@ -232,6 +232,7 @@ def build_parser():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--model_dir", default=None, help="reuse (or create) the benchmark model here")
+    common.add_checkpoint_dtype_argument(p)
     p.add_argument("--out", default=None)
     return p
 

@@ -469,6 +469,13 @@ class Benchmark:
     notes: list = field(default_factory=list)
 
 
+def add_checkpoint_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint_dtype``: the dtype the benchmark model is saved in (every tool loads it in float32)."""
+    p.add_argument("--checkpoint_dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="save the random-init model in this dtype (bfloat16: as published checkpoints are; every tool loads it in "
+                        "float32, and preftune's bf16 runs then store its frozen linear weights in bf16)")
+
+
 def add_preftune_engine_arguments(p: argparse.ArgumentParser) -> None:
     """``--selective_checkpointing`` and ``--linear_kernel``, passed to preftune as given (defaults: preftune's own)."""
     p.add_argument("--selective_checkpointing", choices=("true", "mlp", "false"), default="mlp", help="preftune's --selective_checkpointing")
@@ -511,6 +518,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=str, default=None, help="write all results as JSON here")
     p.add_argument("--keep_tmp", action="store_true", help="keep the temporary model/data folder")
     p.add_argument("--model_dir", default=None, help="create the benchmark model here once and reuse it in later runs (same --model and --seed)")
+    add_checkpoint_dtype_argument(p)
     p.add_argument("--worker", choices=(*TOOLS, "matmul"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -750,9 +758,12 @@ def prepare_model(ns, tmp: Path) -> Path:
     (or in ``tmp``) by :func:`models.create_model`."""
     model_dir = Path(ns.model_dir) if ns.model_dir else tmp / "model"
     stamp = model_dir / "bench_model.json"
+    checkpoint_dtype = getattr(ns, "checkpoint_dtype", "float32")
     want = {"model": ns.model, "seed": ns.seed, "tokenizer": "llama-2 in tokenizer/"}
+    if checkpoint_dtype != "float32":  # (float32 folders made before the option keep their stamp)
+        want["checkpoint_dtype"] = checkpoint_dtype
     if not (stamp.exists() and json.loads(stamp.read_text()) == want):
-        models.create_model(model_dir, ns.model, ns.seed, TOKENIZER_DIR)
+        models.create_model(model_dir, ns.model, ns.seed, TOKENIZER_DIR, checkpoint_dtype)
         stamp.write_text(json.dumps(want))
     return model_dir
 

@@ -51,9 +51,10 @@ def tokenizer_dir(model_dir: Path) -> Path:
     return Path(model_dir) / "tokenizer"
 
 
-def create_model(model_dir: Path, name: str, seed: int, source_tokenizer: Path) -> None:
-    """Random-init model ``name``, save it to ``model_dir`` and the Llama-2 tokenizer to
-    :func:`tokenizer_dir`.
+def create_model(model_dir: Path, name: str, seed: int, source_tokenizer: Path, checkpoint_dtype: str = "float32") -> None:
+    """Random-init model ``name``, save it to ``model_dir`` in ``checkpoint_dtype`` (``bfloat16``:
+    as published checkpoints such as Qwen2-0.5B's are saved; every tool still loads it in float32)
+    and the Llama-2 tokenizer to :func:`tokenizer_dir`.
 
     The tokenizer is saved with ``add_bos_token=True``: the shared Llama-2 ``tokenizer.json``
     adds no BOS by itself, while TRL 1.16's ORPOTrainer always prepends one. With BOS switched on
@@ -65,7 +66,7 @@ def create_model(model_dir: Path, name: str, seed: int, source_tokenizer: Path) 
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    MODELS[name].build().to(torch.float32).save_pretrained(str(model_dir))
+    MODELS[name].build().to(getattr(torch, checkpoint_dtype)).save_pretrained(str(model_dir))
     AutoTokenizer.from_pretrained(str(source_tokenizer), add_bos_token=True).save_pretrained(str(tokenizer_dir(model_dir)))
 
 

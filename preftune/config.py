@@ -274,7 +274,8 @@ class PreftuneConfig(TrainingArguments):
                             "PyTorch has it (measured here 20-40 percent faster than the BLAS behind F.linear at a 0.5B model's shapes; "
                             "same float32 arithmetic, last bits differ); under bf16/fp16 mixed precision, F.linear with each frozen "
                             "weight cast to bf16/fp16 once and kept, instead of at every call (the same bits; about 6 percent of a "
-                            "LoRA step measured); the plain F.linear on GPUs. onednn: require oneDNN in float32; default: F.linear "
+                            "LoRA step measured), or stored in bf16 during training when bf16 holds it exactly (a bf16 checkpoint; "
+                            "half its memory); the plain F.linear on GPUs. onednn: require oneDNN in float32; default: F.linear "
                             "everywhere (bit-identical to transformers' own forward).", "engine")
     reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")

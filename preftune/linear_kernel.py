@@ -35,6 +35,13 @@ a frozen layer's cast weight for the input gradient), so the step's peak does no
 not made under ``--gradient_checkpointing true`` or ``--selective_checkpointing true``, which
 replay the casts to keep memory down, nor for a separate reference model.
 
+Most published checkpoints are saved in bf16, so their float32 weights are bf16 values exactly.
+Such a frozen weight (one only its linear layer reads: not a tied or LM-head weight, not a DoRA
+layer's base) is not copied but *stored* in bf16 at its first cast: the same numbers in half the
+memory, with no float32 master beside it. Outside autocast the layer upcasts it (exactly); when
+training ends the trainer gives every stored weight its float32 tensor back
+(:func:`release_cast_copies`), so what runs and is saved afterwards sees the model it loaded.
+
 ``--linear_kernel``:
 
 * ``auto`` (default), on a CPU: oneDNN for every float32 ``nn.Linear`` of the trained model (and
@@ -53,13 +60,15 @@ modules an instance ``forward`` that runs the chosen kernel (undone by
 from __future__ import annotations
 
 import functools
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import PreftuneError
-from .hf_helpers import is_forward_wrapped, unwrap_forward, wrap_forward
+from .hf_helpers import is_forward_wrapped, unwrap_forward, unwrap_model, wrap_forward
 
 __all__ = [
     "LINEAR_KERNEL_CHOICES", "onednn_available", "onednn_applies", "linear", "cast_weight", "resolve_linear_kernel", "linear_kernel_of",
@@ -153,22 +162,57 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+@dataclass
+class _Kept:
+    """What :data:`_CAST_ONCE` knows of one registered frozen float32 tensor."""
+
+    storable: bool  # used only through these layers: may itself hold the low-precision values
+    key: tuple | None = None  # (version, data_ptr, dtype) the kept copy was made from
+    copy: torch.Tensor | None = None
+    stored: bool = False  # the tensor itself now holds its (exact) low-precision values
+
+
 _CAST_ONCE = WeakIdKeyDictionary()
 """Frozen float32 tensors (weights and biases of the layers :func:`enable_linear_kernel` gave
-``cast_once``) -> ``((version, data_ptr, dtype), copy)``, or None before their first cast. Keyed by
-identity, weakly: a weight that goes away takes its copy with it."""
+``cast_once``) -> :class:`_Kept`. Keyed by identity, weakly: a weight that goes away takes its
+copy with it."""
 
 
 def _kept_copy(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """The kept ``dtype`` copy of ``t`` when ``t`` is a registered frozen float32 tensor (made
-    now if ``t`` changed in place or moved since, or was never cast), else None."""
-    if t is None or dtype == torch.float32 or t.dtype != torch.float32 or t.requires_grad or t not in _CAST_ONCE:
+    """The low-precision ``dtype`` version of registered frozen tensor ``t``, or None when ``t`` is
+    not one: ``t`` itself once it is stored in ``dtype``, else the kept copy (made now if ``t``
+    changed in place or moved since, or was never cast).
+
+    The first cast of a storable tensor that ``dtype`` represents exactly (a checkpoint saved in
+    bf16 and loaded in float32, as most published models are) replaces the float32 values in the
+    tensor itself: the same numbers in half the memory, and no second copy."""
+    if t is None or dtype == torch.float32 or t.requires_grad:
+        return None
+    kept = _CAST_ONCE.get(t)
+    if kept is None:
+        return None
+    if kept.stored:
+        return t if t.dtype == dtype else None
+    if t.dtype != torch.float32:
         return None
     key = (t._version, t.data_ptr(), dtype)
-    entry = _CAST_ONCE[t]
-    if entry is None or entry[0] != key:
-        entry = _CAST_ONCE[t] = (key, t.detach().to(dtype))
-    return entry[1]
+    if kept.key != key:
+        copy = t.detach().to(dtype)
+        if kept.storable and torch.equal(copy.float(), t):
+            t.data = copy
+            kept.stored, kept.key, kept.copy = True, None, None
+            return t
+        kept.key, kept.copy = key, copy
+    return kept.copy
+
+
+def _float32_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as float32 for a caller outside autocast: a stored tensor upcast (exactly), else ``t``."""
+    if t is not None and t.dtype != torch.float32:
+        kept = _CAST_ONCE.get(t)
+        if kept is not None and kept.stored:
+            return t.float()
+    return t
 
 
 def cast_weight(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,7 +224,8 @@ def cast_weight(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _cast_once_forward(self, x):
     """The instance ``forward`` ``cast_once`` gives an ``nn.Linear``: ``F.linear``, under autocast
-    with the frozen weight and bias taken from their kept copies (autocast then casts only ``x``)."""
+    with the frozen weight and bias taken from their kept copies (autocast then casts only
+    ``x``); outside autocast with a stored weight upcast to float32 (the same values)."""
     weight, bias = self.weight, self.bias
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -188,6 +233,8 @@ def _cast_once_forward(self, x):
         kept_weight, kept_bias = _kept_copy(weight, dtype), _kept_copy(bias, dtype)
         weight = weight if kept_weight is None else kept_weight
         bias = bias if kept_bias is None else kept_bias
+    elif x.dtype == torch.float32:
+        weight, bias = _float32_view(weight), _float32_view(bias)
     return F.linear(x, weight, bias)
 
 
@@ -337,7 +384,8 @@ def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
     """
     if kernel not in ("onednn", "cast_once"):
         return 0
-    lora_linear = _lora_linear_class() if kernel == "onednn" else None
+    lora_linear = _lora_linear_class()
+    unstorable = _unstorable_tensors(model, lora_linear) if kernel == "cast_once" else set()
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:
@@ -347,8 +395,8 @@ def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
                     continue
                 for t in (module.weight, module.bias):
                     if t is not None and not t.requires_grad and t not in _CAST_ONCE:
-                        _CAST_ONCE[t] = None
-        elif lora_linear is not None and type(module) is lora_linear:
+                        _CAST_ONCE[t] = _Kept(storable=id(t) not in unstorable)
+        elif kernel == "onednn" and lora_linear is not None and type(module) is lora_linear:
             forward = _onednn_lora_forward
         else:
             continue
@@ -356,16 +404,39 @@ def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
     return count
 
 
+def _unstorable_tensors(model: torch.nn.Module, lora_linear) -> set[int]:
+    """ids of the tensors a ``cast_once`` layer must keep in float32 (a copy beside them instead):
+    those read by more than these layers. Tensors shared between modules (a tied embedding), the
+    output embedding (the LM head's chunks and the engine read it), and the base weight of a DoRA
+    layer (PEFT computes its norm from the weight directly)."""
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    out = {i for i, n in counts.items() if n > 1}
+    head = unwrap_model(model).get_output_embeddings() if hasattr(unwrap_model(model), "get_output_embeddings") else None
+    if head is not None:
+        out |= {id(t) for t in head.parameters()}
+    for module in model.modules():
+        if lora_linear is not None and type(module) is lora_linear and (module.lora_variant or any(module.use_dora.values())):
+            out |= {id(t) for t in module.base_layer.parameters()}
+    return out
+
+
 def release_cast_copies(model: torch.nn.Module) -> None:
-    """Drop the kept casts of ``model``'s tensors (they are made again at their next use under
-    autocast): the trainer calls it when training ends."""
+    """Drop the kept casts of ``model``'s tensors and give stored tensors their float32 values
+    back (exactly: the low precision represented them); casts are made again at their next use
+    under autocast. The trainer calls it when training ends, and ``--eval_generate`` before it
+    generates (outside autocast, where a stored weight would be upcast at every token)."""
     for t in [*model.parameters(), *model.buffers()]:
-        if t in _CAST_ONCE:
-            _CAST_ONCE[t] = None
+        kept = _CAST_ONCE.get(t)
+        if kept is not None:
+            if kept.stored:
+                t.data = t.data.float()
+            _CAST_ONCE[t] = _Kept(storable=kept.storable)
 
 
 def disable_linear_kernel(model: torch.nn.Module) -> None:
-    """Undo :func:`enable_linear_kernel`: the class's own ``forward`` again, no kept casts."""
+    """Undo :func:`enable_linear_kernel`: the class's own ``forward`` again, float32 tensors, no
+    kept casts."""
+    release_cast_copies(model)
     for module in model.modules():
         unwrap_forward(module, _FORWARDS)
     for t in [*model.parameters(), *model.buffers()]:

@@ -61,7 +61,11 @@ class SampleAnswersCallback(TrainerCallback):
         from .config import GenerationArguments
         from .evaluation import generate_answers
         from .inference_model import LoadedModel
+        from .linear_kernel import release_cast_copies
 
+        # generation runs outside autocast: frozen weights held in bf16 for the training steps get
+        # their float32 tensors back first (else every layer would upcast its weight at every token)
+        release_cast_copies(model)
         was_training = model.training
         model.eval()
         try:

@@ -41,7 +41,13 @@ def _step(model, x):
 
 
 def _kept(t):
-    return linear_kernel._CAST_ONCE[t][1]
+    return linear_kernel._CAST_ONCE[t].copy
+
+
+def _unused(t):
+    """Registered, with no copy made and float32 values in place."""
+    kept = linear_kernel._CAST_ONCE.get(t)
+    return kept is not None and kept.copy is None and not kept.stored and t.dtype == torch.float32
 
 
 def test_kept_casts_give_autocast_bits_and_are_made_once():
@@ -63,7 +69,7 @@ def test_kept_casts_give_autocast_bits_and_are_made_once():
     _step(fast, x)
     assert {id(_kept(m.weight)) for m in bases} == copies  # the second step casts nothing
     release_cast_copies(fast)
-    assert all(linear_kernel._CAST_ONCE[m.weight] is None for m in bases)
+    assert all(_unused(m.weight) for m in bases)
     disable_linear_kernel(fast)
     assert not any(m.weight in linear_kernel._CAST_ONCE for m in bases)
     assert not any("forward" in vars(m) for m in fast.modules())
@@ -95,7 +101,7 @@ def test_trainable_unregistered_and_float32_paths_are_untouched():
     enable_linear_kernel(frozen, "cast_once")
     # without autocast: float32 F.linear on the float32 weight, no copy made
     assert torch.equal(frozen(x), F.linear(x, frozen.weight, frozen.bias))
-    assert linear_kernel._CAST_ONCE[frozen.weight] is None
+    assert _unused(frozen.weight)
     # a trainable weight is never registered and keeps its float32 gradient through autocast's cast
     trained = torch.nn.Linear(12, 5)
     assert enable_linear_kernel(trained, "cast_once") == 0 and trained.weight not in linear_kernel._CAST_ONCE
@@ -159,38 +165,126 @@ def test_resolution_and_what_the_run_reports(tmp_path):
     assert linear_kernel_of(_args(tmp_path, bf16="false")) in ("onednn", "default")
 
 
-def test_bf16_lora_training_is_bit_identical_to_the_default_kernel(tmp_path, monkeypatch):
+def _round_to_bf16_(model):
+    """Every parameter rounded to bf16 and kept float32: a bf16 checkpoint loaded in float32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(BF16).float())
+    return model
+
+
+def _how_kept(t):
+    kept = linear_kernel._CAST_ONCE.get(t)
+    return "absent" if kept is None else "stored" if kept.stored else "copy" if kept.copy is not None else "unused"
+
+
+def test_weights_exact_in_bf16_are_stored_in_bf16_and_given_back():
+    """A frozen float32 weight that bf16 represents exactly is replaced by its bf16 values at the
+    first cast (half the memory, no second copy): the same outputs and gradients as autocast, float32
+    results outside autocast, and the float32 tensor back, equal, when the copies are released."""
+    plain = _round_to_bf16_(_lora_model())
+    fast = copy.deepcopy(plain)
+    originals = {n: p.detach().clone() for n, p in fast.named_parameters()}
+    enable_linear_kernel(fast, "cast_once")
+    bases = _frozen_bases(fast)
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1))
+    want, got = _step(plain, x), _step(fast, x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for name in want[2]:
+        assert torch.equal(got[2][name], want[2][name]), name
+    assert [_how_kept(t) for m in bases for t in (m.weight, m.bias) if t is not None] == ["stored"] * 3
+    assert all(m.weight.dtype == BF16 and _kept(m.weight) is None for m in bases)
+    y32 = fast(x)  # outside autocast: float32, as from the float32 weights
+    assert y32.dtype == torch.float32 and torch.equal(y32, plain(x))
+    release_cast_copies(fast)
+    for name, p in fast.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, originals[name]), name
+
+
+@pytest.mark.parametrize("case", ["tied", "untied", "dora"])
+def test_shared_head_and_dora_weights_stay_float32(case):
+    """Tensors read outside the linear layers keep float32 (a copy beside them instead): a tied
+    embedding, the LM head (the engine reads it), a DoRA layer's base weight (PEFT takes its norm)."""
+    from conftest import tiny_llama
+    from test_peft import _lora_args
+    from preftune.hf_helpers import unwrap_model
+    from preftune.training_model import apply_peft
+
+    model = apply_peft(_round_to_bf16_(tiny_llama(tie_word_embeddings=case == "tied")), _lora_args(use_dora=case == "dora"))
+    enable_linear_kernel(model, "cast_once")
+    with torch.autocast("cpu", dtype=BF16):
+        model(input_ids=torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))).logits.float().sum().backward()
+    head = unwrap_model(model).get_output_embeddings().weight
+    assert head.dtype == torch.float32 and _how_kept(head) in ("copy", "absent")
+    decoder = [m for m in _frozen_bases(model) if m.weight is not head]
+    assert decoder and {_how_kept(m.weight) for m in decoder} == ({"copy"} if case == "dora" else {"stored"})
+    disable_linear_kernel(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("weights", ["float32", "exact_in_bf16"])
+def test_bf16_lora_training_is_bit_identical_to_the_default_kernel(tmp_path, monkeypatch, weights):
     """Two bf16 LoRA optimizer steps with ``--linear_kernel auto`` (frozen weights cast once) and
-    ``default`` (autocast casts every call): the same adapter weights to the bit, and the trainer
-    really registered the frozen base layers (and dropped their copies when training ended)."""
+    ``default`` (autocast casts every call): the same adapter weights to the bit; the trainer
+    really ran every frozen layer from a kept copy, or from bf16 storage when the weights were a
+    bf16 checkpoint's, and gave the float32 weights back, unchanged, when training ended."""
     from conftest import tiny_llama
     from test_peft import TRAIN, _lora_args, _train_args
     from preftune.trainer import PreferenceTrainer
     from preftune.training_model import apply_peft
 
+    def base_model():
+        model = tiny_llama()
+        return _round_to_bf16_(model) if weights == "exact_in_bf16" else model
+
     kept_at_end = []
     release = linear_kernel.release_cast_copies
 
-    def counting_release(model):
-        kept_at_end.append(sum(linear_kernel._CAST_ONCE.get(m.weight) is not None for m in _frozen_bases(model)))
+    def recording_release(model):
+        kept_at_end.append(sorted((_how_kept(m.weight), m.weight.dtype == BF16) for m in _frozen_bases(model)))
         release(model)
 
-    monkeypatch.setattr(linear_kernel, "release_cast_copies", counting_release)
+    monkeypatch.setattr(linear_kernel, "release_cast_copies", recording_release)
     runs = {}
     for kernel in ("auto", "default"):
-        model = apply_peft(tiny_llama(), _lora_args())
+        model = apply_peft(base_model(), _lora_args())
         args = _train_args(tmp_path / kernel, bf16="true", max_steps=2, linear_kernel=kernel)
         trainer = PreferenceTrainer(model=model, args=args, train_pairs=TRAIN[:32], pad_token_id=0)
         trainer.train()
-        runs[kernel] = (model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        runs[kernel] = (model, {n: p.detach().clone() for n, p in model.named_parameters()})
     fast, plain = runs["auto"][1], runs["default"][1]
     assert fast.keys() == plain.keys() and fast
     for name in plain:
-        assert torch.equal(fast[name], plain[name]), name
+        assert torch.equal(fast[name], plain[name]), name  # adapters, and the base weights given back
     bases = _frozen_bases(runs["auto"][0])
-    assert kept_at_end == [len(bases), 0]  # every frozen base layer ran from its kept copy
-    assert len(bases) > 10 and all(linear_kernel._CAST_ONCE.get(m.weight, "absent") is None for m in bases)
+    decoder = len(bases) - 1  # all but the LM head
+    stored = [("stored", True)] * decoder if weights == "exact_in_bf16" else []
+    assert kept_at_end == [sorted([("copy", False)] * (len(bases) - len(stored)) + stored), [("absent", False)] * len(bases)]
+    assert decoder > 10 and all(_unused(m.weight) for m in bases)
     assert not any(m.weight in linear_kernel._CAST_ONCE for m in _frozen_bases(runs["default"][0]))
-    initial = apply_peft(tiny_llama(), _lora_args())
+    initial = apply_peft(base_model(), _lora_args())
     moved = [n for n, p in initial.named_parameters() if p.requires_grad and not torch.equal(p, plain[n])]
     assert moved
+
+
+def test_eval_generate_gives_stored_weights_back_before_generating(tmp_path, monkeypatch):
+    """``--eval_generate`` generates outside autocast between training steps: the weights held in
+    bf16 get their float32 tensors back first (else each layer would upcast at every token)."""
+    from preftune import evaluation
+    from preftune.samples import SampleAnswersCallback
+
+    model = _round_to_bf16_(_lora_model())
+    enable_linear_kernel(model, "cast_once")
+    _step(model, torch.randn(2, 4, 48))
+    bases = _frozen_bases(model)
+    assert all(m.weight.dtype == BF16 for m in bases)
+    seen = []
+    monkeypatch.setattr(evaluation, "generate_answers", lambda loaded, *a, **k: seen.append([m.weight.dtype for m in bases]) or {})
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "prompt"
+
+    callback = SampleAnswersCallback(tmp_path, Tok(), [], max_new_tokens=4)
+    callback._answers(model)
+    assert seen == [[torch.float32] * len(bases)]
