@@ -1,7 +1,9 @@
 """Frozen weights cast once under mixed precision (``--linear_kernel auto`` with bf16/fp16,
 preftune/linear_kernel.py): bit-for-bit what autocast computes, a copy made once and made again
 when the weight changes, trainable and unregistered weights left to autocast, the LM head's kept
-cast, the run-level resolution, and a bf16 LoRA trainer run against ``--linear_kernel default``."""
+cast, weights a bf16 checkpoint held exactly stored in bf16 (and given back), the tensors that must
+stay float32, the run-level resolution, bf16 LoRA trainer runs against ``--linear_kernel default``,
+and ``--eval_generate`` generating from float32 weights."""
 
 from __future__ import annotations
 
@@ -13,16 +15,9 @@ import torch.nn.functional as F
 
 from preftune import linear_kernel
 from preftune.linear_kernel import cast_weight, disable_linear_kernel, enable_linear_kernel, linear, linear_kernel_of, release_cast_copies
+from test_linear_kernel import _lora_model  # a 2-layer PEFT LoRA model with random A and B
 
 BF16 = torch.bfloat16
-
-
-def _lora_model(seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.Tanh(), torch.nn.Linear(80, 24, bias=False))
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=0.0))
 
 
 def _frozen_bases(model):
