@@ -379,8 +379,9 @@ def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
     that runs :func:`linear`, and every PEFT LoRA ``Linear`` one that runs the whole layer as one
     :class:`_OneDNNLoRALinear` node. ``cast_once``: every ``nn.Linear`` with a frozen float32
     weight gets one that runs ``F.linear`` from kept casts under autocast (plain ``F.linear``
-    outside it), and its frozen weight and bias are registered for kept casts. ``default``: nothing. A layer whose ``forward`` someone else already replaced on
-    the instance (accelerate's offloading hooks) is left alone.
+    outside it), and its frozen weight and bias are registered for kept casts (storable unless
+    :func:`_unstorable_tensors` names them). ``default``: nothing. A layer whose ``forward``
+    someone else already replaced on the instance (accelerate's offloading hooks) is left alone.
     """
     if kernel not in ("onednn", "cast_once"):
         return 0
@@ -411,7 +412,8 @@ def _unstorable_tensors(model: torch.nn.Module, lora_linear) -> set[int]:
     layer (PEFT computes its norm from the weight directly)."""
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     out = {i for i, n in counts.items() if n > 1}
-    head = unwrap_model(model).get_output_embeddings() if hasattr(unwrap_model(model), "get_output_embeddings") else None
+    get_head = getattr(unwrap_model(model), "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     if head is not None:
         out |= {id(t) for t in head.parameters()}
     for module in model.modules():
