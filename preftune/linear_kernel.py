@@ -29,8 +29,9 @@ for a DPO reference pass), about 2 GB of memory traffic per step at 0.5B. So on 
 autocast, a *frozen* float32 weight of a linear layer is cast once and its copy kept
 (:func:`cast_weight`) for as long as the weight is unchanged (the same version counter and
 storage): the same bits autocast would compute, without the traffic. A Qwen2-0.5B-shaped LoRA
-decoder, forward + backward at 413-700 tokens in bf16, took 15.1 instead of 16.1 s (median of
-three alternated rounds). The copies live where autocast's casts lived anyway (autograd keeps
+decoder, forward + backward over four lengths of 413-700 tokens in bf16, took 16.9 instead of
+18.9 s (``benchmarks/linear_kernels.py``, median of three alternated rounds; an earlier probe:
+15.1 against 16.1 s). The copies live where autocast's casts lived anyway (autograd keeps
 a frozen layer's cast weight for the input gradient), so the step's peak does not grow; they are
 not made under ``--gradient_checkpointing true`` or ``--selective_checkpointing true``, which
 replay the casts to keep memory down, nor for a separate reference model.
