@@ -87,8 +87,9 @@ def saved_tensor_census(run_step):
     forward created them (outside every module: ``engine (LM head, loss)``).
 
     Counted as storages created by operations during the forward (a dispatch mode records each
-    output's storage and the innermost module running) that are still alive when the forward
-    has returned; each storage once, the weights' storages left out. This sees what autograd
+    output's storage and the innermost module running; views and in-place results share an
+    input's storage and are not new) that are still alive when the forward has returned; each
+    storage once, the weights' storages left out. This sees what autograd
     keeps and what selective checkpointing caches alike (autograd's saved-tensor hooks do not
     see inside a checkpointed layer). The mode stays on through the backward: the checkpoint's
     replay must run under the same dispatch modes as the forward.
@@ -98,6 +99,7 @@ def saved_tensor_census(run_step):
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
     stack: list[str] = []
     created: list = []
@@ -108,8 +110,11 @@ def saved_tensor_census(run_step):
             out = func(*args, **(kwargs or {}))
             if recording[0]:
                 where = stack[-1] if stack else "engine (LM head, loss)"
+                # a view or in-place result shares an input's storage: not created here (a view of a
+                # kept bf16 weight copy, made in an earlier step, is no activation)
+                inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
                 for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor) and t.numel():
+                    if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in inputs:
                         created.append((weakref.ref(t.untyped_storage()), where))
             return out
 
@@ -266,7 +271,6 @@ def main(argv=None) -> int:
     model = load_model(str(model_dir), margs, choice)
     if ns.lora_r:
         model = apply_peft(model, margs, ns.gradient_checkpointing)
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(x): x for x in [*model.parameters(), *model.buffers()]}.values())
     with torch.no_grad():  # page the weights in, so "weights" is measured, not deferred to step 1
         for t in model.parameters():
             t.view(-1)[:: max(1, 4096 // t.element_size())].sum()
@@ -285,6 +289,12 @@ def main(argv=None) -> int:
 
     batch = trainer._prepare_inputs(trainer.data_collator(pairs[: ns.batch_size]))  # step 1's batch: the peak
     tokens = int(batch["num_tokens"])
+    # When training ends the trainer drops the kept casts of frozen weights and gives weights held in
+    # bf16 their float32 back (preftune.linear_kernel.release_cast_copies): one unmeasured step makes
+    # them again, so the profiled step and the census see training's steady state, not the casts.
+    trainer.training_step(trainer.model_wrapped, batch)
+    trainer.optimizer.zero_grad()
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(x): x for x in [*model.parameters(), *model.buffers()]}.values())
     reset_peak_rss()
     profiled = profile_step(trainer, batch)
 
@@ -321,7 +331,7 @@ def main(argv=None) -> int:
     peak = meter.steps[0]["peak_rss_mb"]
     memory_rows = [
         ["runtime (python, torch, transformers, preftune imports)", rss_runtime],
-        ["weights and buffers", weight_bytes / mb],
+        ["weights and buffers (as training holds them: frozen weights a bf16 checkpoint holds exactly are bf16 under bf16)", weight_bytes / mb],
         ["gradients + AdamW state of the trainable parameters", (trainable + adam) / mb],
         [f"activations kept for the backward ({tokens} tokens)", (saved_total - census.get("engine (LM head, loss)", 0)) / mb],
         ["LM head: kept softmax (--logprob_cache_mb)", head_cache / mb],
