@@ -34,14 +34,17 @@ decoder, forward + backward over four lengths of 413-700 tokens in bf16, took 16
 15.1 against 16.1 s). The copies live where autocast's casts lived anyway (autograd keeps
 a frozen layer's cast weight for the input gradient), so the step's peak does not grow; they are
 not made under ``--gradient_checkpointing true`` or ``--selective_checkpointing true``, which
-replay the casts to keep memory down, nor for a separate reference model.
+replay the casts to keep memory down, nor for a separate reference model (its forward keeps
+nothing, so copies would add memory).
 
 Most published checkpoints are saved in bf16, so their float32 weights are bf16 values exactly.
 Such a frozen weight (one only its linear layer reads: not a tied or LM-head weight, not a DoRA
 layer's base) is not copied but *stored* in bf16 at its first cast: the same numbers in half the
-memory, with no float32 master beside it. Outside autocast the layer upcasts it (exactly); when
-training ends the trainer gives every stored weight its float32 tensor back
-(:func:`release_cast_copies`), so what runs and is saved afterwards sees the model it loaded.
+memory, with no float32 master beside it. A separate reference model's exact weights are stored
+too (halving that model's linear weights), unless TR-DPO's ``--sync_ref_model`` mixes the policy
+into it. Outside autocast the layer upcasts a stored weight (exactly); when training ends the
+trainer gives every stored weight its float32 tensor back (:func:`release_cast_copies`), so what
+runs and is saved afterwards sees the model it loaded.
 
 ``--linear_kernel``:
 
@@ -168,6 +171,7 @@ class _Kept:
     """What :data:`_CAST_ONCE` knows of one registered frozen float32 tensor."""
 
     storable: bool  # used only through these layers: may itself hold the low-precision values
+    keep_copy: bool = True  # False: store when exact, else leave the cast to autocast (no copy kept)
     key: tuple | None = None  # (version, data_ptr, dtype) the kept copy was made from
     copy: torch.Tensor | None = None
     stored: bool = False  # the tensor itself now holds its (exact) low-precision values
@@ -203,7 +207,7 @@ def _kept_copy(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
             t.data = copy
             kept.stored, kept.key, kept.copy = True, None, None
             return t
-        kept.key, kept.copy = key, copy
+        kept.key, kept.copy = key, copy if kept.keep_copy else None
     return kept.copy
 
 
@@ -371,9 +375,11 @@ def linear_kernel_of(args) -> str:
     return kernel
 
 
-def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
+def enable_linear_kernel(model: torch.nn.Module, kernel: str, keep_copies: bool = True) -> int:
     """Run ``model``'s linear layers with ``kernel`` (:func:`resolve_linear_kernel`'s answer);
-    returns how many layers run it.
+    returns how many layers run it. ``keep_copies=False`` (``cast_once``, a separate reference
+    model): only weights bf16 holds exactly are stored in it, the others are cast by autocast at
+    every call as before (a copy would add half the model's float32 size).
 
     ``onednn``: every ``nn.Linear`` of ``model`` (exactly that class: quantized layers are others;
     LoRA's base layer and its ``A``/``B`` are plain ``nn.Linear``) gets an instance ``forward``
@@ -397,7 +403,7 @@ def enable_linear_kernel(model: torch.nn.Module, kernel: str) -> int:
                     continue
                 for t in (module.weight, module.bias):
                     if t is not None and not t.requires_grad and t not in _CAST_ONCE:
-                        _CAST_ONCE[t] = _Kept(storable=id(t) not in unstorable)
+                        _CAST_ONCE[t] = _Kept(storable=id(t) not in unstorable, keep_copy=keep_copies)
         elif kernel == "onednn" and lora_linear is not None and type(module) is lora_linear:
             forward = _onednn_lora_forward
         else:
@@ -433,7 +439,7 @@ def release_cast_copies(model: torch.nn.Module) -> None:
         if kept is not None:
             if kept.stored:
                 t.data = t.data.float()
-            _CAST_ONCE[t] = _Kept(storable=kept.storable)
+            _CAST_ONCE[t] = _Kept(storable=kept.storable, keep_copy=kept.keep_copy)
 
 
 def disable_linear_kernel(model: torch.nn.Module) -> None:

@@ -191,7 +191,8 @@ class PreferenceTrainer(Trainer):
         """``Trainer.train`` preceded by the allocator setting (:mod:`preftune.allocator`),
         selective activation checkpointing (:mod:`preftune.checkpointing`), the CPU linear
         kernel (:mod:`preftune.linear_kernel`: oneDNN on the policy and a separate reference model in
-        float32, frozen weights cast once under mixed precision) and
+        float32; under mixed precision frozen weights cast once, and those bf16 holds exactly held
+        in bf16, the reference's too) and
         the memory preflight (:mod:`preftune.reliability`).
 
         ``resume_from_checkpoint=True`` resumes from the newest checkpoint that verifies against
@@ -219,9 +220,11 @@ class PreferenceTrainer(Trainer):
         kernel = linear_kernel_of(self.args)
         enable_linear_kernel(self.model, kernel)
         ref_model = getattr(self.reference, "model", None)
-        if kernel == "onednn" and ref_model is not None and ref_model is not self.model:
-            # not cast_once: a separate reference's kept casts would add half its float32 size
-            enable_linear_kernel(ref_model, kernel)
+        separate_ref = ref_model if ref_model is not None and ref_model is not self.model else None
+        if separate_ref is not None and (kernel == "onednn" or self._ref_sync is None):
+            # cast_once: no copies (they would add half its float32 size), exact weights stored in bf16;
+            # not under TR-DPO, whose sync writes policy mixtures into the reference's weights
+            enable_linear_kernel(separate_ref, kernel, keep_copies=False)
         if resume_from_checkpoint is True:
             from .rundir import resolve_resume
 
@@ -243,7 +246,9 @@ class PreferenceTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self.args.save_total_limit = limit
-            release_cast_copies(self.model)
+            for model in (self.model, separate_ref):
+                if model is not None:
+                    release_cast_copies(model)
 
     def _method_state(self) -> MethodStateCallback:
         """The running-state callback (looked up: transformers may replace it when restoring callbacks)."""

@@ -283,3 +283,48 @@ def test_eval_generate_gives_stored_weights_back_before_generating(tmp_path, mon
     callback = SampleAnswersCallback(tmp_path, Tok(), [], max_new_tokens=4)
     callback._answers(model)
     assert seen == [[torch.float32] * len(bases)]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["frozen_reference", "tr_dpo"])
+def test_separate_reference_stores_exact_weights_without_copies(tmp_path, monkeypatch, sync):
+    """Full fine-tuning DPO in bf16 with a separate frozen reference, from a bf16-exact model: the
+    reference's linear weights are held in bf16 during training (no copies: its head is cast per
+    call as before), the policy trains bit-identically to ``--linear_kernel default``, and the
+    reference is float32 and unchanged afterwards. Under TR-DPO, whose sync writes policy mixtures
+    into the reference, its weights are left alone."""
+    from conftest import tiny_llama
+    from test_reference import CHOICE, PAD, make_args, make_pairs
+    from preftune.config import ModelArguments
+    from preftune.reference import build_reference
+    from preftune.trainer import PreferenceTrainer
+
+    seen = {}
+    release = linear_kernel.release_cast_copies
+
+    def recording_release(model):
+        seen.setdefault(id(model), sorted(_how_kept(m.weight) for m in _frozen_bases(model)))
+        release(model)
+
+    monkeypatch.setattr(linear_kernel, "release_cast_copies", recording_release)
+    train = make_pairs(8, seed=1)
+    runs = {}
+    for kernel in ("auto", "default"):
+        policy = _round_to_bf16_(tiny_llama(seed=0))
+        args = make_args(tmp_path / kernel, bf16="true", linear_kernel=kernel, beta=0.1, learning_rate=1e-2, per_device_train_batch_size=4,
+                         max_steps=2, sync_ref_model=sync, ref_model_sync_steps=1)
+        ref = build_reference(policy, ModelArguments(), args, CHOICE, train, [], PAD)
+        start = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
+        PreferenceTrainer(model=policy, args=args, train_pairs=train, reference=ref, pad_token_id=0).train()
+        runs[kernel] = ({n: p.detach().clone() for n, p in policy.named_parameters()}, ref.model, start)
+    for name, p in runs["default"][0].items():
+        assert torch.equal(runs["auto"][0][name], p), name
+    ref_model, start = runs["auto"][1], runs["auto"][2]
+    n = len(_frozen_bases(ref_model))
+    assert n > 10
+    if sync:
+        assert id(ref_model) not in seen or seen[id(ref_model)] == ["absent"] * n
+        assert not any(m.weight in linear_kernel._CAST_ONCE for m in _frozen_bases(ref_model))
+    else:
+        assert seen[id(ref_model)] == sorted(["stored"] * (n - 1) + ["unused"])  # the head: no copy
+        for name, p in ref_model.named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p, start[name]), name
