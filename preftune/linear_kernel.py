@@ -434,12 +434,12 @@ def release_cast_copies(model: torch.nn.Module) -> None:
     back (exactly: the low precision represented them); casts are made again at their next use
     under autocast. The trainer calls it when training ends, and ``--eval_generate`` before it
     generates (outside autocast, where a stored weight would be upcast at every token)."""
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.parameters():  # only linear layers' weights and biases are ever registered
         kept = _CAST_ONCE.get(t)
         if kept is not None:
             if kept.stored:
                 t.data = t.data.float()
-            _CAST_ONCE[t] = _Kept(storable=kept.storable, keep_copy=kept.keep_copy)
+            kept.key, kept.copy, kept.stored = None, None, False
 
 
 def disable_linear_kernel(model: torch.nn.Module) -> None:
@@ -448,5 +448,5 @@ def disable_linear_kernel(model: torch.nn.Module) -> None:
     release_cast_copies(model)
     for module in model.modules():
         unwrap_forward(module, _FORWARDS)
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.parameters():
         _CAST_ONCE.pop(t, None)
