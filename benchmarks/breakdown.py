@@ -18,6 +18,12 @@ on the batch of step 1 runs under ``torch.profiler`` and an autograd saved-tenso
   AdamW state, the activations autograd keeps for the backward (by module), the LM head's
   buffers, and what is left of the peak (temporaries and allocator slack).
 
+Last, the batches of steps 2..N (what the benchmarks' s/step covers) run once more under the
+profiler, and each class's time is split into its matmuls (attention: its kernel) and the rest,
+against the floor the benchmarks use (each class's useful FLOPs at matmul rates measured in this
+process right after): how far the matmuls are from their floor, and how much of the step is
+work the floor does not count (elementwise ops, the optimizer, Python).
+
 Prints Markdown tables; ``--out`` keeps the raw numbers.
 """
 
@@ -38,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import models  # noqa: E402
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}  # the last: --linear_kernel onednn
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}  # the last: --linear_kernel onednn
+FLOOR_OPS = MATMUL_OPS | {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+"""The ops the floor stands for: matmuls, and attention's own kernel (CPU; the dense-mask path's SDPA as well)."""
+FLOOR_CLASS = {"LM head (fwd + bwd)": "head", "decoder matmuls (fwd + bwd)": "layers", "attention (fwd + bwd)": "attention"}
 
 
 def _status_kb(field: str) -> int:
@@ -216,6 +225,61 @@ def profile_step(trainer, batch) -> dict:
     return {"wall_s": wall, "seconds": dict(by), "other_ops": dict(ops.most_common(12))}
 
 
+def profile_steady(trainer, batches: list, step_ids: list, params: dict, precision: str) -> dict:
+    """The time over the floor, on the batches the benchmarks' s/step covers (steps 2..N).
+
+    Runs each batch once more (forward, backward, optimizer step) under ``torch.profiler`` and
+    splits every class's self time into matmuls (attention: its kernel; :data:`FLOOR_OPS`) and the rest; then measures
+    the floor's matmul rates (``flops.matmul_rates``) in this process, so the matmuls' time and
+    their floor (each class's useful FLOPs at its measured rate, ``flops.step_flops``) come from
+    the same machine state. Seconds are per step, averaged over the batches."""
+    import statistics
+
+    import flops as flop_model
+    from torch.profiler import ProfilerActivity, profile
+
+    scored = lambda pair: len(pair[0]) - 1 + len(pair[1]) + len(pair[2])  # noqa: E731  (bench_orpo's nll_on_prompt)
+    model = trainer.model_wrapped
+    by, matmul = Counter(), Counter()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            trainer.training_step(model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+    wall = (time.perf_counter() - started) / len(batches)
+    for ev in prof.events():
+        kind = classify(ev)
+        by[kind] += ev.self_cpu_time_total / 1e6 / len(batches)
+        if ev.name in FLOOR_OPS:
+            matmul[kind] += ev.self_cpu_time_total / 1e6 / len(batches)
+    by["unaccounted (Python, Trainer, profiler)"] = max(wall - sum(by.values()), 0.0)
+    work = [flop_model.step_flops(ids, params, scored, False, trainable_head=params["lora_r"] == 0, trl_head_chunked=False,
+                                  precision=precision) for ids in step_ids]
+    useful = {k: statistics.mean(w["useful"][k] for w in work) for k in ("layers", "head", "attention")}
+    tokens = statistics.mean(w["distinct_tokens"] for w in work)
+    run = statistics.mean(len(p) + len(c) for ids in step_ids for p, c, _ in ids)
+    rates = flop_model.matmul_rates(params, round(tokens), round(run), precision)["gflops"]
+    floor = {k: useful[k] / (rates[k] * 1e9) for k in useful}
+    return {"wall_s": wall, "seconds": dict(by), "matmul_seconds": dict(matmul), "floor_seconds": floor, "gflops": rates,
+            "useful_gflop": {k: v / 1e9 for k, v in useful.items()}, "tokens": tokens}
+
+
+def over_floor_table(steady: dict) -> str:
+    """:func:`profile_steady` as a table: per class, the time, its matmuls against their floor, the rest."""
+    rows, total_floor = [], sum(steady["floor_seconds"].values())
+    for kind, secs in sorted(steady["seconds"].items(), key=lambda kv: -kv[1]):
+        mm = steady["matmul_seconds"].get(kind, 0.0)
+        fl = steady["floor_seconds"].get(FLOOR_CLASS.get(kind, ""), None)
+        rows.append([kind, secs, mm, "" if fl is None else fl, "" if not fl else f"{mm / fl:.2f}x", secs - mm,
+                     f"{(secs - mm) / total_floor:.2f}"])
+    mm_all = sum(steady["matmul_seconds"].values())
+    rows.append(["**total**", steady["wall_s"], mm_all, total_floor, f"{mm_all / total_floor:.2f}x", steady["wall_s"] - mm_all,
+                 f"{(steady['wall_s'] - mm_all) / total_floor:.2f}"])
+    return common.markdown_table(["class", "s/step", "of which matmuls (attention: its kernel)", "their floor", "matmuls / floor", "the rest",
+                                  "the rest / total floor"], rows)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=tuple(models.MODELS), default="qwen2-0.5b")
@@ -297,6 +361,10 @@ def main(argv=None) -> int:
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(x): x for x in [*model.parameters(), *model.buffers()]}.values())
     reset_peak_rss()
     profiled = profile_step(trainer, batch)
+    steady_pairs = [pairs[i * ns.batch_size:(i + 1) * ns.batch_size] for i in range(1, ns.steps)]
+    over_floor = profile_steady(trainer, [trainer._prepare_inputs(trainer.data_collator(b)) for b in steady_pairs],
+                            [[(x.prompt, x.chosen, x.rejected) for x in b] for b in steady_pairs],
+                            models.param_counts(ns.model, ns.lora_r), ns.precision) if ns.steps > 1 else None
 
     class OneStep:  # step 1's batch, forward and backward apart (as Trainer.training_step runs them)
         model = trainer.model
@@ -362,6 +430,15 @@ def main(argv=None) -> int:
         common.markdown_table(["class", "seconds", "share"], [[k, v, f"{100 * v / profiled['wall_s']:.0f}%"]
                                                               for k, v in sorted(profiled["seconds"].items(), key=lambda kv: -kv[1])]),
         "",
+        *([] if over_floor is None else [
+            f"Time over the floor: the batches of steps 2..{ns.steps} run once more under the profiler ({over_floor['tokens']:,.0f} distinct "
+            f"tokens per step on average), against the floor (useful FLOPs per class at matmul rates measured right after, in this "
+            f"process: " + ", ".join(f"{k} {v:.1f}" for k, v in over_floor["gflops"].items()) + f" GFLOP/s); total / floor "
+            f"{over_floor['wall_s'] / sum(over_floor['floor_seconds'].values()):.2f}x:",
+            "",
+            over_floor_table(over_floor),
+            "",
+        ]),
         "Memory (MB):",
         "",
         common.markdown_table(["component", "MB"], memory_rows),
@@ -374,7 +451,7 @@ def main(argv=None) -> int:
     ]
     print("\n".join(report))
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"settings": vars(ns), "steps": meter.steps, "profile": profiled, "census_bytes": census,
+        Path(ns.out).write_text(json.dumps({"settings": vars(ns), "steps": meter.steps, "profile": profiled, "steady_profile": over_floor, "census_bytes": census,
                                             "memory_mb": dict(memory_rows), "tokens_profiled": tokens}, indent=1))
     return 0
 
