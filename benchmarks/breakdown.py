@@ -39,10 +39,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import common  # noqa: E402
 import models  # noqa: E402
+from _census import OUTSIDE_MODULES, saved_tensor_census  # noqa: E402  (shared with tests/test_checkpointing.py)
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}  # the last: --linear_kernel onednn
 FLOOR_OPS = MATMUL_OPS | {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
@@ -89,76 +91,6 @@ def step_meter():
             })
 
     return StepMeter()
-
-
-def saved_tensor_census(run_step):
-    """Bytes the forward leaves alive for the backward during ``run_step()``, by the module whose
-    forward created them (outside every module: ``engine (LM head, loss)``).
-
-    Counted as storages created by operations during the forward (a dispatch mode records each
-    output's storage and the innermost module running; views and in-place results share an
-    input's storage and are not new) that are still alive when the forward has returned; each
-    storage once, the weights' storages left out. This sees what autograd
-    keeps and what selective checkpointing caches alike (autograd's saved-tensor hooks do not
-    see inside a checkpointed layer). The mode stays on through the backward: the checkpoint's
-    replay must run under the same dispatch modes as the forward.
-    """
-    import gc
-    import weakref
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    stack: list[str] = []
-    created: list = []
-    recording = [True]
-
-    class Created(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if recording[0]:
-                where = stack[-1] if stack else "engine (LM head, loss)"
-                # a view or in-place result shares an input's storage: not created here (a view of a
-                # kept bf16 weight copy, made in an earlier step, is no activation)
-                inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-                for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in inputs:
-                        created.append((weakref.ref(t.untyped_storage()), where))
-            return out
-
-    model = run_step.model
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def enter(module, args):
-        stack.append(type(module).__name__)
-
-    def leave(module, args, output):
-        stack.pop()
-
-    handles = []
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind.endswith(("Attention", "MLP", "RMSNorm", "DecoderLayer")):
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    by_module: Counter = Counter()
-    try:
-        with Created():
-            loss = run_step.forward()
-            recording[0] = False
-            stack.clear()
-            gc.collect()
-            seen = set(param_ptrs)
-            for ref, where in created:
-                storage = ref()
-                if storage is not None and storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    by_module[where] += storage.nbytes()
-            run_step.backward(loss)
-    finally:
-        for h in handles:
-            h.remove()
-    return dict(by_module)
 
 
 def heap_in_use_mb() -> tuple[float, float] | None:
@@ -366,20 +298,15 @@ def main(argv=None) -> int:
                             [[(x.prompt, x.chosen, x.rejected) for x in b] for b in steady_pairs],
                             models.param_counts(ns.model, ns.lora_r), ns.precision) if ns.steps > 1 else None
 
-    class OneStep:  # step 1's batch, forward and backward apart (as Trainer.training_step runs them)
-        model = trainer.model
+    def forward():  # step 1's batch, forward and backward apart (as Trainer.training_step runs them)
+        trainer.model_wrapped.train()
+        return trainer.compute_loss(trainer.model_wrapped, batch)
 
-        @staticmethod
-        def forward():
-            trainer.model_wrapped.train()
-            return trainer.compute_loss(trainer.model_wrapped, batch)
+    def backward(loss):
+        loss.backward()
+        trainer.optimizer.zero_grad()
 
-        @staticmethod
-        def backward(loss):
-            loss.backward()
-            trainer.optimizer.zero_grad()
-
-    census = saved_tensor_census(OneStep)
+    census = saved_tensor_census(trainer.model, forward, backward)
     adam = sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
     head_itemsize = 2 if ns.precision == "bf16" else 4
     scored = int(batch["score_index"].numel())
@@ -401,7 +328,7 @@ def main(argv=None) -> int:
         ["runtime (python, torch, transformers, preftune imports)", rss_runtime],
         ["weights and buffers (as training holds them: frozen weights a bf16 checkpoint holds exactly are bf16 under bf16)", weight_bytes / mb],
         ["gradients + AdamW state of the trainable parameters", (trainable + adam) / mb],
-        [f"activations kept for the backward ({tokens} tokens)", (saved_total - census.get("engine (LM head, loss)", 0)) / mb],
+        [f"activations kept for the backward ({tokens} tokens)", (saved_total - census.get(OUTSIDE_MODULES, 0)) / mb],
         ["LM head: kept softmax (--logprob_cache_mb)", head_cache / mb],
         ["LM head: chunk buffers (transient)", head_buffers / mb],
     ]

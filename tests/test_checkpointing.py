@@ -10,14 +10,11 @@ counted directly.
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _census import saved_tensor_census
 from preftune.checkpointing import (
     MIN_SAVED_CONTRACTION, disable_feed_forward_checkpointing, enable_feed_forward_checkpointing, enable_selective_checkpointing,
     selective_policy,
@@ -109,45 +106,15 @@ def test_feed_forward_checkpointing_wraps_each_block_once_and_undoes():
         assert torch.equal(wrapped, model(ids).logits)
 
 
-class _Created(TorchDispatchMode):
-    """Remembers (weakly) the storage of every tensor an operation creates while ``recording``.
-    It stays active through the backward too: selective checkpointing's replay must see the same
-    dispatch modes as the forward it replays."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages = []
-        self.recording = True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.recording:
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.numel():
-                    self.storages.append(weakref.ref(t.untyped_storage()))
-        return out
-
-
 def bytes_kept_for_backward(model, pairs) -> int:
     """Bytes of the storages created during the forward that are still alive after it, weights
     excluded: what autograd keeps for the backward (the loss and log-probs are a few bytes)."""
-    created = _Created()
-    with packed_attention(model, "segments"), created:
+    def forward():
         batch, seq = run_layout(model, pairs, "packed", score_prompt=True)
-        loss = orpo_loss_of(seq, batch)
-        created.recording = False
-        del batch, seq
-        gc.collect()
-        # views of the weights (a transposed weight in a matmul) point at the weights' storage
-        seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        total = 0
-        for ref in created.storages:
-            s = ref()
-            if s is not None and s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-        loss.backward()
-    return total
+        return orpo_loss_of(seq, batch)
+
+    with packed_attention(model, "segments"):
+        return sum(saved_tensor_census(model, forward, lambda loss: loss.backward()).values())
 
 
 def test_selective_checkpointing_keeps_less():
