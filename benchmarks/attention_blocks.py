@@ -60,30 +60,18 @@ STRATEGIES = {"fixed 64 (preftune)": fixed(64), "balanced 64": balanced(64), "fi
               "fixed 96": fixed(96), "balanced 96": balanced(96), "uncut": uncut}
 
 
-def first_keys(keys, n):
-    """The first ``n`` keys of the concatenated ``(start, stop)`` ranges ``keys``."""
-    out = []
-    for a, b in keys:
-        if n <= 0:
-            break
-        out.append((a, min(b, a + n)))
-        n -= out[-1][1] - a
-    return tuple(out)
-
-
 def make_plan(segments, rows, row_len, cut):
     """A :class:`preftune.attention.SegmentPlan` whose query blocks are cut by ``cut``."""
     import torch
 
-    from preftune.attention import QueryRun, SegmentPlan
+    from preftune.attention import SegmentPlan
 
     class CutPlan(SegmentPlan):
         def blocks(self, block, uncut_above=None):
             if "cut" not in self._blocks:
                 out = []
                 for u in self.runs:
-                    shift = u.k_len - u.q_len
-                    out += [QueryRun(u.row, u.q_start + s, e - s, first_keys(u.keys, shift + e)) for s, e in cut(u.q_len)]
+                    out += [u.block(s, e) for s, e in cut(u.q_len)]
                 self._blocks["cut"] = out
             return self._blocks["cut"]
 

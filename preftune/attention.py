@@ -76,6 +76,17 @@ class QueryRun:
     def k_len(self) -> int:
         return sum(b - a for a, b in self.keys)
 
+    def block(self, start: int, stop: int) -> "QueryRun":
+        """Queries ``[start, stop)`` of this run (offsets within it), attending bottom-right to the
+        run's first ``k_len - q_len + stop`` keys: everything they may see, nothing later."""
+        keys, n = [], self.k_len - self.q_len + stop
+        for a, b in self.keys:
+            if n <= 0:
+                break
+            keys.append((a, min(b, a + n)))
+            n -= keys[-1][1] - a
+        return QueryRun(self.row, self.q_start + start, stop - start, tuple(keys))
+
 
 @dataclass
 class SegmentPlan:
@@ -124,10 +135,7 @@ class SegmentPlan:
                 if uncut_above is not None and u.k_len > uncut_above:
                     out.append(u)
                     continue
-                shift = u.k_len - u.q_len
-                for s in range(0, u.q_len, block):
-                    e = min(s + block, u.q_len)
-                    out.append(QueryRun(u.row, u.q_start + s, e - s, _first_keys(u.keys, shift + e)))
+                out += [u.block(s, min(s + block, u.q_len)) for s in range(0, u.q_len, block)]
             self._blocks[key] = out
         return self._blocks[key]
 
@@ -218,17 +226,6 @@ class SegmentPlan:
             "kv_index": torch.tensor(kv_index, dtype=torch.long, device=self.device),
         }
         return self._varlen
-
-
-def _first_keys(keys: tuple[tuple[int, int], ...], n: int) -> tuple[tuple[int, int], ...]:
-    """The first ``n`` keys of the concatenated ranges ``keys``."""
-    out = []
-    for a, b in keys:
-        if n <= 0:
-            break
-        out.append((a, min(b, a + n)))
-        n -= out[-1][1] - a
-    return tuple(out)
 
 
 def prepared_mask_placeholder(rows: int, device) -> torch.Tensor:
