@@ -309,6 +309,7 @@ class PreftuneConfig(TrainingArguments):
         if self.warmup_ratio is not None:
             _require(0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
+        self._check_training_numbers()
         self._resolve_precision()
         super().__post_init__()
         _require(self.beta > 0, f"--beta must be positive, got {self.beta}")
@@ -322,6 +323,20 @@ class PreftuneConfig(TrainingArguments):
         _require(self.max_nonfinite_steps >= 0, "--max_nonfinite_steps must be >= 0")
         _require(self.eval_generate >= 0, f"--eval_generate must be >= 0 (0 turns it off), got {self.eval_generate}")
         _require(self.eval_generate_max_new_tokens >= 1, f"--eval_generate_max_new_tokens must be at least 1, got {self.eval_generate_max_new_tokens}")
+
+    def _check_training_numbers(self) -> None:
+        """The Trainer options that torch or transformers would otherwise reject mid-setup, with a
+        traceback, or accept and then train nothing."""
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, flag)
+            _require(value >= 1, f"--{flag} must be at least 1, got {value}")
+        _require(self.learning_rate >= 0, f"--learning_rate must be >= 0, got {self.learning_rate}")
+        _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm is None or self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+        _require(self.num_train_epochs >= 0, f"--num_train_epochs must be >= 0, got {self.num_train_epochs}")
+        _require(self.max_steps > 0 or self.num_train_epochs > 0,
+                 f"nothing to train: --num_train_epochs {self.num_train_epochs:g} and --max_steps {self.max_steps}; "
+                 "pass --num_train_epochs N or --max_steps N")
 
     def _check_method(self) -> None:
         """Resolve ``loss_type`` and check every method setting against the method's declaration."""
