@@ -10,9 +10,13 @@ outputs::
                                                           the user's model and data (UserInputs below)
     prepare_data     inputs, tokenizer  -> TrainingData   tokenized train and held-out pairs (TokenizedPairs,
                                                           from the tokenized cache) and per-source counts
+    adopt_default_template                                the tokenizer takes preftune's default ChatML template
+                                                          when the data was rendered with it (saved with the model)
     prepare_model    inputs, options    -> PreparedModel  starting model + PEFT or ReFT, and its ModelHooks
     prepare_reference model, data       -> reference      the reference (None for reference-free methods)
-    train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted)
+    train            everything above   -> trained Trainer (an interrupt ends in RunInterrupted); the folder
+                                                          is touched (run_config.json, with the command that
+                                                          started the run) only once training begins
     save_outputs     trainer, ...       -> RunResult      model, tokenizer, curves, model card, run_complete.json
 
 The run folder's files are named and written through :mod:`preftune.rundir`; writes that must not
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,7 @@ from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import TrainingData
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
-from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE, RUN_CONFIG_FILE, write_json
+from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE
 
 logger = logging.getLogger("preftune")
 
@@ -64,6 +69,15 @@ class RunSetup:
     device: object  # preftune.training_model.DeviceChoice
     started: float  # time.perf_counter() at the start
     resume: str | None  # the checkpoint to resume from, verified against its manifest (None: a fresh run)
+    created_output_dir: bool = False  # this run made the folder (so it may remove it again if it stays empty)
+
+    def remove_unused_output_dir(self) -> None:
+        """After a failure: the folder this run created, if nothing was written into it."""
+        if self.created_output_dir:
+            try:
+                self.output_dir.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
 
 
 @dataclass
@@ -157,6 +171,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     if not model_args.is_demo and not data_args.has_data:
         raise PreftuneError("--model_name_or_path needs --dataset_name (a preference data file or folder)")
     resuming = bool(args.resume_from_checkpoint)
+    created = not Path(args.output_dir).expanduser().exists()
     if args.process_index == 0:
         out = check_output_dir(args.output_dir, args.overwrite_output_dir, resuming, model_args.is_demo)
     else:
@@ -168,7 +183,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     logger.info("preftune: %s, %s; %d process%s; memory: %s; linear layers: %s", device.describe(), args.precision_choice.describe(),
                 args.world_size, "" if args.world_size == 1 else "es", active_allocator(), _linear_kernel_label(args))
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
-    return RunSetup(out, device, started, resume)
+    return RunSetup(out, device, started, resume, created and args.process_index == 0)
 
 
 def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:
@@ -194,6 +209,18 @@ def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: P
     if args.eval_generate and len(data.eval_pairs) == 0:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
     return data
+
+
+def adopt_default_template(tokenizer, data: TrainingData) -> None:
+    """When conversational data was rendered with preftune's default ChatML template (the tokenizer
+    has none), that template becomes the tokenizer's: every save of the model (checkpoints, the run
+    folder, ``preftune merge``, ``preftune export``) then carries the format it was trained on."""
+    from .data.tokenize import DEFAULT_CHAT_TEMPLATE
+    from .hf_helpers import has_chat_template
+
+    if data.default_template and not has_chat_template(tokenizer):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        logger.info("the model is saved with preftune's default ChatML template, the format its training data was rendered in")
 
 
 def prepare_model(inputs: RunInputs, tokenizer, model_args: ModelArguments, args: PreftuneConfig, setup: RunSetup) -> PreparedModel:
@@ -234,12 +261,14 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
     from .outputs import MetricsFileCallback
     from .reliability import InterruptCallback
     from .rundir import checkpoint_path, find_latest_checkpoint
-    from .saving import begin_run, writes_fail_cleanly
+    from .saving import BeginRunCallback, writes_fail_cleanly
     from .trainer import PreferenceTrainer
 
     out = setup.output_dir
     interrupt = InterruptCallback()
-    callbacks = [MetricsFileCallback(str(out)), interrupt]  # PreferenceTrainer adds the checkpoint marker callback itself
+    # PreferenceTrainer adds the checkpoint marker callback itself; BeginRunCallback touches the folder
+    # (run_complete.json of an earlier run removed, run_config.json written) only once training begins
+    callbacks = [BeginRunCallback(out, run_config), MetricsFileCallback(str(out)), interrupt]
     if args.eval_generate:
         from .samples import SampleAnswersCallback
 
@@ -249,9 +278,6 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
         model=prepared.model, args=args, train_pairs=data.train_pairs, eval_pairs=data.eval_pairs, processing_class=tokenizer,
         reference=reference, hooks=prepared.hooks, callbacks=callbacks,
     )
-    if args.process_index == 0:
-        begin_run(out)  # an earlier run_complete.json no longer describes the folder
-        write_json(out / RUN_CONFIG_FILE, run_config)
     # a failed write while saving checkpoint-N removes it and ends in one line naming the checkpoint to resume from
     with writes_fail_cleanly(out, "a checkpoint", partial_checkpoint=lambda: checkpoint_path(out, trainer.state.global_step)):
         train_output = trainer.train(resume_from_checkpoint=setup.resume)
@@ -262,7 +288,8 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
         where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
         raise RunInterrupted(
             f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
-            f"Resume with: preftune train ... --resume_from_checkpoint latest",
+            "Resume with: preftune train " + (f"--output_dir {shlex.quote(str(out))}" if "command" in run_config else "...")
+            + " --resume_from_checkpoint latest",
             interrupt.received,
         )
     return trainer, train_output
@@ -308,14 +335,28 @@ def save_outputs(trainer, tokenizer, inputs: RunInputs, prepared: PreparedModel,
     return seconds
 
 
-def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig) -> RunResult:
-    """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics."""
+def run_training(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, command: dict | None = None) -> RunResult:
+    """Run one training job (see the module docstring for the stages); returns where it saved and its final metrics.
+
+    ``command``: what ``preftune train`` was given (:class:`preftune.commands.train.TrainCommand`),
+    recorded in run_config.json so that the run can be resumed from its folder alone. A run that
+    fails removes the output folder it created if nothing was written into it."""
+    setup = setup_run(model_args, data_args, args)
+    try:
+        return _run_stages(model_args, data_args, args, setup, command)
+    except BaseException:
+        setup.remove_unused_output_dir()
+        raise
+
+
+def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: PreftuneConfig, setup: RunSetup, command: dict | None) -> RunResult:
+    """:func:`run_training` after its setup: the stages in order."""
     from .allocator import active_allocator
 
-    setup = setup_run(model_args, data_args, args)
     inputs = run_inputs(model_args, data_args)
     tokenizer = inputs.load_tokenizer()
     data = prepare_data(inputs, tokenizer, data_args, args)
+    adopt_default_template(tokenizer, data)
     prepared = prepare_model(inputs, tokenizer, model_args, args, setup)
     reference = prepare_reference(prepared, model_args, args, setup, data, tokenizer)
     before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
@@ -332,6 +373,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: Pre
         "allocator": active_allocator(),
         "linear_kernel": _linear_kernel_label(args),
     }
+    if command is not None:
+        run_config["command"] = command
     trainer, train_output = train(prepared, tokenizer, data, reference, args, setup, run_config)
     final = final_metrics(trainer, train_output, len(data.eval_pairs) > 0)
 

@@ -173,6 +173,12 @@ def check_output_dir(path: str, overwrite: bool, resuming: bool, is_demo: bool =
             raise PreftuneError(
                 f"output_dir {str(out)!r} already holds a finished run; pass --overwrite_output_dir to replace it, or choose another --output_dir"
             )
+    elif not (overwrite or resuming) and (checkpoints := list_checkpoints(out)):
+        # a new run would write its checkpoints over the interrupted run's
+        raise PreftuneError(
+            f"output_dir {str(out)!r} holds an unfinished run (newest checkpoint: {checkpoints[0][1].name}); pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start again in it, or choose another --output_dir"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".preftune_write_test"

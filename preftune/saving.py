@@ -29,11 +29,14 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from transformers import TrainerCallback
+
 from .errors import PreftuneError, describe_exception
 from .integrity import build_manifest
 from .rundir import (
     CHECKPOINT_COMPLETE_MARKER,
     RUN_COMPLETE_FILE,
+    RUN_CONFIG_FILE,
     RUN_RECORD_FILES,
     TRAINER_STATE_FILE,
     UNCHECKED_FILES,
@@ -149,6 +152,23 @@ def begin_run(out: Path) -> None:
     final save is removed."""
     (out / RUN_COMPLETE_FILE).unlink(missing_ok=True)
     shutil.rmtree(out / FINAL_STAGING_DIR, ignore_errors=True)
+
+
+class BeginRunCallback(TrainerCallback):
+    """:func:`begin_run`, then ``run_config.json``, when training begins (main process).
+
+    ``on_train_begin`` comes after the Trainer has built its optimizer and loaded a checkpoint to
+    resume from, and after preftune's memory preflight: a run that fails while setting up (an
+    option the optimizer refuses, a preflight that finds no memory, a checkpoint that does not
+    load) leaves the folder, and a finished run in it, as they were."""
+
+    def __init__(self, out: Path, run_config: dict):
+        self.out, self.run_config = out, run_config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            begin_run(self.out)
+            write_json(self.out / RUN_CONFIG_FILE, self.run_config)
 
 
 @dataclass

@@ -259,7 +259,7 @@ def test_cli_argv_fuzz_never_tracebacks(tmp_path, monkeypatch, argv):
 
     reached = []
 
-    def validate_only(model_args, data_args, args):
+    def validate_only(model_args, data_args, args, command=None):
         reached.append(args)
         out = check_output_dir(args.output_dir, args.overwrite_output_dir, bool(args.resume_from_checkpoint), model_args.is_demo)
         if data_args.has_data:  # the examples the data stage would select, sources and eval split as given

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PreftuneError
@@ -46,31 +47,100 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+INPUT_FLAGS = frozenset({"model_name_or_path", "dataset_name", "datasets"})  # what makes a run not the demo
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """What ``preftune train`` was given: the command-line flags (without ``--config``) and the YAML
+    file's options. run_config.json records it, so a run can be resumed from its folder alone."""
+
+    argv: list[str]
+    file_options: dict
+    options_source: str | None = None  # where file_options came from, for messages: the YAML file or the run folder
+
+    def as_record(self) -> dict:
+        """The run's options, not how this process was started: without ``--resume_from_checkpoint``."""
+        return {"argv": _without_flags(self.argv, RESUME_FLAGS),
+                "config_options": {k: v for k, v in self.file_options.items() if k.replace("-", "_") != "resume_from_checkpoint"}}
+
+
+RESUME_FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")
+
+
+def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``flags`` and their values (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in flags)):
+            out.append(a)
+    return out
+
+
+def train_command(argv: list[str]) -> TrainCommand:
+    """``argv`` and its ``--config`` file as one command; when it resumes a run (``--resume_from_checkpoint``
+    with no model or data named) whose folder recorded its command, that command comes first and
+    ``argv`` overrides it: ``preftune train --output_dir RUN --resume_from_checkpoint latest`` continues
+    RUN with the options it was started with."""
+    from ..rundir import RUN_CONFIG_FILE, read_json
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--output_dir", "--output-dir", default=None)
+    pre.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None)
+    known, _ = pre.parse_known_args(argv)
+    options = load_yaml(known.config) if known.config else {}
+    command = TrainCommand(_without_flags(argv, ("--config",)), options, f"--config {known.config!r}" if known.config else None)
+    given = given_flags(argv) | {str(k).replace("-", "_") for k in options}
+    resume = known.resume_from_checkpoint or options.get("resume_from_checkpoint")
+    if not resume or given & INPUT_FLAGS:
+        return command
+    folder = known.output_dir or options.get("output_dir") or options.get("output-dir")
+    if folder is None and str(resume) not in ("latest", "true", "True"):
+        folder = str(Path(str(resume)).expanduser().parent)  # an explicit checkpoint folder: its run's folder
+    if folder is None:
+        return command
+    record = read_json(Path(folder).expanduser() / RUN_CONFIG_FILE)
+    if not record or record.get("demo"):
+        return command  # no run there yet (resolving the checkpoint will say so), or the demo's own run
+    recorded = record.get("command")
+    if not recorded:
+        raise PreftuneError(
+            f"{folder!r} holds a run of {record.get('base_model')!r} on {record.get('dataset')!r} that did not record its options "
+            "(started before preftune recorded them); resume it with the options it was started with, plus --resume_from_checkpoint latest"
+        )
+    return TrainCommand(list(recorded.get("argv", [])) + command.argv, {**recorded.get("config_options", {}), **options},
+                        command.options_source or f"{str(Path(folder) / RUN_CONFIG_FILE)!r}")
+
+
 def parse_train_args(argv: list[str]):
-    """Parse ``preftune train`` arguments into (ModelArguments, DataArguments, PreftuneConfig)."""
+    """Parse ``preftune train`` arguments into (ModelArguments, DataArguments, PreftuneConfig)
+    (a resumed run's recorded options under them: :func:`train_command`)."""
     from ..config import field_groups
 
     parser = build_train_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
+    command = train_command(argv)
+    argv, data = command.argv, command.file_options
     known_fields = set(field_groups())
-    data = load_yaml(known.config) if known.config else {}
     given = given_flags(argv)
     given |= {str(k).replace("-", "_") for k in data}
-    if not given & {"model_name_or_path", "dataset_name", "datasets", "help"} and "-h" not in argv:
+    if not given & (INPUT_FLAGS | {"help"}) and "-h" not in argv:
         # the built-in demo: its own settings, under the YAML file and the flags
         from ..demo import DEMO_TRAINING
 
         parser.set_defaults(output_dir="preftune-demo", **DEMO_TRAINING)
-    if known.config:
+    if data:
         unknown = [k for k in data if k.replace("-", "_") not in known_fields]
         if unknown:
             hints = []
             for k in unknown:
                 close = difflib.get_close_matches(k.replace("-", "_"), known_fields, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise PreftuneError(f"--config {known.config!r}: unknown option(s) {', '.join(hints)}")
+            raise PreftuneError(f"{command.options_source}: unknown option(s) {', '.join(hints)}")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
     try:
         *dataclass_objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -79,7 +149,6 @@ def parse_train_args(argv: list[str]):
         raise
     except (ValueError, TypeError) as e:
         raise PreftuneError(str(e).strip().splitlines()[0]) from None
-    rest = [r for r in rest if r != "--config" and r != known.config]
     if rest:
         raise unknown_option_error(rest[0], known_fields, "train")
     return model_args, data_args, train_args
@@ -107,7 +176,7 @@ def cmd_train(argv: list[str]) -> int:
     model_args, data_args, train_args = parse_train_args(argv)
     from ..run import run_training
 
-    result = run_training(model_args, data_args, train_args)
+    result = run_training(model_args, data_args, train_args, command=train_command(argv).as_record())
     if train_args.process_index == 0:
         _print_summary(result, train_args.method)
     return 0
