@@ -29,6 +29,7 @@ from ..errors import DataError, PreftuneError
 from . import LoadedData, held_out_mask, load_examples
 from .cache import TokenizedSource, tokenized_source
 from .formats import ColumnMap, PreferenceExample
+from .io import looks_like_path
 from .mixture import DatasetSpec, mixture_order, parse_dataset_entries, sample_counts, select_positions
 from .store import TokenizedPairs
 from .tokenize import DROP_REASONS, TokenizeReport, TokenizeSettings, count_truncation, plan_truncation, tokenize_examples
@@ -110,6 +111,8 @@ def eval_sources(data_args) -> list[DatasetSpec] | None:
         return None
     if Path(data_args.eval_split).expanduser().exists():
         return [dataclasses.replace(base, path=data_args.eval_split, split="train")]
+    if looks_like_path(data_args.eval_split):  # a file name, not a split name: the file is missing
+        raise PreftuneError(f"--eval_split {data_args.eval_split!r}: file not found")
     specs = []
     for spec in training_sources(data_args):
         if Path(spec.path).expanduser().is_file():
@@ -261,6 +264,7 @@ class TrainingData:
     sources: list[dict] = field(default_factory=list)  # per-source counts (log, run_config.json, model card)
     train_report: TokenizeReport | None = None
     eval_report: TokenizeReport | None = None
+    default_template: bool = False  # conversational rows were rendered with preftune's default ChatML template
 
 
 def describe_sources(specs: list[DatasetSpec]) -> str:
@@ -315,7 +319,8 @@ def prepare_data(tokenizer, data_args, seed: int) -> TrainingData:
     for row in rows:
         logger.info("data: %s [%s] (%s): %d rows, %d bad, %d examples, %d selected -> %d train / %d eval pairs", row["dataset"], row["split"],
                     row["sampling"], row["rows"], row["bad_rows"], row["examples"], row["selected"], row.get("train_pairs", 0), row.get("eval_pairs", 0))
-    return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None)
+    default_template = any(src.tokenized.summary.notes.get("default_template") for src in sources + esources)
+    return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None, default_template)
 
 
 def data_from_examples(tokenizer, train: list, evals: list, settings: TokenizeSettings, unpaired: bool = False,
@@ -325,7 +330,9 @@ def data_from_examples(tokenizer, train: list, evals: list, settings: TokenizeSe
     kind = dict(unpaired=unpaired, kl_group=kl_group)
     train_pairs, train_report = tokenize_split(tokenizer, train, settings, "train data", **kind)
     eval_pairs, eval_report = tokenize_split(tokenizer, evals, settings, "eval data", **kind) if evals else ([], None)
-    return TrainingData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), [], train_report, eval_report)
+    default_template = any(r is not None and r.used_default_template for r in (train_report, eval_report))
+    return TrainingData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), [], train_report, eval_report,
+                        default_template)
 
 
 # --- examples path (preftune eval) ------------------------------------------------------------------
