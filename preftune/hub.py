@@ -13,7 +13,13 @@ import os
 import socket
 from urllib.parse import urlparse
 
-__all__ = ["hub_reachable", "offline_mode"]
+__all__ = ["hub_reachable", "offline_mode", "looks_like_local_path"]
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A model name that can only be a local folder (``./x``, ``/x``, ``~/x``, ``a/b/c``, a backslash):
+    a Hub name is ``name`` or ``owner/name``. When no such folder exists, the fix is the path, not the Hub."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def offline_mode() -> bool:

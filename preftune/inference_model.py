@@ -80,10 +80,6 @@ def quiet_transformers():
                 hf_logging.enable_progress_bar()
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def _model_args(name: str | None, torch_dtype: str, trust_remote_code: bool):
     from .config import ModelArguments
 
@@ -153,7 +149,9 @@ def check_model_arg(name: str) -> RunFolder | None:
     if path.is_file():
         raise PreftuneError(f"{name!r} is a file; pass the folder that holds the model")
     if not path.exists():
-        if _looks_like_path(name):
+        from .hub import looks_like_local_path
+
+        if looks_like_local_path(name):
             raise PreftuneError(f"model folder {name!r} not found")
         return None
     return open_run(path)

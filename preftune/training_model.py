@@ -74,15 +74,17 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", 
 
 
 def hub_error(kind: str, name: str, err: Exception) -> PreftuneError:
-    from .hub import offline_mode
+    from .hub import looks_like_local_path, offline_mode
 
+    if looks_like_local_path(name):
+        return PreftuneError(f"{name!r}: no such folder; check the path (a local model folder was expected)")
     if offline_mode():
         why = "the Hugging Face Hub is unreachable from this machine (or offline mode is on) and it is not in the local cache"
     else:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         why = f"loading it from the Hugging Face Hub failed ({first})"
     return PreftuneError(
-        f"{kind} {name!r} is not a local folder, and {why}. "
+        f"the {kind} {name!r} is not a local folder, and {why}. "
         f"Download the {kind} on a machine with access (save_pretrained) and pass the local folder."
     )
 
@@ -106,9 +108,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template_fil
     except OSError as e:
         if _is_local(name):
             raise PreftuneError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
-        raise hub_error("tokenizer", name, e) from None
+        raise hub_error("model", name, e) from None  # a tokenizer is read from a model's folder or Hub repository
     except Exception as e:  # network errors
-        raise hub_error("tokenizer", name, e) from None
+        raise hub_error("model", name, e) from None
     if chat_template_file:
         path = Path(chat_template_file)
         if not path.is_file():

@@ -47,7 +47,7 @@ def _output_dir(eval_args, model_name: str) -> Path:
     else:
         out = Path(model_name).expanduser()
         if not out.is_dir():
-            raise PreftuneError(f"{model_name!r} is not a local folder; pass --output_dir for eval.json")
+            raise PreftuneError(f"{model_name!r} is not a local folder, so eval.json has no place to go; pass --output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -75,7 +75,6 @@ def _evaluate(eval_args, source_args, tokenize_args, generation, load, where, gi
     model_name = where.model
     run = check_model_arg(model_name)  # verified against its manifest: one line if damaged or unfinished
     compare_run = check_model_arg(eval_args.compare) if eval_args.compare and eval_args.compare != "base" else None
-    out_dir = _output_dir(eval_args, model_name)
     run_config = run.run_config if run is not None else None
     settings = resolve_settings(tokenize_args, eval_args, given, run_config)
     examples, data_label = load_eval_examples(source_args, given, run_config, model_name)
@@ -85,6 +84,7 @@ def _evaluate(eval_args, source_args, tokenize_args, generation, load, where, gi
     models = [load_pretrained(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file, run=run)]
     if eval_args.compare:
         models.append(_load_compare(eval_args.compare, model_name, load, run, compare_run))
+    out_dir = _output_dir(eval_args, model_name)  # once the models load: no folder is left behind by a name that fails
     results, answers = [], []
     for loaded in models:
         pairs, report = tokenize_split(loaded.tokenizer, examples, settings.tokenize, loaded.label)

@@ -1,0 +1,147 @@
+"""A run folder is only touched once training begins, a run resumes from its folder alone, and the
+options that would fail mid-setup (or train nothing) stop first, in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main
+from preftune.commands.train import parse_train_args, train_command
+from preftune.errors import PreftuneError
+from preftune.rundir import RUN_COMPLETE_FILE, RUN_CONFIG_FILE, TRAINER_STATE_FILE, check_output_dir, read_json
+
+from conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from preftune.demo import build_demo_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    tok = build_demo_tokenizer()
+    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def prefs_jsonl(tmp_path):
+    return write_rows(tmp_path / "prefs.jsonl", [{"prompt": f"Q: copy {i % 10} A:", "chosen": f" {i % 10}", "rejected": f" {(i + 1) % 10}"}
+                                                 for i in range(16)])
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--memory_preflight", "false", *extra]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "-1"], "--learning_rate must be >= 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--num_train_epochs", "0", "--max_steps", "-1"], "nothing to train"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+])
+def test_numbers_torch_would_refuse_fail_at_parse_time(flags, message):
+    with pytest.raises(PreftuneError, match=message):
+        parse_train_args(["--model_name_or_path", "m", "--dataset_name", "d.jsonl", *flags])
+
+
+def test_resume_from_the_folder_alone_replays_the_recorded_command(tiny_model_dir, prefs_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, prefs_jsonl, out, "--max_steps", "2", "--save_steps", "1", "--learning_rate", "1e-3")) == 0
+    recorded = read_json(out / RUN_CONFIG_FILE)["command"]
+    assert str(tiny_model_dir) in recorded["argv"] and "--resume_from_checkpoint" not in recorded["argv"]
+    (out / RUN_COMPLETE_FILE).unlink()  # as if interrupted after checkpoint-2
+
+    # the command an interrupted run prints: only the folder and --resume_from_checkpoint
+    resume = ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--max_steps", "4"]
+    model_args, data_args, args = parse_train_args(resume)
+    assert model_args.model_name_or_path == str(tiny_model_dir) and data_args.dataset_name == [str(prefs_jsonl)]
+    assert args.learning_rate == 1e-3 and args.max_steps == 4  # recorded options, then the flags given now
+    assert main(["train", *resume]) == 0
+    state = json.loads((out / "checkpoint-4" / TRAINER_STATE_FILE).read_text())
+    assert state["global_step"] == 4 and (out / RUN_COMPLETE_FILE).exists()
+    assert read_json(out / RUN_CONFIG_FILE)["command"]["argv"][:4] == recorded["argv"][:4]
+
+
+def test_resume_of_a_run_without_a_recorded_command_is_refused_and_touches_nothing(tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoint-3").mkdir(parents=True)
+    record = {"base_model": "my-model", "dataset": "my.jsonl", "demo": False}
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(record))
+    before = (out / RUN_CONFIG_FILE).read_bytes()
+    with pytest.raises(PreftuneError, match="'my-model' on 'my.jsonl' that did not record its options"):
+        train_command(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert main(["train", "--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 2
+    assert (out / RUN_CONFIG_FILE).read_bytes() == before  # not overwritten by the demo's config
+
+
+def test_a_new_run_does_not_write_over_an_unfinished_one(tmp_path):
+    out = tmp_path / "unfinished"
+    (out / "checkpoint-7").mkdir(parents=True)
+    with pytest.raises(PreftuneError, match="holds an unfinished run \\(newest checkpoint: checkpoint-7\\); pass --resume_from_checkpoint latest"):
+        check_output_dir(str(out), overwrite=False, resuming=False)
+    for is_demo in (False, True):  # the demo neither
+        with pytest.raises(PreftuneError, match="unfinished run"):
+            check_output_dir(str(out), overwrite=False, resuming=False, is_demo=is_demo)
+    assert check_output_dir(str(out), overwrite=True, resuming=False) == out
+    assert check_output_dir(str(out), overwrite=False, resuming=True) == out
+
+
+def test_overwrite_leaves_a_finished_run_alone_until_training_begins(tiny_model_dir, prefs_jsonl, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, prefs_jsonl, out, "--max_steps", "1")) == 0
+    finished = {name: (out / name).read_bytes() for name in (RUN_COMPLETE_FILE, RUN_CONFIG_FILE)}
+
+    from preftune.trainer import PreferenceTrainer
+
+    def refuse(self, *a, **k):
+        raise PreftuneError("the optimizer refused an option")
+
+    monkeypatch.setattr(PreferenceTrainer, "create_optimizer", refuse)
+    assert main(train_args(tiny_model_dir, prefs_jsonl, out, "--max_steps", "1", "--overwrite_output_dir", "true")) == 2
+    assert {name: (out / name).read_bytes() for name in finished} == finished
+
+
+def test_a_run_that_fails_before_writing_removes_the_folder_it_created(prefs_jsonl, tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(train_args(tmp_path / "no-such-model", prefs_jsonl, out)) == 2
+    assert "no such folder; check the path" in capsys.readouterr().err
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(train_args(tmp_path / "no-such-model", prefs_jsonl, kept)) == 2
+    assert kept.is_dir()  # a folder the user made stays
+
+
+def test_missing_eval_file_is_named(tiny_model_dir, prefs_jsonl, tmp_path, capsys):
+    assert main(train_args(tiny_model_dir, prefs_jsonl, tmp_path / "o", "--eval_split", str(tmp_path / "nope.jsonl"))) == 2
+    assert f"--eval_split {str(tmp_path / 'nope.jsonl')!r}: file not found" in capsys.readouterr().err
+
+
+def test_the_default_chat_template_is_saved_with_a_model_trained_on_conversations(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from preftune.data.tokenize import DEFAULT_CHAT_TEMPLATE
+
+    messages = write_rows(tmp_path / "messages.jsonl", [
+        # the demo tokenizer splits words on spaces only, so each answer starts with a word of its own
+        {"prompt": [{"role": "user", "content": f"copy {i % 10}"}], "chosen": [{"role": "assistant", "content": f"{i % 10} ."}],
+         "rejected": [{"role": "assistant", "content": f"{(i + 1) % 10} ."}]} for i in range(8)])
+    out = tmp_path / "chat-run"
+    assert main(train_args(tiny_model_dir, messages, out, "--max_steps", "1", "--max_length", "64")) == 0
+    assert AutoTokenizer.from_pretrained(out).chat_template == DEFAULT_CHAT_TEMPLATE
+
+    strings = write_rows(tmp_path / "strings.jsonl", [{"prompt": f"copy {i}", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(8)])
+    plain = tmp_path / "plain-run"
+    assert main(train_args(tiny_model_dir, strings, plain, "--max_steps", "1")) == 0
+    assert not AutoTokenizer.from_pretrained(plain).chat_template  # plain text: no template is invented
