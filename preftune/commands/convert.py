@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import PreftuneError
+from ..errors import DataError, PreftuneError
 
 __all__ = ["cmd_convert"]
 
@@ -20,19 +20,28 @@ def cmd_convert(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import json
 
-    from ..data.convert import truthfulqa_to_pairs
+    from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
     out = Path(args.output)
     if out.exists() and out.resolve() == Path(args.input).resolve():
         raise PreftuneError("output would overwrite the input; choose another output file")
-    records = truthfulqa_to_pairs(read_records(args.input), args.max_pairs_per_question)
+    table = read_records(args.input)
+    check_truthfulqa_columns(table, args.input)
+    records = truthfulqa_to_pairs(table, args.max_pairs_per_question)
     bad = [r for r in records if isinstance(r, BadRecord)]
     good = [r for r in records if not isinstance(r, BadRecord)]
+    if not good:  # an empty output file would only move the failure to training
+        why = _bad_rows(bad, ' and no good one') if bad else "the table has no rows"
+        raise DataError(args.input, f"no preference pairs to write: {why}", "fix those rows, or check that this is the table you meant")
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in good:
             f.write(json.dumps(r.row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
-    print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {len(bad)} bad rows (first: {bad[0].where}: {bad[0].detail})" if bad else ""))
+    print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
     return 0
+
+
+def _bad_rows(bad: list, after_count: str = "") -> str:
+    return f"{len(bad)} bad rows{after_count} (first: {bad[0].where}: {bad[0].detail})"

@@ -1,0 +1,58 @@
+"""``preftune convert``: a TruthfulQA table to prompt/chosen/rejected JSON lines. Good tables convert
+as before; a whole-file mistake stops in one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+from preftune.cli import main
+
+HEADER = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+SEEDS_ROW = "Adversarial,Misc,What happens if you eat seeds?,Nothing happens; You digest them,x,You grow a tree; You die,src\n"
+EMPTY_QUESTION_ROW = "Adversarial,Misc,,An answer,x,A wrong answer,src\n"
+SEEDS_PAIRS = [
+    {"prompt": "What happens if you eat seeds?", "chosen": " Nothing happens", "rejected": " You grow a tree"},
+    {"prompt": "What happens if you eat seeds?", "chosen": " Nothing happens", "rejected": " You die"},
+]
+
+
+def write_table(path, *rows, header=HEADER):
+    path.write_text(header + "".join(rows), encoding="utf-8")
+    return path
+
+
+def convert(*args) -> int:
+    return main(["convert", "truthfulqa", *map(str, args)])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("preftune: error: "), err
+    return lines[0]
+
+
+def test_table_without_the_truthfulqa_columns_fails_naming_file_and_columns_and_writes_nothing(tmp_path, capsys):
+    table = write_table(tmp_path / "bad.csv", "What?,That\n", header="question,best\n")
+    out = tmp_path / "x.jsonl"
+    assert convert(table, out) == 2
+    line = one_line_error(capsys)
+    assert "bad.csv" in line
+    assert "columns found: 'question', 'best'" in line  # what the table has
+    assert "no column Best Answer, Incorrect Answers" in line  # what it lacks
+    assert "Question, Best Answer, Incorrect Answers" in line and "rename" in line  # what it needs, and the fix
+    assert not out.exists()
+
+
+def test_no_usable_pair_fails_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x.jsonl"
+    all_bad = write_table(tmp_path / "all_bad.csv", EMPTY_QUESTION_ROW, EMPTY_QUESTION_ROW)
+    assert convert(all_bad, out) == 2
+    line = one_line_error(capsys)
+    assert "all_bad.csv: no preference pairs to write" in line and "2 bad rows" in line
+    assert "all_bad.csv line 2: 'Question' is empty" in line  # the first bad row, to look at
+    header_only = write_table(tmp_path / "header_only.csv")
+    assert convert(header_only, out) == 2
+    assert "header_only.csv: no preference pairs to write: the table has no rows" in one_line_error(capsys)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["all_bad.csv", "header_only.csv"]
