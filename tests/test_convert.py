@@ -56,3 +56,38 @@ def test_no_usable_pair_fails_and_writes_nothing(tmp_path, capsys):
     assert convert(header_only, out) == 2
     assert "header_only.csv: no preference pairs to write: the table has no rows" in one_line_error(capsys)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["all_bad.csv", "header_only.csv"]
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_overwrite(tmp_path, capsys):
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("my pairs\n", encoding="utf-8")
+    assert convert(table, precious) == 2
+    line = one_line_error(capsys)
+    assert "precious.jsonl" in line and "exists; pass --overwrite to replace it" in line
+    assert precious.read_text(encoding="utf-8") == "my pairs\n"
+    # refused before the input is read: a missing input is not what it complains about
+    assert convert(tmp_path / "missing.csv", precious) == 2
+    assert "exists; pass --overwrite" in one_line_error(capsys)
+    # --overwrite replaces it, but a failed conversion leaves it as it was
+    empty_table = write_table(tmp_path / "empty.csv")
+    assert convert(empty_table, precious, "--overwrite") == 2
+    assert "no preference pairs" in one_line_error(capsys)
+    assert precious.read_text(encoding="utf-8") == "my pairs\n"
+    assert convert(table, precious, "--overwrite") == 0
+    assert [json.loads(line) for line in precious.read_text(encoding="utf-8").splitlines()] == SEEDS_PAIRS
+    # the input itself is never the output, --overwrite or not
+    assert convert(table, table, "--overwrite") == 2
+    assert "overwrite the input" in one_line_error(capsys)
+    assert table.read_text(encoding="utf-8") == HEADER + SEEDS_ROW
+
+
+def test_a_folder_as_output_is_refused(tmp_path, capsys):
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    assert convert(table, folder) == 2
+    assert "is a folder; give a file name such as" in one_line_error(capsys)
+    assert convert(table, folder, "--overwrite") == 2  # --overwrite replaces files, never folders
+    assert "is a folder" in one_line_error(capsys)
+    assert list(folder.iterdir()) == []

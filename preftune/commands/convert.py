@@ -1,4 +1,7 @@
-"""``preftune convert truthfulqa IN OUT``: a TruthfulQA-style table to prompt/chosen/rejected JSON lines."""
+"""``preftune convert truthfulqa IN OUT``: a TruthfulQA-style table to prompt/chosen/rejected JSON lines.
+
+Like ``merge`` and ``export``, an existing OUT is refused before any work unless ``--overwrite``.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +20,15 @@ def cmd_convert(argv: list[str]) -> int:
     parser.add_argument("input", help="input file (csv, jsonl, json, parquet)")
     parser.add_argument("output", help="output .jsonl file")
     parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, help="keep at most N incorrect answers per question (seed 004 uses 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     import json
 
     from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
-    out = Path(args.output)
-    if out.exists() and out.resolve() == Path(args.input).resolve():
-        raise PreftuneError("output would overwrite the input; choose another output file")
+    out = Path(args.output).expanduser()
+    _check_output(out, Path(args.input), args.overwrite)
     table = read_records(args.input)
     check_truthfulqa_columns(table, args.input)
     records = truthfulqa_to_pairs(table, args.max_pairs_per_question)
@@ -41,6 +44,17 @@ def cmd_convert(argv: list[str]) -> int:
     os.replace(tmp, out)
     print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
     return 0
+
+
+def _check_output(out: Path, source: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise PreftuneError(f"output {str(out)!r} is a folder; give a file name such as {str(out / 'pairs.jsonl')!r}")
+    if not out.exists():
+        return
+    if out.resolve() == source.expanduser().resolve():
+        raise PreftuneError("output would overwrite the input; choose another output file")
+    if not overwrite:
+        raise PreftuneError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another output file")
 
 
 def _bad_rows(bad: list, after_count: str = "") -> str:
