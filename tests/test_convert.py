@@ -91,3 +91,21 @@ def test_a_folder_as_output_is_refused(tmp_path, capsys):
     assert convert(table, folder, "--overwrite") == 2  # --overwrite replaces files, never folders
     assert "is a folder" in one_line_error(capsys)
     assert list(folder.iterdir()) == []
+
+
+def test_missing_parent_folders_are_created_like_merge_and_export_do(tmp_path, capsys):
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    out = tmp_path / "new" / "folders" / "pairs.jsonl"
+    assert convert(table, out) == 0
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == SEEDS_PAIRS
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pairs.jsonl"]  # no temporary file left
+
+
+def test_an_unwritable_output_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys):
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file where a folder would go\n", encoding="utf-8")
+    assert convert(table, not_a_folder / "pairs.jsonl") == 2
+    line = one_line_error(capsys)
+    assert "cannot write" in line and "notes.txt" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tqa.csv"]

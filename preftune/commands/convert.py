@@ -1,11 +1,14 @@
 """``preftune convert truthfulqa IN OUT``: a TruthfulQA-style table to prompt/chosen/rejected JSON lines.
 
-Like ``merge`` and ``export``, an existing OUT is refused before any work unless ``--overwrite``.
+Like ``merge`` and ``export``, an existing OUT is refused before any work unless ``--overwrite``,
+missing parent folders are created, and OUT is written under a temporary name and renamed when
+complete: it is whole, or as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -22,8 +25,6 @@ def cmd_convert(argv: list[str]) -> int:
     parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, help="keep at most N incorrect answers per question (seed 004 uses 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
-    import json
-
     from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
@@ -37,11 +38,7 @@ def cmd_convert(argv: list[str]) -> int:
     if not good:  # an empty output file would only move the failure to training
         why = _bad_rows(bad, ' and no good one') if bad else "the table has no rows"
         raise DataError(args.input, f"no preference pairs to write: {why}", "fix those rows, or check that this is the table you meant")
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in good:
-            f.write(json.dumps(r.row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    _write_json_lines(out, [r.row for r in good])
     print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
     return 0
 
@@ -55,6 +52,33 @@ def _check_output(out: Path, source: Path, overwrite: bool) -> None:
         raise PreftuneError("output would overwrite the input; choose another output file")
     if not overwrite:
         raise PreftuneError(f"{str(out)!r} exists; pass --overwrite to replace it, or choose another output file")
+
+
+def _write_json_lines(out: Path, rows: list[dict]) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(folder for folder in out.parents if folder.exists())  # the nearest existing one is a file
+        raise PreftuneError(f"cannot write {str(out)!r}: {str(blocker)!r} is a file, not a folder; choose another output path") from None
+    except OSError as e:
+        raise PreftuneError(f"cannot create the folder {str(out.parent)!r}: {e.strerror or e}; choose another output path") from None
+    # beside OUT, so that the rename is atomic; mode "x" never replaces a file that is not ours
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        partial = open(tmp, "x", encoding="utf-8")
+    except OSError as e:
+        raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    try:
+        with partial as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _bad_rows(bad: list, after_count: str = "") -> str:
