@@ -109,3 +109,30 @@ def test_an_unwritable_output_is_one_line_and_leaves_no_temporary_file(tmp_path,
     line = one_line_error(capsys)
     assert "cannot write" in line and "notes.txt" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tqa.csv"]
+
+
+def test_good_table_converts_as_before_and_the_summary_counts_grammatically(tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    one_bad = write_table(tmp_path / "one_bad.csv", SEEDS_ROW, EMPTY_QUESTION_ROW)
+    assert convert(one_bad, out) == 0
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == SEEDS_PAIRS
+    assert capsys.readouterr().out.strip() == f"wrote 2 pairs to {out}; skipped 1 bad row (first: one_bad.csv line 3: 'Question' is empty)"
+    two_bad = write_table(tmp_path / "two_bad.csv", SEEDS_ROW, EMPTY_QUESTION_ROW, EMPTY_QUESTION_ROW)
+    assert convert(two_bad, out, "--overwrite", "--max-pairs-per-question", "1") == 0
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == SEEDS_PAIRS[:1]
+    assert capsys.readouterr().out.strip() == f"wrote 1 pair to {out}; skipped 2 bad rows (first: two_bad.csv line 3: 'Question' is empty)"
+    only_bad = write_table(tmp_path / "only_bad.csv", EMPTY_QUESTION_ROW)
+    assert convert(only_bad, tmp_path / "none.jsonl") == 2
+    assert "1 bad row and no good one" in one_line_error(capsys)
+
+
+def test_help_names_the_columns_the_table_needs(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        convert("--help")
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Question, Best Answer, Incorrect Answers" in help_text and "question, best_answer, incorrect_answers" in help_text
+    assert "--overwrite" in help_text
+    assert "seed" not in help_text.lower()

@@ -14,17 +14,30 @@ from pathlib import Path
 
 from ..errors import DataError, PreftuneError
 
-__all__ = ["cmd_convert"]
+__all__ = ["build_convert_parser", "cmd_convert"]
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    from ..data.convert import TRUTHFULQA_COLUMNS_TEXT
+    from ..data.io import SUPPORTED_FILE_TYPES
+
+    parser = argparse.ArgumentParser(
+        prog="preftune convert",
+        description=f"Convert a TruthfulQA-style table into prompt/chosen/rejected JSON lines for `preftune train`. The table needs "
+        f"the columns {TRUTHFULQA_COLUMNS_TEXT}; several incorrect answers are separated by ';' (or given as a list). Each question gives one pair per "
+        "incorrect answer: prompt = the question, chosen = the best answer, rejected = the incorrect answer.",
+    )
+    parser.add_argument("format", choices=["truthfulqa"], help="input table format")
+    parser.add_argument("input", metavar="INPUT", help=f"the table: {SUPPORTED_FILE_TYPES}")
+    parser.add_argument("output", metavar="OUTPUT", help="the .jsonl file to write")
+    parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, metavar="N",
+                        help="keep at most N incorrect answers per question, one pair each (default: all; 1 gives one pair per question)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return parser
 
 
 def cmd_convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="preftune convert", description="Convert a table to prompt/chosen/rejected JSON lines.")
-    parser.add_argument("format", choices=["truthfulqa"], help="input table format")
-    parser.add_argument("input", help="input file (csv, jsonl, json, parquet)")
-    parser.add_argument("output", help="output .jsonl file")
-    parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, help="keep at most N incorrect answers per question (seed 004 uses 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    args = parser.parse_args(argv)
+    args = build_convert_parser().parse_args(argv)
     from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
@@ -39,7 +52,7 @@ def cmd_convert(argv: list[str]) -> int:
         why = _bad_rows(bad, ' and no good one') if bad else "the table has no rows"
         raise DataError(args.input, f"no preference pairs to write: {why}", "fix those rows, or check that this is the table you meant")
     _write_json_lines(out, [r.row for r in good])
-    print(f"wrote {len(good)} pairs to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
+    print(f"wrote {_count(len(good), 'pair')} to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
     return 0
 
 
@@ -81,5 +94,9 @@ def _write_json_lines(out: Path, rows: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _bad_rows(bad: list, after_count: str = "") -> str:
-    return f"{len(bad)} bad rows{after_count} (first: {bad[0].where}: {bad[0].detail})"
+    return f"{_count(len(bad), 'bad row')}{after_count} (first: {bad[0].where}: {bad[0].detail})"
