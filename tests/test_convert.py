@@ -136,3 +136,12 @@ def test_help_names_the_columns_the_table_needs(capsys):
     assert "Question, Best Answer, Incorrect Answers" in help_text and "question, best_answer, incorrect_answers" in help_text
     assert "--overwrite" in help_text
     assert "seed" not in help_text.lower()
+
+
+def test_max_pairs_per_question_below_one_is_refused(tmp_path, capsys):
+    """0 wrote nothing and -1 silently dropped each question's last incorrect answer (a slice)."""
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    for value in ("0", "-1"):
+        assert convert(table, tmp_path / "pairs.jsonl", "--max_pairs_per_question", value) == 2
+        assert f"--max_pairs_per_question must be at least 1, got {value}" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == [table]

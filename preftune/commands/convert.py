@@ -38,6 +38,8 @@ def build_convert_parser() -> argparse.ArgumentParser:
 
 def cmd_convert(argv: list[str]) -> int:
     args = build_convert_parser().parse_args(argv)
+    if args.max_pairs_per_question is not None and args.max_pairs_per_question < 1:
+        raise PreftuneError(f"--max_pairs_per_question must be at least 1, got {args.max_pairs_per_question}; leave it out to keep every incorrect answer")
     from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
