@@ -145,3 +145,21 @@ def test_max_pairs_per_question_below_one_is_refused(tmp_path, capsys):
         assert convert(table, tmp_path / "pairs.jsonl", "--max_pairs_per_question", value) == 2
         assert f"--max_pairs_per_question must be at least 1, got {value}" in one_line_error(capsys)
     assert list(tmp_path.iterdir()) == [table]
+
+
+def test_a_write_that_fails_midway_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("my pairs\n", encoding="utf-8")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert convert(table, precious, "--overwrite") == 2
+    assert "cannot write" in one_line_error(capsys)
+    assert precious.read_text(encoding="utf-8") == "my pairs\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.jsonl", "tqa.csv"]

@@ -50,9 +50,12 @@ def cmd_convert(argv: list[str]) -> int:
     records = truthfulqa_to_pairs(table, args.max_pairs_per_question)
     bad = [r for r in records if isinstance(r, BadRecord)]
     good = [r for r in records if not isinstance(r, BadRecord)]
-    if not good:  # an empty output file would only move the failure to training
-        why = _bad_rows(bad, ' and no good one') if bad else "the table has no rows"
-        raise DataError(args.input, f"no preference pairs to write: {why}", "fix those rows, or check that this is the table you meant")
+    # an empty output file would only move the failure to training
+    if not good and not bad:
+        raise DataError(args.input, "no preference pairs to write: the table has no rows", "check that this is the table you meant")
+    if not good:
+        raise DataError(args.input, f"no preference pairs to write: {_bad_rows(bad, ' and no good one')}",
+                        "fix those rows, or check that this is the table you meant")
     _write_json_lines(out, [r.row for r in good])
     print(f"wrote {_count(len(good), 'pair')} to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
     return 0
@@ -79,21 +82,19 @@ def _write_json_lines(out: Path, rows: list[dict]) -> None:
         raise PreftuneError(f"cannot create the folder {str(out.parent)!r}: {e.strerror or e}; choose another output path") from None
     # beside OUT, so that the rename is atomic; mode "x" never replaces a file that is not ours
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    created = False
     try:
-        partial = open(tmp, "x", encoding="utf-8")
-    except OSError as e:
-        raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    try:
-        with partial as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(tmp, "x", encoding="utf-8") as f:
+            created = True
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:
         raise PreftuneError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if created:
+            tmp.unlink(missing_ok=True)
 
 
 def _count(n: int, noun: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import DataError
 from .io import BadRecord, Record
 
-__all__ = ["truthfulqa_to_pairs", "check_truthfulqa_columns", "TRUTHFULQA_COLUMNS_TEXT", "CONVERTERS"]
+__all__ = ["CONVERTERS", "TRUTHFULQA_COLUMNS_TEXT", "check_truthfulqa_columns", "truthfulqa_to_pairs"]
 
 # Column spellings of the TruthfulQA CSV ("Best Answer") and of the HF dataset ("best_answer").
 _TQA_COLUMNS = {
