@@ -163,3 +163,17 @@ def test_a_write_that_fails_midway_keeps_the_old_output_and_leaves_no_temporary_
     assert "cannot write" in one_line_error(capsys)
     assert precious.read_text(encoding="utf-8") == "my pairs\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.jsonl", "tqa.csv"]
+
+
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, capsys):
+    """`--overwrite` replaces a file; renaming over /dev/null (as root) or a named pipe would replace the device or pipe."""
+    import os
+
+    table = write_table(tmp_path / "tqa.csv", SEEDS_ROW)
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    assert convert(table, pipe, "--overwrite") == 2
+    assert "is not a regular file" in one_line_error(capsys)
+    assert pipe.is_fifo()
+    assert convert(table, "", "--overwrite") == 2
+    assert "OUTPUT is empty" in one_line_error(capsys)

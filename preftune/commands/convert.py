@@ -43,6 +43,8 @@ def cmd_convert(argv: list[str]) -> int:
     from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
+    if not args.output.strip():
+        raise PreftuneError("OUTPUT is empty; give the .jsonl file to write, e.g. pairs.jsonl")
     out = Path(args.output).expanduser()
     _check_output(out, Path(args.input), args.overwrite)
     table = read_records(args.input)
@@ -66,6 +68,8 @@ def _check_output(out: Path, source: Path, overwrite: bool) -> None:
         raise PreftuneError(f"output {str(out)!r} is a folder; give a file name such as {str(out / 'pairs.jsonl')!r}")
     if not out.exists():
         return
+    if not out.is_file():  # /dev/null, a pipe: the final rename would replace the device itself
+        raise PreftuneError(f"output {str(out)!r} is not a regular file; choose an output file such as 'pairs.jsonl'")
     if out.resolve() == source.expanduser().resolve():
         raise PreftuneError("output would overwrite the input; choose another output file")
     if not overwrite:
