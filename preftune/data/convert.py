@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import DataError
 from .io import BadRecord, Record
 
-__all__ = ["truthfulqa_to_pairs", "CONVERTERS"]
+__all__ = ["CONVERTERS", "TRUTHFULQA_COLUMNS_TEXT", "check_truthfulqa_columns", "truthfulqa_to_pairs"]
 
 # Column spellings of the TruthfulQA CSV ("Best Answer") and of the HF dataset ("best_answer").
 _TQA_COLUMNS = {
@@ -12,6 +13,12 @@ _TQA_COLUMNS = {
     "best": ("Best Answer", "best_answer"),
     "incorrect": ("Incorrect Answers", "incorrect_answers"),
 }
+
+# How messages and --help name the columns a TruthfulQA table needs.
+TRUTHFULQA_COLUMNS_TEXT = (
+    ", ".join(names[0] for names in _TQA_COLUMNS.values())
+    + " (or the Hugging Face dataset's " + ", ".join(names[1] for names in _TQA_COLUMNS.values()) + ")"
+)
 
 
 def _pick(row: dict, names: tuple[str, ...]):
@@ -60,6 +67,26 @@ def truthfulqa_to_pairs(records: list[Record | BadRecord], max_pairs_per_questio
             row = {"prompt": question.strip(), "chosen": " " + bests[0], "rejected": " " + wrong}
             out.append(Record(row, f"{rec.where} (incorrect answer {j})"))
     return out
+
+
+def check_truthfulqa_columns(records: list[Record | BadRecord], source: str) -> None:
+    """Raise :class:`DataError` when a column the TruthfulQA format needs is in no row of ``source``.
+
+    That is a whole-file problem (another table, or renamed columns): one message naming the columns
+    found and the columns needed, instead of every row reported bad for the same reason. A column
+    missing from only some rows stays a per-row problem (:func:`truthfulqa_to_pairs`).
+    """
+    found = list(dict.fromkeys(name for rec in records if isinstance(rec, Record) for name in rec.row))
+    if not found:  # no readable row: nothing tells which columns the table has
+        return
+    missing = [names[0] for names in _TQA_COLUMNS.values() if not any(name in found for name in names)]
+    if missing:
+        shown = ", ".join(map(repr, found[:20])) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+        raise DataError(
+            source,
+            f"not a TruthfulQA table: no column {', '.join(missing)} (columns found: {shown}); the format needs {TRUTHFULQA_COLUMNS_TEXT}",
+            "rename the table's columns to those names",
+        )
 
 
 CONVERTERS = {"truthfulqa": truthfulqa_to_pairs}
