@@ -146,6 +146,22 @@ def test_malformed_json_line_error_and_skip(tmp_path):
     assert "line 2" in data.skip_summary()
 
 
+def test_truncated_json_line_names_the_decoders_column_and_the_file_line(tmp_path):
+    truncated = '{"prompt": "Truncated row here", "chosen": "abc", "rejected": '
+    with pytest.raises(json.JSONDecodeError) as decoder:
+        json.loads(truncated)
+    assert (decoder.value.lineno, decoder.value.colno) == (1, 63)  # what Python says about the line on its own
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n\n' + truncated + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_examples(str(path))
+    assert "prefs.jsonl line 3: malformed JSON: Expecting value at column 63" in str(e.value)
+    broken = tmp_path / "array.json"
+    broken.write_text('[\n  {"prompt": "p", "chosen": "c",\n   "rejected": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"array.json line 3: malformed JSON: Expecting value at column 16"):
+        load_examples(str(broken))
+
+
 def test_skip_counts_every_reason(tmp_path):
     rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}] + [r for r, _, _ in BAD_ROWS]
     data = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), on_bad_row="skip")

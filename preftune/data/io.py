@@ -65,8 +65,11 @@ def parse_json_line(line: str, where: str) -> Record | BadRecord | None:
     """One JSON-lines line as a row (None for a blank line); problems come back as BadRecord."""
     if not line.strip():
         return None
+    # Without its line ending, so that a truncated line's error is at the column where it stops
+    # (the decoder counts the newline as the start of a second line: "line 2 column 1").
+    text = line.rstrip("\r\n")
     try:
-        obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         return BadRecord(where, "malformed JSON", f"{e.msg} at column {e.colno}")
     except _DuplicateKey as e:
@@ -103,7 +106,8 @@ def _read_json(path: Path) -> list[Record | BadRecord]:
         # Many ".json" preference files are really JSON lines.
         if text.lstrip().startswith("{") and "\n" in text.strip():
             return _read_jsonl(path)
-        raise DataError(f"{path.name} line {e.lineno}", f"malformed JSON: {e.msg}", "check the file is valid JSON or JSON lines") from None
+        raise DataError(f"{path.name} line {e.lineno}", f"malformed JSON: {e.msg} at column {e.colno}",
+                        "check the file is valid JSON or JSON lines") from None
     if isinstance(data, dict):
         # {"data": [...]} / {"train": [...]} / column-oriented {"prompt": [...], ...}
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
