@@ -100,3 +100,24 @@ def test_config_file_mixture_is_inspected(lengths_file, tokenizer_dir, tmp_path,
     assert main(["data", "inspect", "--config", str(cfg), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["pairs"] == 4 and out["sources"][0]["selected"] == 4 and out["sources"][0]["sampling"] == "num_samples 4"
+
+
+def test_bad_rows_are_listed_one_by_one_then_counted(tmp_path, capsys):
+    good = {"prompt": "Q: copy 1 A:", "chosen": " 1", "rejected": " 2"}
+    lines = [json.dumps(good), '{"prompt": "Q: copy 1 A:", "chosen": " 1", "rejected": ']
+    lines += [json.dumps({**good, "chosen": ""})] * 24  # lines 3..26
+    path = tmp_path / "listed.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = inspect_data(None, DataArguments(dataset_name=[str(path)]))
+    assert report["bad_rows"] == {"empty field": 24, "malformed JSON": 1}
+    assert report["first_bad_rows"][:2] == [
+        {"where": "listed.jsonl line 2", "reason": "malformed JSON", "detail": "Expecting value at column 56"},
+        {"where": "listed.jsonl line 3", "reason": "empty field", "detail": "'chosen' is empty"},
+    ]
+    assert len(report["first_bad_rows"]) == 20 and report["first_bad_rows"][-1]["where"] == "listed.jsonl line 21"
+    assert report["more_bad_rows"] == 5
+    assert main(["data", "inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "    listed.jsonl line 2: malformed JSON: Expecting value at column 56\n" in text
+    assert "    listed.jsonl line 21: empty field: 'chosen' is empty\n    and 5 more\n" in text
+    assert "listed.jsonl line 22" not in text

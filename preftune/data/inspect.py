@@ -2,9 +2,9 @@
 
 Reads the data exactly as ``preftune train`` does (same sources, cache, normalisation,
 tokenization, sampling; :mod:`preftune.data.splits`), never stopping at a bad row, and reports:
-rows read, row shapes, bad rows by reason, token-length percentiles of prompt / chosen /
-rejected as training counts them (prompt with BOS, completions with EOS, before truncation),
-how many pairs the current ``--max_length`` / ``--max_prompt_length`` would truncate or drop,
+rows read, row shapes, bad rows by reason and the first of them one by one (file, line, what is
+wrong), token-length percentiles of prompt / chosen / rejected as training counts them (prompt
+with BOS, completions with EOS, before truncation), how many pairs the current ``--max_length`` / ``--max_prompt_length`` would truncate or drop,
 the ``max_length`` that keeps 99% of pairs whole, and one pair with its prompt/completion
 boundary marked. The command is :mod:`preftune.commands.data`; ``--json`` prints the dict of
 :func:`inspect_data`.
@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 
 from ..errors import PreftuneError
+from .cache import BAD_ROWS_KEPT
 
 __all__ = ["inspect_data", "format_report"]
 
@@ -49,7 +50,9 @@ def _example(tokenizer, source) -> dict | None:
 def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     """The report of the module docstring as a dict.
 
-    Keys: ``rows``, ``pairs``, ``bad_rows`` (reason -> count), ``format`` and ``formats`` (shape
+    Keys: ``rows``, ``pairs``, ``bad_rows`` (reason -> count), ``first_bad_rows`` (the first
+    ``BAD_ROWS_KEPT`` bad rows, source by source in file order: ``{"where", "reason", "detail"}``),
+    ``more_bad_rows`` (how many bad rows that list leaves out), ``format`` and ``formats`` (shape
     -> count), ``prompt_tokens`` / ``chosen_tokens`` / ``rejected_tokens`` (``{"p50", "p90",
     "p99", "max"}``), ``truncated`` (pairs the settings would cut), ``dropped`` (pairs they would
     drop), ``suggested_max_length``, ``suggested_max_prompt_length``, ``settings``, ``sources``,
@@ -74,10 +77,13 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     for s in sources:
         bad.update(s.tokenized.summary.bad)
         shapes.update(s.tokenized.summary.shapes)
+    first_bad_rows = [row for s in sources for row in s.tokenized.summary.first_bad_rows][:BAD_ROWS_KEPT]
     report = {
         "rows": sum(s.tokenized.summary.rows for s in sources),
         "pairs": len(pairs),
         "bad_rows": dict(sorted(bad.items())),
+        "first_bad_rows": first_bad_rows,
+        "more_bad_rows": sum(bad.values()) - len(first_bad_rows),
         "format": shapes.most_common(1)[0][0] if len(shapes) == 1 else "mixed" if shapes else None,
         "formats": dict(shapes),
         "settings": {"max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
@@ -116,6 +122,9 @@ def format_report(report: dict, data_label: str, tokenizer_label: str | None) ->
     add("rows read", report["rows"])
     add("format", ", ".join(f"{k} ({v})" for k, v in report["formats"].items()) or "-")
     add("bad rows", ", ".join(f"{v} {k}" for k, v in report["bad_rows"].items()) or "none")
+    lines += [f"    {row['where']}: {row['reason']}: {row['detail']}" for row in report["first_bad_rows"]]
+    if report["more_bad_rows"]:
+        lines.append(f"    and {report['more_bad_rows']} more")
     add("usable pairs", report["pairs"])
     if report["prompt_tokens"] is None:
         lines.append("  (pass --model_name_or_path for token lengths, truncation and an example)")
