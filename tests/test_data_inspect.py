@@ -15,15 +15,18 @@ from preftune.data.splits import prepare_data
 REQUIRED_KEYS = {"rows", "pairs", "bad_rows", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "dropped", "suggested_max_length"}
 
 
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def lengths_file(tmp_path):
     """Ten pairs whose token counts (demo tokenizer: one token per word, BOS + prompt, answer +
     EOS) are known: row i has a prompt of i + 5 tokens, chosen i + 2, rejected 2; plus one bad row."""
     rows = [{"prompt": "Q: copy" + " 2" * (i + 1) + " A:", "chosen": " 2" * (i + 1), "rejected": " 1"} for i in range(10)]
     rows.insert(4, {"prompt": "Q: copy 1 A:", "chosen": "", "rejected": " 1"})
-    path = tmp_path / "lengths.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_rows(tmp_path / "lengths.jsonl", rows)
 
 
 @pytest.fixture
@@ -121,3 +124,15 @@ def test_bad_rows_are_listed_one_by_one_then_counted(tmp_path, capsys):
     assert "    listed.jsonl line 2: malformed JSON: Expecting value at column 56\n" in text
     assert "    listed.jsonl line 21: empty field: 'chosen' is empty\n    and 5 more\n" in text
     assert "listed.jsonl line 22" not in text
+
+
+def test_token_length_hint_only_without_a_tokenizer(tmp_path, tokenizer_dir, capsys):
+    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    rows = [{"prompt": turn("user", "Q: copy 2 A:"), "chosen": turn("assistant", "2"), "rejected": turn("assistant", "1")}] * 3
+    path = write_rows(tmp_path / "conversation.jsonl", rows)
+    assert main(["data", "inspect", str(path), "--model_name_or_path", str(tokenizer_dir), "--chat_template", "never"]) == 0
+    text = capsys.readouterr().out
+    assert "pass --model_name_or_path" not in text
+    assert "(no token lengths: no usable pairs (bad rows: 3 needs a chat template))" in text
+    assert main(["data", "inspect", str(path)]) == 0
+    assert "(pass --model_name_or_path for token lengths, truncation and an example)" in capsys.readouterr().out

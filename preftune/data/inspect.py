@@ -116,6 +116,20 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     return report
 
 
+def _why_no_pairs(report: dict) -> str:
+    """Why a tokenized report has no pairs: its bad rows (a chat template that cannot render them
+    included) and the pairs tokenization dropped, by reason."""
+    causes = []
+    if report["bad_rows"]:
+        causes.append("bad rows: " + ", ".join(f"{n} {reason}" for reason, n in report["bad_rows"].items()))
+    dropped = Counter()
+    for source in report["sources"]:
+        dropped.update(source["dropped_at_tokenization"])
+    if dropped:
+        causes.append("dropped at tokenization: " + ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())))
+    return "no usable pairs" + (f" ({'; '.join(causes)})" if causes else "")
+
+
 def format_report(report: dict, data_label: str, tokenizer_label: str | None) -> str:
     lines = [f"preftune data inspect: {data_label}" + (f" (tokenizer {tokenizer_label})" if tokenizer_label else "")]
     add = lambda k, v: lines.append(f"  {k:<22}{v}")  # noqa: E731
@@ -127,7 +141,10 @@ def format_report(report: dict, data_label: str, tokenizer_label: str | None) ->
         lines.append(f"    and {report['more_bad_rows']} more")
     add("usable pairs", report["pairs"])
     if report["prompt_tokens"] is None:
-        lines.append("  (pass --model_name_or_path for token lengths, truncation and an example)")
+        if tokenizer_label is None:
+            lines.append("  (pass --model_name_or_path for token lengths, truncation and an example)")
+        else:  # tokenized, but nothing survived to measure
+            lines.append(f"  (no token lengths: {_why_no_pairs(report)})")
         return "\n".join(lines)
     lines.append("  tokens (prompt with BOS, completions with EOS)   p50     p90     p99     max")
     for name in ("prompt", "chosen", "rejected"):
