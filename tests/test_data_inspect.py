@@ -11,6 +11,7 @@ from preftune.cli import main
 from preftune.config import DataArguments
 from preftune.data.inspect import inspect_data
 from preftune.data.splits import prepare_data
+from preftune.errors import DataError
 
 REQUIRED_KEYS = {"rows", "pairs", "bad_rows", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "dropped", "suggested_max_length"}
 
@@ -136,3 +137,20 @@ def test_token_length_hint_only_without_a_tokenizer(tmp_path, tokenizer_dir, cap
     assert "(no token lengths: no usable pairs (bad rows: 3 needs a chat template))" in text
     assert main(["data", "inspect", str(path)]) == 0
     assert "(pass --model_name_or_path for token lengths, truncation and an example)" in capsys.readouterr().out
+
+
+def test_columns_missing_from_every_row_get_whole_file_advice(tmp_path, demo_tokenizer, capsys):
+    rows = [{"question": "Q: copy 1 A:", "good": " 1", "bad": " 2"}] * 3
+    path = write_rows(tmp_path / "wrong_names.jsonl", rows)
+    whole_file = ("wrong_names.jsonl: no usable preference pairs: no row has the columns a preference pair needs, 'chosen' and "
+                  "'rejected' (and optionally 'prompt'); wrong_names.jsonl line 1 has 'question', 'good', 'bad'")
+    for on_bad_row in ("error", "skip"):  # training, either policy
+        with pytest.raises(DataError) as e:
+            prepare_data(demo_tokenizer, DataArguments(dataset_name=[str(path)], on_bad_row=on_bad_row), seed=42)
+        assert whole_file in str(e.value) and "--chosen_column NAME" in str(e.value) and "--on_bad_row skip" not in str(e.value)
+    assert main(["data", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert whole_file in err and "--on_bad_row skip" not in err
+    assert main(["data", "inspect", str(path), "--prompt_column", "question", "--chosen_column", "good", "--rejected_column", "bad",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 3

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..errors import DataError, PreftuneError
 
-__all__ = ["Record", "BadRecord", "read_records", "resolve_source", "SourceLocation", "parse_json_line", "iter_json_lines", "load_hub_dataset", "SUPPORTED_FILE_TYPES"]
+__all__ = ["Record", "BadRecord", "UNREADABLE_ROW_REASONS", "first_record", "read_records", "resolve_source", "SourceLocation", "parse_json_line", "iter_json_lines", "load_hub_dataset", "SUPPORTED_FILE_TYPES"]
 
 SUPPORTED_FILE_TYPES = ".jsonl, .json, .csv, .tsv, .parquet (optionally .gz for text formats), or a datasets.save_to_disk folder"
 
@@ -34,6 +34,11 @@ class BadRecord:
     where: str
     reason: str  # short reason key, e.g. "malformed JSON"
     detail: str
+
+
+# BadRecord reasons of rows that could not be read as an object at all: they say nothing about
+# the columns the other rows have.
+UNREADABLE_ROW_REASONS = ("malformed JSON", "duplicate column", "not a JSON object", "malformed CSV", "wrong number of CSV fields")
 
 
 def _open_text(path: Path):
@@ -302,3 +307,14 @@ def read_records(name: str, split: str = "train") -> list[Record | BadRecord]:
     if source.file is not None:
         return _read_file(source.file)
     return _read_hub(name, split)
+
+
+def first_record(name: str, split: str = "train") -> Record | None:
+    """The first readable row of a dataset (see :func:`read_records`), or None; for messages
+    about the whole dataset, such as the columns it has. A JSON-lines file is read only up to it."""
+    source = resolve_source(name, split)
+    if source.is_json_lines:
+        rows = (parse_json_line(line, where) for where, line in iter_json_lines(source.file))
+    else:
+        rows = iter(read_records(name, split))
+    return next((r for r in rows if isinstance(r, Record)), None)
