@@ -154,3 +154,17 @@ def test_columns_missing_from_every_row_get_whole_file_advice(tmp_path, demo_tok
     assert main(["data", "inspect", str(path), "--prompt_column", "question", "--chosen_column", "good", "--rejected_column", "bad",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == 3
+
+
+def test_usage_shows_the_options_inspect_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.startswith("usage: preftune data inspect DATA [DATA ...] [--model_name_or_path M] [--json] [data options]\n")
+    assert "--config RUN.yaml" in usage and "--max_length N" in usage and "--chat_template auto|always|never" in usage
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", "--max_length"])  # argparse's own error repeats the usage: a few lines, not thirty
+    err = capsys.readouterr().err
+    assert err.startswith("usage: preftune data inspect DATA") and len(err.splitlines()) <= 5
+    assert main(["data"]) == 2
+    assert capsys.readouterr().out.startswith("usage: preftune data inspect DATA [DATA ...]")
