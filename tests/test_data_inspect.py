@@ -83,7 +83,9 @@ def test_without_a_tokenizer_rows_and_bad_rows_only(lengths_file):
 def test_command_line_json_text_and_errors(lengths_file, tokenizer_dir, capsys):
     assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir), "--max_length", "12",
                  "--max_prompt_length", "64", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stdout = capsys.readouterr().out
+    assert stdout.endswith("}\n")  # one JSON document, newline-terminated: a following stderr line starts a line of its own
+    out = json.loads(stdout)
     assert REQUIRED_KEYS <= set(out) and out["dropped"] == 3 and out["bad_rows"] == {"empty field": 1}
     assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir)]) == 0
     text = capsys.readouterr().out
