@@ -130,8 +130,8 @@ def test_bad_rows_are_listed_one_by_one_then_counted(tmp_path, capsys):
 
 
 def test_token_length_hint_only_without_a_tokenizer(tmp_path, tokenizer_dir, capsys):
-    turn = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
-    rows = [{"prompt": turn("user", "Q: copy 2 A:"), "chosen": turn("assistant", "2"), "rejected": turn("assistant", "1")}] * 3
+    rows = [{"prompt": [{"role": "user", "content": "Q: copy 2 A:"}], "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "1"}]}] * 3
     path = write_rows(tmp_path / "conversation.jsonl", rows)
     assert main(["data", "inspect", str(path), "--model_name_or_path", str(tokenizer_dir), "--chat_template", "never"]) == 0
     text = capsys.readouterr().out

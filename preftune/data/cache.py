@@ -13,8 +13,8 @@ An entry is the folder ``<cache dir>/<fingerprint>/``: a :class:`.store.PairStor
 ids of the usable examples), the status of every example, and ``summary.json`` (rows read, bad
 rows by reason with the first of each, the first ``BAD_ROWS_KEPT`` bad rows one by one,
 tokenization drops, row shapes, template notes). It is built in a temporary folder and renamed
-into place, so a reader never sees half an entry;
-concurrent builders of one entry both finish and the first rename wins. The cache folder is
+into place, so a reader never sees half an entry; concurrent builders of one entry both finish
+and the first rename wins. The cache folder is
 ``--dataset_cache_dir``, else ``$PREFTUNE_CACHE_DIR``, else ``~/.cache/preftune/tokenized``;
 deleting it is always safe.
 """

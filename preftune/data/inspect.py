@@ -4,10 +4,10 @@ Reads the data exactly as ``preftune train`` does (same sources, cache, normalis
 tokenization, sampling; :mod:`preftune.data.splits`), never stopping at a bad row, and reports:
 rows read, row shapes, bad rows by reason and the first of them one by one (file, line, what is
 wrong), token-length percentiles of prompt / chosen / rejected as training counts them (prompt
-with BOS, completions with EOS, before truncation), how many pairs the current ``--max_length`` / ``--max_prompt_length`` would truncate or drop,
-the ``max_length`` that keeps 99% of pairs whole, and one pair with its prompt/completion
-boundary marked. The command is :mod:`preftune.commands.data`; ``--json`` prints the dict of
-:func:`inspect_data`.
+with BOS, completions with EOS, before truncation), how many pairs the current ``--max_length``
+/ ``--max_prompt_length`` would truncate or drop, the ``max_length`` that keeps 99% of pairs
+whole, and one pair with its prompt/completion boundary marked. The command is
+:mod:`preftune.commands.data`; ``--json`` prints the dict of :func:`inspect_data`.
 
 Percentiles are "inverted CDF" values: ``p99`` is the smallest length that at least 99% of
 pairs do not exceed; a pair is whole when ``|prompt| + max(|chosen|, |rejected|) <= max_length``.
