@@ -146,6 +146,22 @@ def test_malformed_json_line_error_and_skip(tmp_path):
     assert "line 2" in data.skip_summary()
 
 
+def test_truncated_json_line_names_the_decoders_column_and_the_file_line(tmp_path):
+    truncated = '{"prompt": "Truncated row here", "chosen": "abc", "rejected": '
+    with pytest.raises(json.JSONDecodeError) as decoder:
+        json.loads(truncated)
+    assert (decoder.value.lineno, decoder.value.colno) == (1, 63)  # what Python says about the line on its own
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n\n' + truncated + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_examples(str(path))
+    assert "prefs.jsonl line 3: malformed JSON: Expecting value at column 63" in str(e.value)
+    broken = tmp_path / "array.json"
+    broken.write_text('[\n  {"prompt": "p", "chosen": "c",\n   "rejected": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"array.json line 3: malformed JSON: Expecting value at column 16"):
+        load_examples(str(broken))
+
+
 def test_skip_counts_every_reason(tmp_path):
     rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}] + [r for r, _, _ in BAD_ROWS]
     data = load_examples(str(write_jsonl(tmp_path / "d.jsonl", rows)), on_bad_row="skip")
@@ -270,3 +286,35 @@ def test_common_prefix_len_equals_the_plain_loop():
         walk = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix_len(a, b) == walk
         assert common_prefix_len("".join(map(str, a)), "".join(map(str, b))) == walk
+
+
+# --- a column missing from the whole file ----------------------------------------------------------
+
+COLUMN_ADVICE = ("no usable preference pairs: no row has the columns a preference pair needs, 'chosen' and 'rejected' "
+                 "(and optionally 'prompt'); wrong_names.jsonl line 1 has 'question', 'good', 'bad'")
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_columns_missing_from_every_row_get_whole_file_advice(tmp_path, on_bad_row):
+    rows = [{"question": f"q{i}", "good": f"g{i}", "bad": f"b{i}"} for i in range(4)]
+    path = write_jsonl(tmp_path / "wrong_names.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), on_bad_row=on_bad_row)
+    msg = str(e.value)
+    assert COLUMN_ADVICE in msg and "--chosen_column NAME --rejected_column NAME" in msg
+    assert "--on_bad_row skip" not in msg and "fix the row" not in msg
+    mapped = load_examples(str(path), columns=ColumnMap(prompt="question", chosen="good", rejected="bad"), on_bad_row=on_bad_row)
+    assert len(mapped.examples) == 4
+
+
+def test_column_missing_from_some_rows_keeps_row_advice(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "good": "c", "rejected": "r"}])
+    with pytest.raises(DataError, match=r"d.jsonl line 2: missing column: no 'chosen' column .*--on_bad_row skip"):
+        load_examples(str(path))
+    assert load_examples(str(path), on_bad_row="skip").skipped == {"missing column": 1}
+
+
+def test_unpaired_rows_read_as_pairs_point_at_kto(tmp_path):
+    path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
+    with pytest.raises(DataError, match=r"no usable preference pairs: .*'prompt', 'completion', 'label' \(fix: these are unpaired rows .*--method kto"):
+        load_examples(str(path))

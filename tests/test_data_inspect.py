@@ -11,8 +11,14 @@ from preftune.cli import main
 from preftune.config import DataArguments
 from preftune.data.inspect import inspect_data
 from preftune.data.splits import prepare_data
+from preftune.errors import DataError
 
 REQUIRED_KEYS = {"rows", "pairs", "bad_rows", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "dropped", "suggested_max_length"}
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture
@@ -21,9 +27,7 @@ def lengths_file(tmp_path):
     EOS) are known: row i has a prompt of i + 5 tokens, chosen i + 2, rejected 2; plus one bad row."""
     rows = [{"prompt": "Q: copy" + " 2" * (i + 1) + " A:", "chosen": " 2" * (i + 1), "rejected": " 1"} for i in range(10)]
     rows.insert(4, {"prompt": "Q: copy 1 A:", "chosen": "", "rejected": " 1"})
-    path = tmp_path / "lengths.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_rows(tmp_path / "lengths.jsonl", rows)
 
 
 @pytest.fixture
@@ -79,7 +83,9 @@ def test_without_a_tokenizer_rows_and_bad_rows_only(lengths_file):
 def test_command_line_json_text_and_errors(lengths_file, tokenizer_dir, capsys):
     assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir), "--max_length", "12",
                  "--max_prompt_length", "64", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stdout = capsys.readouterr().out
+    assert stdout.endswith("}\n")  # one JSON document, newline-terminated: a following stderr line starts a line of its own
+    out = json.loads(stdout)
     assert REQUIRED_KEYS <= set(out) and out["dropped"] == 3 and out["bad_rows"] == {"empty field": 1}
     assert main(["data", "inspect", str(lengths_file), "--model_name_or_path", str(tokenizer_dir)]) == 0
     text = capsys.readouterr().out
@@ -100,3 +106,67 @@ def test_config_file_mixture_is_inspected(lengths_file, tokenizer_dir, tmp_path,
     assert main(["data", "inspect", "--config", str(cfg), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["pairs"] == 4 and out["sources"][0]["selected"] == 4 and out["sources"][0]["sampling"] == "num_samples 4"
+
+
+def test_bad_rows_are_listed_one_by_one_then_counted(tmp_path, capsys):
+    good = {"prompt": "Q: copy 1 A:", "chosen": " 1", "rejected": " 2"}
+    lines = [json.dumps(good), '{"prompt": "Q: copy 1 A:", "chosen": " 1", "rejected": ']
+    lines += [json.dumps({**good, "chosen": ""})] * 24  # lines 3..26
+    path = tmp_path / "listed.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = inspect_data(None, DataArguments(dataset_name=[str(path)]))
+    assert report["bad_rows"] == {"empty field": 24, "malformed JSON": 1}
+    assert report["first_bad_rows"][:2] == [
+        {"where": "listed.jsonl line 2", "reason": "malformed JSON", "detail": "Expecting value at column 56"},
+        {"where": "listed.jsonl line 3", "reason": "empty field", "detail": "'chosen' is empty"},
+    ]
+    assert len(report["first_bad_rows"]) == 20 and report["first_bad_rows"][-1]["where"] == "listed.jsonl line 21"
+    assert report["more_bad_rows"] == 5
+    assert main(["data", "inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "    listed.jsonl line 2: malformed JSON: Expecting value at column 56\n" in text
+    assert "    listed.jsonl line 21: empty field: 'chosen' is empty\n    and 5 more\n" in text
+    assert "listed.jsonl line 22" not in text
+
+
+def test_token_length_hint_only_without_a_tokenizer(tmp_path, tokenizer_dir, capsys):
+    rows = [{"prompt": [{"role": "user", "content": "Q: copy 2 A:"}], "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "1"}]}] * 3
+    path = write_rows(tmp_path / "conversation.jsonl", rows)
+    assert main(["data", "inspect", str(path), "--model_name_or_path", str(tokenizer_dir), "--chat_template", "never"]) == 0
+    text = capsys.readouterr().out
+    assert "pass --model_name_or_path" not in text
+    assert "(no token lengths: no usable pairs (bad rows: 3 needs a chat template))" in text
+    assert main(["data", "inspect", str(path)]) == 0
+    assert "(pass --model_name_or_path for token lengths, truncation and an example)" in capsys.readouterr().out
+
+
+def test_columns_missing_from_every_row_get_whole_file_advice(tmp_path, demo_tokenizer, capsys):
+    rows = [{"question": "Q: copy 1 A:", "good": " 1", "bad": " 2"}] * 3
+    path = write_rows(tmp_path / "wrong_names.jsonl", rows)
+    whole_file = ("wrong_names.jsonl: no usable preference pairs: no row has the columns a preference pair needs, 'chosen' and "
+                  "'rejected' (and optionally 'prompt'); wrong_names.jsonl line 1 has 'question', 'good', 'bad'")
+    for on_bad_row in ("error", "skip"):  # training, either policy
+        with pytest.raises(DataError) as e:
+            prepare_data(demo_tokenizer, DataArguments(dataset_name=[str(path)], on_bad_row=on_bad_row), seed=42)
+        assert whole_file in str(e.value) and "--chosen_column NAME" in str(e.value) and "--on_bad_row skip" not in str(e.value)
+    assert main(["data", "inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert whole_file in err and "--on_bad_row skip" not in err
+    assert main(["data", "inspect", str(path), "--prompt_column", "question", "--chosen_column", "good", "--rejected_column", "bad",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 3
+
+
+def test_usage_shows_the_options_inspect_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.startswith("usage: preftune data inspect DATA [DATA ...] [--model_name_or_path M] [--json] [data options]\n")
+    assert "--config RUN.yaml" in usage and "--max_length N" in usage and "--chat_template auto|always|never" in usage
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", "--max_length"])  # argparse's own error repeats the usage: a few lines, not thirty
+    err = capsys.readouterr().err
+    assert err.startswith("usage: preftune data inspect DATA") and len(err.splitlines()) <= 5
+    assert main(["data"]) == 2
+    assert capsys.readouterr().out.startswith("usage: preftune data inspect DATA [DATA ...]")

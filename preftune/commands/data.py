@@ -14,8 +14,14 @@ from .options import build_parser, parse_options
 
 __all__ = ["build_inspect_parser", "cmd_data"]
 
-USAGE = ("usage: preftune data inspect DATA [--model_name_or_path M] [data flags] [--json]\n\n"
-         "subcommands:\n  inspect   rows, bad rows, token lengths and truncation of preference data (see --help)")
+# Written out: argparse's own usage line lists all ~30 flags in declaration order, data flags first
+# and DATA last, so its first line shows --max_length and none of what the command is about.
+INSPECT_USAGE = ("preftune data inspect DATA [DATA ...] [--model_name_or_path M] [--json] [data options]\n"
+                 "       preftune data inspect --config RUN.yaml [--model_name_or_path M] [--json] [data options]\n"
+                 "data options: every data flag of preftune train, e.g. --max_length N, --max_prompt_length N,\n"
+                 "  --chat_template auto|always|never, --chosen_column NAME (all listed in --help)")
+USAGE = (f"usage: {INSPECT_USAGE}\n\n"
+         "subcommands:\n  inspect   rows, bad rows, token lengths and truncation of preference data (see preftune data inspect --help)")
 MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "trust_remote_code", "chat_template_file", "seed")
 
 
@@ -28,6 +34,7 @@ def build_inspect_parser():
         "what max_length cuts, and one pair with its prompt/completion boundary marked.",
         (DataArguments,),
     )
+    parser.usage = INSPECT_USAGE
     a = parser.add_argument
     a("data", nargs="*", metavar="DATA", help="data file(s), folder(s) or hub name(s) (same as --dataset_name)")
     a("--model_name_or_path", "--model-name-or-path", default=None, metavar="M",

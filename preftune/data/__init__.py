@@ -12,13 +12,13 @@ import numpy as np
 from ..errors import DataError, PreftuneError
 from .convert import CONVERTERS
 from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
-from .io import BadRecord, read_records
+from .io import UNREADABLE_ROW_REASONS, BadRecord, Record, read_records
 from .unpaired import UnpairedExample, is_unpaired_record, normalize_unpaired_record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedData", "load_examples", "split_eval", "held_out_mask", "ColumnMap", "PreferenceExample", "UnpairedExample",
-           "BAD_ROW_POLICIES", "DATASET_FORMATS"]
+__all__ = ["LoadedData", "load_examples", "column_mismatch_error", "is_column_mismatch", "split_eval", "held_out_mask", "ColumnMap",
+           "PreferenceExample", "UnpairedExample", "BAD_ROW_POLICIES", "DATASET_FORMATS"]
 
 BAD_ROW_POLICIES = ("error", "skip")
 DATASET_FORMATS = ("auto", *CONVERTERS)
@@ -34,6 +34,27 @@ class LoadedData:
         if not self.skipped:
             return "no bad rows"
         return "skipped " + ", ".join(f"{n} ({reason}, first at {self.first_skipped[reason]})" for reason, n in sorted(self.skipped.items()))
+
+
+def is_column_mismatch(bad_counts: dict[str, int], examples: int) -> bool:
+    """Whether a dataset's problem is its columns, not some rows: no example came out, and every
+    row was either unreadable or missing a column (``bad_counts``: reason -> rows)."""
+    return examples == 0 and bool(bad_counts.get("missing column")) and set(bad_counts) <= {"missing column", *UNREADABLE_ROW_REASONS}
+
+
+def column_mismatch_error(where: str, first: Record | None, columns: ColumnMap) -> DataError:
+    """The error for a dataset whose rows lack the chosen/rejected columns: the columns it has,
+    those a pair needs, and the flags that map them. It is about the whole dataset, because
+    ``--on_bad_row skip`` would skip every row."""
+    needs = f"{columns.chosen!r} and {columns.rejected!r} (and optionally {columns.prompt!r})"
+    has = f"; {first.where} has {', '.join(map(repr, first.row)) or 'no columns'}" if first is not None else ""
+    problem = f"no usable preference pairs: no row has the columns a preference pair needs, {needs}{has}"
+    if first is not None and columns.completion in first.row and columns.label in first.row:
+        fix = f"these are unpaired rows ({columns.completion!r}, {columns.label!r}): train on unpaired data with --method kto"
+    else:
+        fix = ("say which of your columns is which: --chosen_column NAME --rejected_column NAME [--prompt_column NAME]; "
+               "in a datasets: entry, chosen_column: / rejected_column: / prompt_column:")
+    return DataError(where, problem, fix)
 
 
 def load_examples(
@@ -63,10 +84,16 @@ def load_examples(
     loaded = LoadedData(examples=[])
     first = next((r for r in records if not isinstance(r, BadRecord)), None)
     normalize = normalize_unpaired_record if unpaired and first is not None and is_unpaired_record(first, columns) else normalize_record
+    pairs_expected = not unpaired and dataset_format == "auto"
+    column_mismatch = None  # whether no row has the chosen and rejected columns; looked at on the first row missing one
     for rec in records:
         # ids count usable examples, as the tokenized cache numbers them (positions)
         result = normalize(rec, columns, example_id=id_offset + len(loaded.examples))
         if isinstance(result, BadRow):
+            if pairs_expected and result.reason == "missing column" and column_mismatch is None:
+                column_mismatch = not any(isinstance(r, Record) and columns.chosen in r.row and columns.rejected in r.row for r in records)
+                if column_mismatch:
+                    raise column_mismatch_error(name, first, columns)
             if on_bad_row == "error":
                 raise DataError(result.where, f"{result.reason}: {result.detail}", "fix the row, or pass --on_bad_row skip to skip bad rows")
             loaded.skipped[result.reason] += 1

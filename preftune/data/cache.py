@@ -11,9 +11,10 @@ Changing them re-uses the entry.
 
 An entry is the folder ``<cache dir>/<fingerprint>/``: a :class:`.store.PairStore` (untruncated
 ids of the usable examples), the status of every example, and ``summary.json`` (rows read, bad
-rows by reason with the first of each, tokenization drops, row shapes, template notes). It is
-built in a temporary folder and renamed into place, so a reader never sees half an entry;
-concurrent builders of one entry both finish and the first rename wins. The cache folder is
+rows by reason with the first of each, the first ``BAD_ROWS_KEPT`` bad rows one by one,
+tokenization drops, row shapes, template notes). It is built in a temporary folder and renamed
+into place, so a reader never sees half an entry; concurrent builders of one entry both finish
+and the first rename wins. The cache folder is
 ``--dataset_cache_dir``, else ``$PREFTUNE_CACHE_DIR``, else ``~/.cache/preftune/tokenized``;
 deleting it is always safe.
 """
@@ -47,6 +48,7 @@ AUTO_PROC_MIN_ROWS = 20_000  # below this, one process (forking workers costs mo
 PROGRESS_MIN_ROWS = 20_000  # below this, tokenizing takes seconds: no progress bar between the log lines
 
 STATUS_FILE = "example_status.npy"
+BAD_ROWS_KEPT = 20  # bad rows a summary lists one by one (`preftune data inspect` shows them); the rest are counted
 # Row status in the tokenized table.
 KEPT, DROPPED, TEMPLATE_BAD, BAD_ROW = 0, 1, 2, 3
 
@@ -64,6 +66,7 @@ class SourceSummary:
     pairs: int = 0  # examples tokenized into a usable pair (before truncation)
     bad: dict = field(default_factory=dict)  # reason -> count (bad rows, incl. rows the template cannot render)
     first_bad: dict = field(default_factory=dict)  # reason -> {"where", "detail"}
+    first_bad_rows: list = field(default_factory=list)  # the first BAD_ROWS_KEPT bad rows in file order: {"where", "reason", "detail"}
     dropped: dict = field(default_factory=dict)  # tokenization drop reason -> count
     shapes: dict = field(default_factory=dict)  # SHAPES name -> count
     notes: dict = field(default_factory=dict)  # tokenize NOTES name -> count
@@ -201,6 +204,8 @@ def _collect(batches, writer: PairStoreWriter, summary: SourceSummary) -> np.nda
             reason = cols["reason"][i].as_py()
             bad[reason] = bad.get(reason, 0) + 1
             summary.first_bad.setdefault(reason, {"where": cols["where"][i].as_py(), "detail": cols["detail"][i].as_py(), "order": order + int(i)})
+            if len(summary.first_bad_rows) < BAD_ROWS_KEPT:
+                summary.first_bad_rows.append({"where": cols["where"][i].as_py(), "reason": reason, "detail": cols["detail"][i].as_py()})
         codes = cols["code"].to_numpy(zero_copy_only=False)
         for code in np.unique(codes[status == DROPPED]):
             reason = DROP_REASONS[int(code)]

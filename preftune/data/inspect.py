@@ -2,12 +2,12 @@
 
 Reads the data exactly as ``preftune train`` does (same sources, cache, normalisation,
 tokenization, sampling; :mod:`preftune.data.splits`), never stopping at a bad row, and reports:
-rows read, row shapes, bad rows by reason, token-length percentiles of prompt / chosen /
-rejected as training counts them (prompt with BOS, completions with EOS, before truncation),
-how many pairs the current ``--max_length`` / ``--max_prompt_length`` would truncate or drop,
-the ``max_length`` that keeps 99% of pairs whole, and one pair with its prompt/completion
-boundary marked. The command is :mod:`preftune.commands.data`; ``--json`` prints the dict of
-:func:`inspect_data`.
+rows read, row shapes, bad rows by reason and the first of them one by one (file, line, what is
+wrong), token-length percentiles of prompt / chosen / rejected as training counts them (prompt
+with BOS, completions with EOS, before truncation), how many pairs the current ``--max_length``
+/ ``--max_prompt_length`` would truncate or drop, the ``max_length`` that keeps 99% of pairs
+whole, and one pair with its prompt/completion boundary marked. The command is
+:mod:`preftune.commands.data`; ``--json`` prints the dict of :func:`inspect_data`.
 
 Percentiles are "inverted CDF" values: ``p99`` is the smallest length that at least 99% of
 pairs do not exceed; a pair is whole when ``|prompt| + max(|chosen|, |rejected|) <= max_length``.
@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 
 from ..errors import PreftuneError
+from .cache import BAD_ROWS_KEPT
 
 __all__ = ["inspect_data", "format_report"]
 
@@ -49,7 +50,9 @@ def _example(tokenizer, source) -> dict | None:
 def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     """The report of the module docstring as a dict.
 
-    Keys: ``rows``, ``pairs``, ``bad_rows`` (reason -> count), ``format`` and ``formats`` (shape
+    Keys: ``rows``, ``pairs``, ``bad_rows`` (reason -> count), ``first_bad_rows`` (the first
+    ``BAD_ROWS_KEPT`` bad rows, source by source in file order: ``{"where", "reason", "detail"}``),
+    ``more_bad_rows`` (how many bad rows that list leaves out), ``format`` and ``formats`` (shape
     -> count), ``prompt_tokens`` / ``chosen_tokens`` / ``rejected_tokens`` (``{"p50", "p90",
     "p99", "max"}``), ``truncated`` (pairs the settings would cut), ``dropped`` (pairs they would
     drop), ``suggested_max_length``, ``suggested_max_prompt_length``, ``settings``, ``sources``,
@@ -74,10 +77,13 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     for s in sources:
         bad.update(s.tokenized.summary.bad)
         shapes.update(s.tokenized.summary.shapes)
+    first_bad_rows = [row for s in sources for row in s.tokenized.summary.first_bad_rows][:BAD_ROWS_KEPT]
     report = {
         "rows": sum(s.tokenized.summary.rows for s in sources),
         "pairs": len(pairs),
         "bad_rows": dict(sorted(bad.items())),
+        "first_bad_rows": first_bad_rows,
+        "more_bad_rows": sum(bad.values()) - len(first_bad_rows),
         "format": shapes.most_common(1)[0][0] if len(shapes) == 1 else "mixed" if shapes else None,
         "formats": dict(shapes),
         "settings": {"max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
@@ -110,15 +116,35 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
     return report
 
 
+def _why_no_pairs(report: dict) -> str:
+    """Why a tokenized report has no pairs: its bad rows (a chat template that cannot render them
+    included) and the pairs tokenization dropped, by reason."""
+    causes = []
+    if report["bad_rows"]:
+        causes.append("bad rows: " + ", ".join(f"{n} {reason}" for reason, n in report["bad_rows"].items()))
+    dropped = Counter()
+    for source in report["sources"]:
+        dropped.update(source["dropped_at_tokenization"])
+    if dropped:
+        causes.append("dropped at tokenization: " + ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())))
+    return "no usable pairs" + (f" ({'; '.join(causes)})" if causes else "")
+
+
 def format_report(report: dict, data_label: str, tokenizer_label: str | None) -> str:
     lines = [f"preftune data inspect: {data_label}" + (f" (tokenizer {tokenizer_label})" if tokenizer_label else "")]
     add = lambda k, v: lines.append(f"  {k:<22}{v}")  # noqa: E731
     add("rows read", report["rows"])
     add("format", ", ".join(f"{k} ({v})" for k, v in report["formats"].items()) or "-")
     add("bad rows", ", ".join(f"{v} {k}" for k, v in report["bad_rows"].items()) or "none")
+    lines += [f"    {row['where']}: {row['reason']}: {row['detail']}" for row in report["first_bad_rows"]]
+    if report["more_bad_rows"]:
+        lines.append(f"    and {report['more_bad_rows']} more")
     add("usable pairs", report["pairs"])
     if report["prompt_tokens"] is None:
-        lines.append("  (pass --model_name_or_path for token lengths, truncation and an example)")
+        if tokenizer_label is None:
+            lines.append("  (pass --model_name_or_path for token lengths, truncation and an example)")
+        else:  # tokenized, but nothing survived to measure
+            lines.append(f"  (no token lengths: {_why_no_pairs(report)})")
         return "\n".join(lines)
     lines.append("  tokens (prompt with BOS, completions with EOS)   p50     p90     p99     max")
     for name in ("prompt", "chosen", "rejected"):

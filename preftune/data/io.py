@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..errors import DataError, PreftuneError
 
-__all__ = ["Record", "BadRecord", "read_records", "resolve_source", "SourceLocation", "parse_json_line", "iter_json_lines", "load_hub_dataset", "SUPPORTED_FILE_TYPES"]
+__all__ = ["Record", "BadRecord", "UNREADABLE_ROW_REASONS", "first_record", "read_records", "resolve_source", "SourceLocation", "parse_json_line", "iter_json_lines", "load_hub_dataset", "SUPPORTED_FILE_TYPES"]
 
 SUPPORTED_FILE_TYPES = ".jsonl, .json, .csv, .tsv, .parquet (optionally .gz for text formats), or a datasets.save_to_disk folder"
 
@@ -34,6 +34,11 @@ class BadRecord:
     where: str
     reason: str  # short reason key, e.g. "malformed JSON"
     detail: str
+
+
+# BadRecord reasons of rows that could not be read as an object at all: they say nothing about
+# the columns the other rows have.
+UNREADABLE_ROW_REASONS = ("malformed JSON", "duplicate column", "not a JSON object", "malformed CSV", "wrong number of CSV fields")
 
 
 def _open_text(path: Path):
@@ -65,8 +70,11 @@ def parse_json_line(line: str, where: str) -> Record | BadRecord | None:
     """One JSON-lines line as a row (None for a blank line); problems come back as BadRecord."""
     if not line.strip():
         return None
+    # Without its line ending, so that a truncated line's error is at the column where it stops
+    # (the decoder counts the newline as the start of a second line: "line 2 column 1").
+    text = line.rstrip("\r\n")
     try:
-        obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         return BadRecord(where, "malformed JSON", f"{e.msg} at column {e.colno}")
     except _DuplicateKey as e:
@@ -103,7 +111,8 @@ def _read_json(path: Path) -> list[Record | BadRecord]:
         # Many ".json" preference files are really JSON lines.
         if text.lstrip().startswith("{") and "\n" in text.strip():
             return _read_jsonl(path)
-        raise DataError(f"{path.name} line {e.lineno}", f"malformed JSON: {e.msg}", "check the file is valid JSON or JSON lines") from None
+        raise DataError(f"{path.name} line {e.lineno}", f"malformed JSON: {e.msg} at column {e.colno}",
+                        "check the file is valid JSON or JSON lines") from None
     if isinstance(data, dict):
         # {"data": [...]} / {"train": [...]} / column-oriented {"prompt": [...], ...}
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
@@ -298,3 +307,14 @@ def read_records(name: str, split: str = "train") -> list[Record | BadRecord]:
     if source.file is not None:
         return _read_file(source.file)
     return _read_hub(name, split)
+
+
+def first_record(name: str, split: str = "train") -> Record | None:
+    """The first readable row of a dataset (see :func:`read_records`), or None; for messages
+    about the whole dataset, such as the columns it has. A JSON-lines file is read only up to it."""
+    source = resolve_source(name, split)
+    if source.is_json_lines:
+        rows = (parse_json_line(line, where) for where, line in iter_json_lines(source.file))
+    else:
+        rows = iter(read_records(name, split))
+    return next((r for r in rows if isinstance(r, Record)), None)

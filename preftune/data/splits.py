@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, PreftuneError
-from . import LoadedData, held_out_mask, load_examples
+from . import LoadedData, column_mismatch_error, held_out_mask, is_column_mismatch, load_examples
 from .cache import TokenizedSource, tokenized_source
 from .formats import ColumnMap, PreferenceExample
-from .io import looks_like_path
+from .io import first_record, looks_like_path
 from .mixture import DatasetSpec, mixture_order, parse_dataset_entries, sample_counts, select_positions
 from .store import TokenizedPairs
 from .tokenize import DROP_REASONS, TokenizeReport, TokenizeSettings, count_truncation, plan_truncation, tokenize_examples
@@ -196,6 +196,9 @@ def load_sources(tokenizer, specs: list[DatasetSpec], data_args, id_start: int =
                                      data_args.dataset_cache_dir, data_args.dataset_num_proc)
         source = LoadedSource(spec, tokenized, base)
         summary = tokenized.summary
+        if spec.dataset_format == "auto" and is_column_mismatch(summary.bad, summary.examples):
+            where = f"dataset {spec.display!r}" if len(specs) > 1 else spec.display
+            raise column_mismatch_error(where, first_record(spec.path, spec.split), spec.columns)
         if summary.bad and policy == "error":
             _raise_bad_row(source, len(specs) > 1)
         if summary.bad:
