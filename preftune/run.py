@@ -180,10 +180,16 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     from .allocator import active_allocator
 
-    logger.info("preftune: %s, %s; %d process%s; memory: %s; linear layers: %s", device.describe(), args.precision_choice.describe(),
+    logger.info("preftune: %s, %s; %d process%s; memory: %s; linear layers: %s", device.describe(_quantization_label(model_args)), args.precision_choice.describe(),
                 args.world_size, "" if args.world_size == 1 else "es", active_allocator(), _linear_kernel_label(args))
     check_bitsandbytes(model_args, args, args.device.type)  # 4/8-bit and 8-bit optimizers work here, or one clear line
     return RunSetup(out, device, started, resume, created and args.process_index == 0)
+
+
+def _quantization_label(model_args: ModelArguments) -> str | None:
+    if model_args.load_in_4bit:
+        return f"4-bit {model_args.bnb_4bit_quant_type}"
+    return "8-bit" if model_args.load_in_8bit else None
 
 
 def run_inputs(model_args: ModelArguments, data_args: DataArguments) -> RunInputs:

@@ -35,10 +35,13 @@ class DeviceChoice:
     dtype: torch.dtype
     attn_implementation: str
 
-    def describe(self) -> str:
+    def describe(self, quantized: str | None = None) -> str:
+        """The start-up line's device, weights and attention; ``quantized`` names a bitsandbytes
+        storage ("4-bit nf4"), whose computation runs in :attr:`dtype`."""
         from .attention import base_implementation
 
         name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        weights = f"{quantized} weights ({name} compute)" if quantized else f"{name} weights"
         base = base_implementation(self.attn_implementation)
         if base is None:
             attention = self.attn_implementation
@@ -46,7 +49,7 @@ class DeviceChoice:
             attention = "segments (prefix sharing, FlashAttention varlen)"
         else:
             attention = f"segments (prefix sharing, {base} per segment)"
-        return f"device {self.device}, {name} weights, attention {attention}"
+        return f"device {self.device}, {weights}, attention {attention}"
 
 
 def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", batch_layout: str = "packed") -> DeviceChoice:

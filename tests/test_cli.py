@@ -237,3 +237,16 @@ def test_warmup_ratio_and_engine_options_parse():
         parse_train_args(["--warmup_ratio", "1.5"])
     with pytest.raises(PreftuneError, match="--logprob_cache_mb must be >= 0"):
         parse_train_args(["--logprob_cache_mb", "-1"])
+
+
+def test_shorthand_options_suggest_the_real_name_and_a_bad_value_is_not_buried_in_usage(capsys):
+    with pytest.raises(PreftuneError, match="unknown option '--lr' \\(did you mean --learning_rate\\?\\)"):
+        parse_train_args(["--lr", "1e-4"])
+    with pytest.raises(PreftuneError, match="did you mean --num_train_epochs"):
+        parse_train_args(["--epochs", "2"])
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--max_steps", "banana"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid int value: 'banana'" in err and len(err.splitlines()) <= 3, err
+    assert err.startswith("usage: preftune train [options]")

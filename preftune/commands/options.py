@@ -30,7 +30,10 @@ def build_parser(prog: str, description: str, option_classes: tuple[type, ...], 
 
     from ..config import GROUP_TITLES, field_groups
 
-    parser = HfArgumentParser(option_classes, prog=prog, description=description)
+    # argparse's own usage line lists every option (about 180 lines for train) and is printed
+    # before a one-line error such as "--max_steps: invalid int value"; --help lists them all
+    usage = " ".join(["%(prog)s", *(p.metavar for p in positionals), "[options]   (%(prog)s --help lists them)"])
+    parser = HfArgumentParser(option_classes, prog=prog, description=description, usage=usage)
     parser.allow_abbrev = False  # "--learning_rat" must be an error, not silently --learning_rate
     for p in positionals:
         parser.add_argument(p.name, metavar=p.metavar, help=p.help)
@@ -53,8 +56,17 @@ def given_flags(argv: list[str]) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+# Names users bring from other tools (TRL scripts, common shorthand) that difflib cannot match.
+OPTION_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+                  "bs": "per_device_train_batch_size", "model": "model_name_or_path", "dataset": "dataset_name",
+                  "data": "dataset_name", "steps": "max_steps", "grad_accum": "gradient_accumulation_steps",
+                  "lora_rank": "lora_r", "lambda": "beta", "orpo_alpha": "beta", "resume": "resume_from_checkpoint"}
+
+
 def unknown_option_error(flag: str, known: set[str], command: str) -> PreftuneError:
-    close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), known, n=1)
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    alias = OPTION_ALIASES.get(name)
+    close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
     return PreftuneError(f"unknown option {flag!r}" + (f" (did you mean --{close[0]}?)" if close else "") + f"; see preftune {command} --help")
 
 

@@ -91,7 +91,7 @@ def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokeniz
 
     cached = read_cache(path, fingerprint, want_ids)
     if cached is not None:
-        logger.info("DPO reference: %s, %d pairs, read from %s", description, len(want_ids), path)
+        logger.info("reference model: %s, %d pairs, read from %s", description, len(want_ids), path)
         return PrecomputedReference(*cached, fingerprint=fingerprint, description=description, cache_path=path, from_cache=True)
 
     if ref_path:
@@ -114,7 +114,7 @@ def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokeniz
         )
     seconds = time.perf_counter() - started
     written = getattr(args, "process_index", 0) == 0 and write_cache(path, fingerprint, ids, chosen, rejected, description)
-    logger.info("DPO reference: %s, %d pairs, computed in %.1f s%s", description, len(ids), seconds,
+    logger.info("reference model: %s, %d pairs, computed in %.1f s%s", description, len(ids), seconds,
                 f", cached at {path}" if written else "")
     # a separately loaded reference model goes out of scope (and memory) here
     return PrecomputedReference(ids, chosen, rejected, fingerprint, description, path if written else None, False)
@@ -135,5 +135,5 @@ def build_reference(model, model_args, args, choice, train_pairs, eval_pairs, to
         pairs = TokenizedPairs.concat([as_tokenized_pairs(train_pairs), as_tokenized_pairs(eval_pairs)])
         return _precomputed(model, model_args, args, choice, pairs, tokenizer)
     reference = _on_the_fly(model, model_args, args, choice)
-    logger.info("DPO reference: %s", reference.description)
+    logger.info("reference model: %s", reference.description)
     return reference
