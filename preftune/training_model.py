@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,10 @@ def apply_peft(model, model_args, gradient_checkpointing: bool = False):
     if gradient_checkpointing:
         model.enable_input_require_grads()
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per run
+            # that the user can do nothing about
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise PreftuneError(f"cannot apply LoRA: {str(e).splitlines()[0]} (check --lora_target_modules)") from None
