@@ -81,7 +81,7 @@ def hub_error(kind: str, name: str, err: Exception) -> PreftuneError:
     from .hub import looks_like_local_path, offline_mode
 
     if looks_like_local_path(name):
-        return PreftuneError(f"{name!r}: no such folder; check the path (a local model folder was expected)")
+        return PreftuneError(f"the {kind} {name!r}: no such folder; check the path")
     if offline_mode():
         why = "the Hugging Face Hub is unreachable from this machine (or offline mode is on) and it is not in the local cache"
     else:

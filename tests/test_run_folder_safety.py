@@ -115,7 +115,7 @@ def test_overwrite_leaves_a_finished_run_alone_until_training_begins(tiny_model_
 def test_a_run_that_fails_before_writing_removes_the_folder_it_created(prefs_jsonl, tmp_path, capsys):
     out = tmp_path / "new"
     assert main(train_args(tmp_path / "no-such-model", prefs_jsonl, out)) == 2
-    assert "no such folder; check the path" in capsys.readouterr().err
+    assert f"the model {str(tmp_path / 'no-such-model')!r}: no such folder; check the path" in capsys.readouterr().err
     assert not out.exists()
     kept = tmp_path / "kept"
     kept.mkdir()
