@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import PreftuneError
 from .options import build_parser, given_flags, unknown_option_error
 
-__all__ = ["build_train_parser", "parse_train_args", "cmd_train"]
+__all__ = ["build_train_parser", "parse_train_args", "parse_train_command", "train_command", "TrainCommand", "cmd_train"]
 
 
 def build_train_parser():
@@ -120,10 +120,14 @@ def train_command(argv: list[str]) -> TrainCommand:
 def parse_train_args(argv: list[str]):
     """Parse ``preftune train`` arguments into (ModelArguments, DataArguments, PreftuneConfig)
     (a resumed run's recorded options under them: :func:`train_command`)."""
+    return parse_train_command(train_command(argv))
+
+
+def parse_train_command(command: TrainCommand):
+    """:func:`parse_train_args` of a :class:`TrainCommand`."""
     from ..config import field_groups
 
     parser = build_train_parser()
-    command = train_command(argv)
     argv, data = command.argv, command.file_options
     known_fields = set(field_groups())
     given = given_flags(argv)
@@ -175,10 +179,11 @@ def _print_summary(result, method: str):
 
 
 def cmd_train(argv: list[str]) -> int:
-    model_args, data_args, train_args = parse_train_args(argv)
+    command = train_command(argv)
+    model_args, data_args, train_args = parse_train_command(command)
     from ..run import run_training
 
-    result = run_training(model_args, data_args, train_args, command=train_command(argv).as_record())
+    result = run_training(model_args, data_args, train_args, command=command.as_record())
     if train_args.process_index == 0:
         _print_summary(result, train_args.method)
     return 0
