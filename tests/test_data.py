@@ -318,3 +318,22 @@ def test_unpaired_rows_read_as_pairs_point_at_kto(tmp_path):
     path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
     with pytest.raises(DataError, match=r"no usable preference pairs: .*'prompt', 'completion', 'label' \(fix: these are unpaired rows .*--method kto"):
         load_examples(str(path))
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_truthfulqa_table_without_its_columns_names_them_once(tmp_path, on_bad_row):
+    """--dataset_format truthfulqa on a table that lacks the format's columns in every row: one
+    whole-file error naming the columns found and needed, in memory and through the tokenized cache."""
+    from preftune.config import DataArguments
+    from preftune.data.splits import load_sources, training_sources
+    from preftune.demo import build_demo_tokenizer
+
+    table = tmp_path / "not_tqa.csv"
+    table.write_text("question,best\nWhat is 2+2?,4\nWhat is 3+3?,6\n")
+    expected = r"not_tqa.csv: not a TruthfulQA table: no column Best Answer, Incorrect Answers \(columns found: 'question', 'best'\)"
+    with pytest.raises(DataError, match=expected):
+        load_examples(str(table), dataset_format="truthfulqa", on_bad_row=on_bad_row)
+    data_args = DataArguments(dataset_name=str(table), dataset_format="truthfulqa", on_bad_row=on_bad_row,
+                              dataset_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=expected):
+        load_sources(build_demo_tokenizer(), training_sources(data_args), data_args)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError, PreftuneError
-from .convert import CONVERTERS
+from .convert import COLUMN_CHECKS, CONVERTERS
 from .formats import BadRow, ColumnMap, PreferenceExample, normalize_record
 from .io import UNREADABLE_ROW_REASONS, BadRecord, Record, read_records
 from .unpaired import UnpairedExample, is_unpaired_record, normalize_unpaired_record
@@ -80,6 +80,7 @@ def load_examples(
         raise PreftuneError(f"--dataset_format must be one of {', '.join(DATASET_FORMATS)}, got {dataset_format!r}")
     records = read_records(name, split)
     if dataset_format != "auto":
+        COLUMN_CHECKS[dataset_format](records, name)
         records = CONVERTERS[dataset_format](records)
     loaded = LoadedData(examples=[])
     first = next((r for r in records if not isinstance(r, BadRecord)), None)

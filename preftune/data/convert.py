@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import DataError
 from .io import BadRecord, Record
 
-__all__ = ["CONVERTERS", "TRUTHFULQA_COLUMNS_TEXT", "check_truthfulqa_columns", "truthfulqa_to_pairs"]
+__all__ = ["CONVERTERS", "COLUMN_CHECKS", "TRUTHFULQA_COLUMNS_TEXT", "check_truthfulqa_columns", "truthfulqa_to_pairs"]
 
 # Column spellings of the TruthfulQA CSV ("Best Answer") and of the HF dataset ("best_answer").
 _TQA_COLUMNS = {
@@ -90,3 +90,6 @@ def check_truthfulqa_columns(records: list[Record | BadRecord], source: str) -> 
 
 
 CONVERTERS = {"truthfulqa": truthfulqa_to_pairs}
+# Per format: raises DataError when the table lacks a column the format needs in every row (a
+# whole-file problem, reported once instead of as every row being bad).
+COLUMN_CHECKS = {"truthfulqa": check_truthfulqa_columns}

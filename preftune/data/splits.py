@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import DataError, PreftuneError
 from . import LoadedData, column_mismatch_error, held_out_mask, is_column_mismatch, load_examples
 from .cache import TokenizedSource, tokenized_source
+from .convert import COLUMN_CHECKS
 from .formats import ColumnMap, PreferenceExample
 from .io import first_record, looks_like_path
 from .mixture import DatasetSpec, mixture_order, parse_dataset_entries, sample_counts, select_positions
@@ -196,9 +197,12 @@ def load_sources(tokenizer, specs: list[DatasetSpec], data_args, id_start: int =
                                      data_args.dataset_cache_dir, data_args.dataset_num_proc)
         source = LoadedSource(spec, tokenized, base)
         summary = tokenized.summary
-        if spec.dataset_format == "auto" and is_column_mismatch(summary.bad, summary.examples):
+        if is_column_mismatch(summary.bad, summary.examples):
             where = f"dataset {spec.display!r}" if len(specs) > 1 else spec.display
-            raise column_mismatch_error(where, first_record(spec.path, spec.split), spec.columns)
+            first = first_record(spec.path, spec.split)
+            if spec.dataset_format != "auto" and first is not None:
+                COLUMN_CHECKS[spec.dataset_format]([first], where)  # the format's own columns, named
+            raise column_mismatch_error(where, first, spec.columns)
         if summary.bad and policy == "error":
             _raise_bad_row(source, len(specs) > 1)
         if summary.bad:
