@@ -21,7 +21,7 @@ from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_
 
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
-    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
+    "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ConvertArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
     "TRAIN_OPTIONS", "GROUP_TITLES",
 ]
 
@@ -539,6 +539,20 @@ class ExportArguments:
 
 @_grouped
 @dataclass
+class ConvertArguments:
+    """``preftune convert`` options besides the format and the two files."""
+
+    max_pairs_per_question: int | None = _f(
+        None, "Keep at most N incorrect answers per question, one pair each (default: all; 1 gives one pair per question).", "convert")
+    overwrite: bool = _f(False, "Replace OUTPUT if it exists.", "convert")
+
+    def __post_init__(self):
+        _require(self.max_pairs_per_question is None or self.max_pairs_per_question >= 1,
+                 f"--max_pairs_per_question must be at least 1, got {self.max_pairs_per_question}; leave it out to keep every incorrect answer")
+
+
+@_grouped
+@dataclass
 class VerifyArguments:
     """``preftune verify`` options besides the run folder."""
 
@@ -557,6 +571,7 @@ GROUP_TITLES = {
     "chat": "Chat",
     "eval": "Evaluation",
     "merge": "Merge",
+    "convert": "Convert",
     "export": "Export (GGUF)",
     "report": "Report",
     "verify": "Verify",

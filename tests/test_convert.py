@@ -76,6 +76,9 @@ def test_an_existing_output_is_refused_before_any_work_unless_overwrite(tmp_path
     assert precious.read_text(encoding="utf-8") == "my pairs\n"
     assert convert(table, precious, "--overwrite") == 0
     assert [json.loads(line) for line in precious.read_text(encoding="utf-8").splitlines()] == SEEDS_PAIRS
+    # the flag is spelled as merge and export spell theirs (a config dataclass): "--overwrite true" too
+    assert convert(table, precious, "--overwrite", "true") == 0 and convert(table, precious, "--overwrite", "false") == 2
+    one_line_error(capsys)
     # the input itself is never the output, --overwrite or not
     assert convert(table, table, "--overwrite") == 2
     assert "overwrite the input" in one_line_error(capsys)

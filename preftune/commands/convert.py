@@ -7,56 +7,54 @@ complete: it is whole, or as it was.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
 from ..errors import DataError, PreftuneError
+from .options import Positional, build_parser, parse_options
 
 __all__ = ["build_convert_parser", "cmd_convert"]
 
 
-def build_convert_parser() -> argparse.ArgumentParser:
+def build_convert_parser():
+    from ..config import ConvertArguments
     from ..data.convert import TRUTHFULQA_COLUMNS_TEXT
     from ..data.io import SUPPORTED_FILE_TYPES
 
-    parser = argparse.ArgumentParser(
-        prog="preftune convert",
-        description=f"Convert a TruthfulQA-style table into prompt/chosen/rejected JSON lines for `preftune train`. The table needs "
-        f"the columns {TRUTHFULQA_COLUMNS_TEXT}; several incorrect answers are separated by ';' (or given as a list). Each question gives one pair per "
-        "incorrect answer: prompt = the question, chosen = the best answer, rejected = the incorrect answer.",
+    return build_parser(
+        "preftune convert",
+        f"Convert a TruthfulQA-style table into prompt/chosen/rejected JSON lines for `preftune train`. The table needs "
+        f"the columns {TRUTHFULQA_COLUMNS_TEXT}; several incorrect answers are separated by ';' (or given as a list). Each question gives "
+        "one pair per incorrect answer: prompt = the question, chosen = the best answer, rejected = the incorrect answer.",
+        (ConvertArguments,),
+        (Positional("format", "FORMAT", "input table format: truthfulqa"),
+         Positional("input", "INPUT", f"the table: {SUPPORTED_FILE_TYPES}"),
+         Positional("output", "OUTPUT", "the .jsonl file to write")),
     )
-    parser.add_argument("format", choices=["truthfulqa"], help="input table format")
-    parser.add_argument("input", metavar="INPUT", help=f"the table: {SUPPORTED_FILE_TYPES}")
-    parser.add_argument("output", metavar="OUTPUT", help="the .jsonl file to write")
-    parser.add_argument("--max_pairs_per_question", "--max-pairs-per-question", type=int, default=None, metavar="N",
-                        help="keep at most N incorrect answers per question, one pair each (default: all; 1 gives one pair per question)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    return parser
 
 
 def cmd_convert(argv: list[str]) -> int:
-    args = build_convert_parser().parse_args(argv)
-    if args.max_pairs_per_question is not None and args.max_pairs_per_question < 1:
-        raise PreftuneError(f"--max_pairs_per_question must be at least 1, got {args.max_pairs_per_question}; leave it out to keep every incorrect answer")
-    from ..data.convert import check_truthfulqa_columns, truthfulqa_to_pairs
+    args, where = parse_options(build_convert_parser(), argv, "convert")
+    from ..data.convert import CONVERTERS, check_truthfulqa_columns, truthfulqa_to_pairs
     from ..data.io import BadRecord, read_records
 
-    if not args.output.strip():
+    if where.format not in CONVERTERS:
+        raise PreftuneError(f"unknown format {where.format!r}; preftune convert knows {', '.join(CONVERTERS)}")
+    if not where.output.strip():
         raise PreftuneError("OUTPUT is empty; give the .jsonl file to write, e.g. pairs.jsonl")
-    out = Path(args.output).expanduser()
-    _check_output(out, Path(args.input), args.overwrite)
-    table = read_records(args.input)
-    check_truthfulqa_columns(table, args.input)
+    out = Path(where.output).expanduser()
+    _check_output(out, Path(where.input), args.overwrite)
+    table = read_records(where.input)
+    check_truthfulqa_columns(table, where.input)
     records = truthfulqa_to_pairs(table, args.max_pairs_per_question)
     bad = [r for r in records if isinstance(r, BadRecord)]
     good = [r for r in records if not isinstance(r, BadRecord)]
     # an empty output file would only move the failure to training
     if not good and not bad:
-        raise DataError(args.input, "no preference pairs to write: the table has no rows", "check that this is the table you meant")
+        raise DataError(where.input, "no preference pairs to write: the table has no rows", "check that this is the table you meant")
     if not good:
-        raise DataError(args.input, f"no preference pairs to write: {_bad_rows(bad, ' and no good one')}",
+        raise DataError(where.input, f"no preference pairs to write: {_bad_rows(bad, ' and no good one')}",
                         "fix those rows, or check that this is the table you meant")
     _write_json_lines(out, [r.row for r in good])
     print(f"wrote {_count(len(good), 'pair')} to {out}" + (f"; skipped {_bad_rows(bad)}" if bad else ""))
