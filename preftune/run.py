@@ -35,6 +35,7 @@ from typing import Protocol
 
 from .config import DataArguments, ModelArguments, PreftuneConfig
 from .data.splits import TrainingData
+from .data.tokenize import PromptRendering
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE
@@ -372,6 +373,8 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: Pref
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
         "data_sources": data.sources,
+        # plain text or a chat template: what `preftune chat --format auto` follows
+        PromptRendering.RECORD_KEY: data.rendering.to_record(),
         # processes that trained together (DDP); a launcher that started fewer than asked shows here
         "world_size": args.world_size,
         # what --bf16/--fp16 resolved to on this machine, and why (training.bf16 holds the resolved bool)

@@ -203,7 +203,7 @@ def test_family_boundary_is_exact(family, turns):
         whole = [tok.bos_token_id] + whole
     assert pair.prompt + pair.chosen == whole
     assert pair.chosen[-1] == tok.eos_token_id and pair.chosen.count(tok.eos_token_id) == 1
-    assert {k: v for k, v in report.notes.items() if v} == NOTES.get(family, {})
+    assert {k: v for k, v in report.notes.items() if v} == {"templated": 1, **NOTES.get(family, {})}
 
 
 def test_qwen25_default_system_prompt_is_prompt_not_completion():

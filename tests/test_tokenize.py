@@ -95,6 +95,26 @@ def test_default_template_used_once_and_logged(llama2_tokenizer, caplog):
     assert not own.used_default_template
 
 
+def test_rendering_record_counts_plain_text_and_templated_examples(llama2_tokenizer):
+    """What run_config.json records for `preftune chat --format auto`: which examples went through a template."""
+    from preftune.data.tokenize import PromptRendering
+
+    tok = llama2_tokenizer
+    conversation = ex([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}])
+    plain, with_system = ex("Q: 1 A:", " 2", " 3"), ex("Q: 1 A:", " 2", " 3", system="Be brief.")
+    _, report = tokenize_examples(tok, [plain, with_system, conversation], no_limits())
+    # no template of its own: strings stay text (even with a system column), the conversation gets ChatML
+    assert PromptRendering.from_notes([report.notes]) == PromptRendering(templated=1, plain_text=2, default_template=True)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    _, report = tokenize_examples(tok, [plain, with_system], no_limits())
+    assert PromptRendering.from_notes([report.notes]) == PromptRendering(templated=1, plain_text=1, default_template=False)
+    _, report = tokenize_examples(tok, [plain], no_limits(chat_template="always"))
+    assert PromptRendering.from_notes([report.notes]) == PromptRendering(templated=1)
+    record = {"prompt_rendering": PromptRendering(3, 4, True).to_record()}
+    assert PromptRendering.from_run_config(record) == PromptRendering(3, 4, True)
+    assert PromptRendering.from_run_config({}) is None and PromptRendering.from_run_config({"prompt_rendering": {"templated": "x"}}) is None
+
+
 def test_truncation_keep_end_keep_start_and_completion(demo_tokenizer):
     tok = demo_tokenizer
     prompt = "Q: copy 1 2 3 4 5 6 7 8 A:"  # 11 words + BOS = 12 tokens

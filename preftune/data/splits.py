@@ -33,7 +33,7 @@ from .formats import ColumnMap, PreferenceExample
 from .io import first_record, looks_like_path
 from .mixture import DatasetSpec, mixture_order, parse_dataset_entries, sample_counts, select_positions
 from .store import TokenizedPairs
-from .tokenize import DROP_REASONS, TokenizeReport, TokenizeSettings, count_truncation, plan_truncation, tokenize_examples
+from .tokenize import DROP_REASONS, PromptRendering, TokenizeReport, TokenizeSettings, count_truncation, plan_truncation, tokenize_examples
 from .unpaired import tokenize_unpaired
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,12 @@ class TrainingData:
     sources: list[dict] = field(default_factory=list)  # per-source counts (log, run_config.json, model card)
     train_report: TokenizeReport | None = None
     eval_report: TokenizeReport | None = None
-    default_template: bool = False  # conversational rows were rendered with preftune's default ChatML template
+    rendering: PromptRendering = field(default_factory=PromptRendering)  # plain text or a chat template (run_config.json)
+
+    @property
+    def default_template(self) -> bool:
+        """Conversational rows were rendered with preftune's default ChatML template."""
+        return self.rendering.default_template
 
 
 def describe_sources(specs: list[DatasetSpec]) -> str:
@@ -326,8 +331,8 @@ def prepare_data(tokenizer, data_args, seed: int) -> TrainingData:
     for row in rows:
         logger.info("data: %s [%s] (%s): %d rows, %d bad, %d examples, %d selected -> %d train / %d eval pairs", row["dataset"], row["split"],
                     row["sampling"], row["rows"], row["bad_rows"], row["examples"], row["selected"], row.get("train_pairs", 0), row.get("eval_pairs", 0))
-    default_template = any(src.tokenized.summary.notes.get("default_template") for src in sources + esources)
-    return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None, default_template)
+    rendering = PromptRendering.from_notes([src.tokenized.summary.notes for src in sources + esources])
+    return TrainingData(train, evals, rows, train_report, eval_report if len(eval_sel) else None, rendering)
 
 
 def data_from_examples(tokenizer, train: list, evals: list, settings: TokenizeSettings, unpaired: bool = False,
@@ -337,9 +342,9 @@ def data_from_examples(tokenizer, train: list, evals: list, settings: TokenizeSe
     kind = dict(unpaired=unpaired, kl_group=kl_group)
     train_pairs, train_report = tokenize_split(tokenizer, train, settings, "train data", **kind)
     eval_pairs, eval_report = tokenize_split(tokenizer, evals, settings, "eval data", **kind) if evals else ([], None)
-    default_template = any(r is not None and r.used_default_template for r in (train_report, eval_report))
+    rendering = PromptRendering.from_notes([r.notes for r in (train_report, eval_report) if r is not None])
     return TrainingData(TokenizedPairs.from_pairs(train_pairs), TokenizedPairs.from_pairs(eval_pairs), [], train_report, eval_report,
-                        default_template)
+                        rendering)
 
 
 # --- examples path (preftune eval) ------------------------------------------------------------------

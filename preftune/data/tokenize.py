@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "TokenizeSettings", "TokenizeReport", "Encoded", "encode_examples", "tokenize_examples", "prompt_bos_id",
     "render_example", "render_completions", "encode_texts", "split_at_prompt", "truncate_prompt", "completion_room",
-    "plan_truncation", "TruncationPlan", "DROP_REASONS", "NOTES",
+    "plan_truncation", "TruncationPlan", "DROP_REASONS", "NOTES", "PromptRendering",
 ]
 
 # ChatML, the format most open chat models use; applied when a tokenizer has none.
@@ -76,13 +76,17 @@ DEFAULT_CHAT_TEMPLATE = (
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
-# Per-example notes (bit flags), summed into the report.
-NOTE_DEFAULT_TEMPLATE, NOTE_SYSTEM_FOLDED, NOTE_NOT_PREFIX, NOTE_MERGE = 1, 2, 4, 8
+# Per-example notes (bit flags), summed into the report. ``templated`` / ``plain_text``: the example
+# was rendered through a chat template / used as plain text (what the run records, so that
+# ``preftune chat`` prompts the model the way it was trained).
+NOTE_DEFAULT_TEMPLATE, NOTE_SYSTEM_FOLDED, NOTE_NOT_PREFIX, NOTE_MERGE, NOTE_TEMPLATED, NOTE_PLAIN_TEXT = 1, 2, 4, 8, 16, 32
 NOTES = {
     NOTE_DEFAULT_TEMPLATE: "default_template",
     NOTE_SYSTEM_FOLDED: "system_folded",
     NOTE_NOT_PREFIX: "not_prefix",
     NOTE_MERGE: "boundary_merges",
+    NOTE_TEMPLATED: "templated",
+    NOTE_PLAIN_TEXT: "plain_text",
 }
 
 # Why a pair is dropped, by code (0 = kept). The first two happen at tokenization, the last two
@@ -159,6 +163,44 @@ class TokenizeReport:
                            "rendering of the answer", self.notes["not_prefix"])
 
 
+@dataclass
+class PromptRendering:
+    """How a run's examples were rendered, recorded in ``run_config.json`` under :attr:`RECORD_KEY`
+    so that ``preftune chat --format auto`` prompts the model the way training did.
+
+    ``templated``: examples rendered through a chat template (conversations, string rows with a
+    system column when the tokenizer has a template, ``--chat_template always``); ``plain_text``:
+    examples used as the text they are; ``default_template``: the template was preftune's default
+    ChatML (the tokenizer had none; the run saves it as the tokenizer's own).
+    """
+
+    RECORD_KEY = "prompt_rendering"
+
+    templated: int = 0
+    plain_text: int = 0
+    default_template: bool = False
+
+    @classmethod
+    def from_notes(cls, notes: list) -> PromptRendering:
+        """From :data:`NOTES` counts (a report's or a cached source's ``notes``), summed."""
+        return cls(sum(int(n.get("templated", 0)) for n in notes), sum(int(n.get("plain_text", 0)) for n in notes),
+                   any(n.get("default_template") for n in notes))
+
+    def to_record(self) -> dict:
+        return {"templated": self.templated, "plain_text": self.plain_text, "default_template": self.default_template}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict | None) -> PromptRendering | None:
+        """The record of a run (None: a run from before the record, or not a run)."""
+        record = (run_config or {}).get(cls.RECORD_KEY)
+        if not isinstance(record, dict):
+            return None
+        try:
+            return cls(int(record.get("templated", 0)), int(record.get("plain_text", 0)), bool(record.get("default_template")))
+        except (TypeError, ValueError):
+            return None
+
+
 class TemplateProblem(Exception):
     """A row the chat template cannot turn into a prompt and a completion (a bad row)."""
 
@@ -210,12 +252,12 @@ def render_example(tokenizer, ex: PreferenceExample, mode: str) -> Rendered:
         raise TemplateProblem("needs a chat template", "conversational data needs a chat template; use --chat_template auto")
     if not use_template:
         prompt = ex.prompt if ex.system is None else f"{ex.system}\n\n{ex.prompt}"
-        return Rendered(prompt, prompt + ex.chosen, prompt + ex.rejected, None)
+        return Rendered(prompt, prompt + ex.chosen, prompt + ex.rejected, None, NOTE_PLAIN_TEXT)
     prompt_msgs = ex.prompt if isinstance(ex.prompt, list) else [{"role": "user", "content": ex.prompt}]
     if ex.system is not None and not any(m["role"] == "system" for m in prompt_msgs):
         prompt_msgs = [{"role": "system", "content": ex.system}] + prompt_msgs
     completions = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in (ex.chosen, ex.rejected)]
-    notes = 0 if has_chat_template(tokenizer) else NOTE_DEFAULT_TEMPLATE
+    notes = NOTE_TEMPLATED | (0 if has_chat_template(tokenizer) else NOTE_DEFAULT_TEMPLATE)
     try:
         prompt_text = _render(tokenizer, prompt_msgs, True, ex.tools)
     except Exception as e:  # jinja's raise_exception, or a template that trips over the row
@@ -256,10 +298,12 @@ def render_completions(tokenizer, prompt, system: str | None, completions: list,
     if mode == "never" and conversational:
         raise ValueError("conversational data needs a chat template; use --chat_template auto")
     if not use_template:
+        report.notes["plain_text"] += 1
         return (prompt if system is None else f"{system}\n\n{prompt}"), list(completions), False
     prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if system is not None and not any(m["role"] == "system" for m in prompt_msgs):
         prompt_msgs = [{"role": "system", "content": system}] + prompt_msgs
+    report.notes["templated"] += 1
     if not has_chat_template(tokenizer):
         report.notes["default_template"] += 1
     prompt_text = _render(tokenizer, prompt_msgs, True, None)
