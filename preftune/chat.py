@@ -8,8 +8,13 @@ Prompt formats (``--format``):
 ``raw``     the text is sent as typed (after the system prompt and a blank line, as training
             renders string rows with a system column), one message at a time: a model trained on
             plain strings (the built-in demo: ``Q: copy 1 2 3 A:``) has no notion of turns.
-``auto``    ``chat`` when the tokenizer has a template; ``raw`` for runs of the built-in demo;
-            otherwise ``chatml``, said once.
+``auto``    what training did, when the model carries preftune's record of it (``run_config.json``
+            of the run, of the run a ``checkpoint-N`` belongs to, or ``preftune_merge.json`` of a
+            merged adapter; :class:`preftune.data.tokenize.PromptRendering`): ``raw`` when the
+            examples were plain text, ``chat`` when they went through a chat template (a default
+            ChatML one is saved as the tokenizer's own), ``chatml`` if that template is missing.
+            Without a record: ``chat`` when the tokenizer has a template, ``raw`` for runs of the
+            built-in demo, otherwise ``chatml``. The choice and its reason are said once.
 
 Answers stream token by token (a ``transformers.TextStreamer`` subclass). Ctrl-C while the
 model answers stops that answer (what was written is kept in the history); Ctrl-C at the
@@ -24,11 +29,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PreftuneError
 from .config import GenerationArguments
+from .data.tokenize import PromptRendering
+from .errors import PreftuneError
 from .hf_helpers import has_chat_template
+from .rundir import MERGE_RECORD_FILE, RUN_CONFIG_FILE, is_checkpoint_folder, read_json, read_run_config
 
-__all__ = ["ChatSession", "chat_loop", "resolve_format"]
+__all__ = ["ChatSession", "chat_loop", "resolve_format", "training_record"]
 
 HELP = """commands:
   /clear          forget the conversation (keeps the system prompt)
@@ -38,8 +45,27 @@ HELP = """commands:
 Ctrl-C stops an answer while it is being written."""
 
 
-def resolve_format(fmt: str, tokenizer, is_demo: bool, name: str) -> tuple[str, str | None]:
-    """(format, note to show once or None)."""
+def training_record(loaded) -> tuple[PromptRendering | None, str]:
+    """How the examples the model was trained on were rendered, and the file that says so:
+    ``run_config.json`` of the run (or of the run a ``checkpoint-N`` folder belongs to), or
+    ``preftune_merge.json`` of a merged adapter. ``(None, "")`` without such a record."""
+    record = PromptRendering.from_run_config(loaded.run_config)
+    if record is not None:
+        return record, RUN_CONFIG_FILE
+    folder = loaded.folder
+    if folder is None:
+        return None, ""
+    if is_checkpoint_folder(folder) and (record := PromptRendering.from_run_config(read_run_config(folder.parent))) is not None:
+        return record, f"{RUN_CONFIG_FILE} of its run"
+    if (record := PromptRendering.from_run_config(read_json(folder / MERGE_RECORD_FILE))) is not None:
+        return record, MERGE_RECORD_FILE
+    return None, ""
+
+
+def resolve_format(fmt: str, loaded, name: str, template_file: str | None = None) -> tuple[str, str | None]:
+    """(format, note to show once or None): ``--format`` as asked, or for ``auto`` the format the
+    model was trained in (module docstring). ``template_file``: ``--chat_template_file`` was given."""
+    tokenizer = loaded.tokenizer
     if fmt == "chat" and not has_chat_template(tokenizer):
         raise PreftuneError(
             f"the tokenizer of {name!r} has no chat template; pass --chat_template_file FILE, "
@@ -47,12 +73,35 @@ def resolve_format(fmt: str, tokenizer, is_demo: bool, name: str) -> tuple[str, 
         )
     if fmt != "auto":
         return fmt, None
+    if template_file:
+        return "chat", f"chat format: the template of --chat_template_file {template_file}"
+    record, source = training_record(loaded)
+    if record is not None and record.templated + record.plain_text > 0:
+        return _format_from_record(record, source, has_chat_template(tokenizer), loaded.is_demo)
     if has_chat_template(tokenizer):
-        return "chat", None
-    if is_demo:
+        return "chat", "chat format: the tokenizer has a chat template (no preftune record says how the model was trained)"
+    if loaded.is_demo:
         return "raw", "the built-in demo was trained on plain text, so messages are sent as typed (try: Q: add one to 1 2 3 A:)"
     return "chatml", ("the tokenizer has no chat template; using preftune's default ChatML template (what `preftune train` "
                       "uses for conversational data). If the model was trained on plain text, restart with --format raw")
+
+
+def _format_from_record(record: PromptRendering, source: str, has_template: bool, is_demo: bool) -> tuple[str, str]:
+    total = record.templated + record.plain_text
+    mixed = f" ({record.templated} of {total} examples went through a chat template)" if record.templated and record.plain_text else ""
+    if record.plain_text > record.templated:
+        hint = " (try: Q: add one to 1 2 3 A:)" if is_demo else ""
+        return "raw", (f"raw format: {source} records that the model was trained on plain text, not conversations{mixed}, so "
+                       f"messages are sent as typed, one at a time{hint}; --format chat or chatml prompts it as a conversation")
+    if has_template:
+        which = "preftune's default ChatML template, saved as the tokenizer's" if record.default_template else "the tokenizer's chat template"
+        return "chat", f"chat format: {source} records that the model was trained on conversations rendered with {which}{mixed}"
+    if record.default_template:
+        return "chatml", (f"chatml format: {source} records that the model was trained on conversations rendered with preftune's "
+                          f"default ChatML template{mixed}")
+    return "chatml", (f"chatml format: {source} records that the model was trained on conversations rendered with a chat template{mixed}, "
+                      "but its tokenizer has none now; using preftune's default ChatML template. Pass --chat_template_file with the "
+                      "template it was trained with")
 
 
 def _make_streamer(tokenizer, out):
@@ -93,7 +142,7 @@ class ChatSession:
     settings: GenerationArguments
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
-    out: object = sys.stdout
+    out: object = field(default_factory=lambda: sys.stdout)  # the stdout of when the session starts
     prompt_turns: list[dict] = field(default_factory=list)
     _trim_said: bool = False
 

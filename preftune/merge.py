@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .errors import PreftuneError, describe_exception
 from .hf_helpers import TORCH_DTYPES, torch_dtype_of
-from .rundir import ADAPTER_CONFIG_FILE, RunFolder, open_run
+from .data.tokenize import PromptRendering
+from .rundir import ADAPTER_CONFIG_FILE, MERGE_RECORD_FILE, RunFolder, open_run
 
 __all__ = ["merge_adapter"]
 
@@ -112,10 +113,14 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should look like any folder
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "preftune_merge.json").write_text(json.dumps({
+        record = {
             "adapter": str(adapter_dir.resolve()), "base_model_name_or_path": base_name or "built-in demo model",
             "use_dora": bool(adapter_config.get("use_dora")), "r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
-        }, indent=2) + "\n", encoding="utf-8")
+        }
+        rendering = PromptRendering.from_run_config(run.run_config)
+        if rendering is not None:  # plain text or a chat template: what `preftune chat --format auto` follows
+            record[PromptRendering.RECORD_KEY] = rendering.to_record()
+        (tmp / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)  # empty, or --overwrite given (checked above)
         os.replace(tmp, out)

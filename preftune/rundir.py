@@ -42,11 +42,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUN_CONFIG_FILE", "RUN_COMPLETE_FILE", "METRICS_FILE", "CURVES_FILE", "MODEL_CARD_FILE", "EVAL_FILE",
-    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
+    "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "MERGE_RECORD_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
     "TRAINER_STATE_FILE", "SYNCED_REF_MODEL_FILE", "CHECKPOINT_PREFIX", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "RUN_RECORD_FILES", "UNCHECKED_FILES", "check_output_dir", "checkpoint_path", "list_checkpoints", "checkpoint_status",
     "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "run_status", "folder_status", "FolderStatus", "RunFolder",
-    "open_run", "read_json", "write_json", "read_sealed_json", "read_run_config", "model_kind",
+    "open_run", "read_json", "write_json", "is_run_folder", "is_checkpoint_folder", "read_sealed_json", "read_run_config", "model_kind",
 ]
 
 # --- what a training run writes ------------------------------------------------------------------
@@ -76,6 +76,7 @@ EVAL_FILE = "eval.json"
 GENERATIONS_JSONL = "generations.jsonl"
 GENERATIONS_MD = "generations.md"
 REPORT_FILE = "report.html"
+MERGE_RECORD_FILE = "preftune_merge.json"  # written by ``preftune merge`` beside the merged model
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 

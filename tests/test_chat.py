@@ -223,3 +223,97 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     s = session(loaded, max_new_tokens=6)
     answer, _ = s.reply("Q: copy 1 2 A:")
     assert answer == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# --- --format auto follows what training did -------------------------------------------------------
+def with_record(loaded, templated: int, plain_text: int, default_template: bool = False, template: str | None = None):
+    """``loaded`` as if its run had recorded this rendering (a hand-made record; the demo's own says plain text)."""
+    import copy
+
+    tokenizer = copy.deepcopy(loaded.tokenizer)
+    tokenizer.chat_template = template
+    record = {"prompt_rendering": {"templated": templated, "plain_text": plain_text, "default_template": default_template}}
+    return dataclasses.replace(loaded, tokenizer=tokenizer, run_config=record)
+
+
+def test_auto_format_follows_the_runs_record(run, loaded):
+    from preftune.chat import resolve_format
+    from preftune.data.tokenize import DEFAULT_CHAT_TEMPLATE
+
+    # the demo's own record: its 2000 training and 64 held-out pairs are plain strings
+    record = json.loads((run / "run_config.json").read_text())["prompt_rendering"]
+    assert record == {"templated": 0, "plain_text": 2064, "default_template": False}
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    # trained on plain text: raw, whether or not the tokenizer has a template (was: chatml / chat)
+    for template in (None, own):
+        fmt, note = resolve_format("auto", with_record(loaded, 0, 12, template=template), "m")
+        assert fmt == "raw" and "run_config.json records that the model was trained on plain text" in note, note
+    # trained on conversations: the template they were rendered with
+    fmt, note = resolve_format("auto", with_record(loaded, 12, 0, True, DEFAULT_CHAT_TEMPLATE), "m")
+    assert fmt == "chat" and "preftune's default ChatML template, saved as the tokenizer's" in note
+    fmt, note = resolve_format("auto", with_record(loaded, 12, 0, False, own), "m")
+    assert fmt == "chat" and "rendered with the tokenizer's chat template" in note
+    fmt, note = resolve_format("auto", with_record(loaded, 12, 0, True, None), "m")  # a run from before the template was saved
+    assert fmt == "chatml" and "default ChatML" in note
+    # mixed data: the larger part, and the counts said
+    fmt, note = resolve_format("auto", with_record(loaded, 3, 9, template=own), "m")
+    assert fmt == "raw" and "3 of 12 examples went through a chat template" in note
+    # explicit choices win; --chat_template_file means its template
+    assert resolve_format("chatml", with_record(loaded, 0, 12), "m") == ("chatml", None)
+    assert resolve_format("auto", with_record(loaded, 0, 12, template=own), "m", template_file="t.jinja")[0] == "chat"
+    # no record: today's guess (the demo without its record is still raw; anything else without a template is chatml)
+    none = dataclasses.replace(with_record(loaded, 0, 0), run_config=None)
+    assert resolve_format("auto", none, "m")[0] == "chatml"
+    assert resolve_format("auto", dataclasses.replace(none, run_config={"demo": True}), "m")[0] == "raw"
+    assert resolve_format("auto", with_record(loaded, 0, 0, template=own), "m")[0] == "chat"
+
+
+def chat_header(model, monkeypatch, capfd) -> str:
+    """What `preftune chat MODEL` prints before its first prompt (stdin: /exit)."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert main(["chat", str(model), "--max_new_tokens", "2"]) == 0
+    return capfd.readouterr().out.split(">>>")[0]
+
+
+def test_runs_record_plain_text_or_conversations_and_chat_follows_them(tmp_path, monkeypatch, capfd):
+    """Two tiny runs through `preftune train`: plain strings with a tokenizer that has a chat template
+    (was chatted with through that template), and conversations with one that has none (ChatML)."""
+    from transformers import AutoTokenizer
+
+    from _faults import train, write_inputs
+
+    model_dir, plain_rows = write_inputs(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with_template = tmp_path / "with_template"
+    tok.save_pretrained(str(with_template))
+    for name in ("config.json", "model.safetensors"):
+        (with_template / name).write_bytes((model_dir / name).read_bytes())
+
+    lora = tmp_path / "lora"
+    code, err = train(lora, with_template, plain_rows, "lora", "--max_steps", "2", "--save_steps", "1")
+    assert code == 0, err
+    assert json.loads((lora / "run_config.json").read_text())["prompt_rendering"] == {"templated": 0, "plain_text": 24, "default_template": False}
+    header = chat_header(lora, monkeypatch, capfd)
+    assert "; raw format," in header and "run_config.json records that the model was trained on plain text" in header, header
+    header = chat_header(lora / "checkpoint-1", monkeypatch, capfd)
+    assert "; raw format," in header and "run_config.json of its run records" in header, header
+    merged = tmp_path / "merged"
+    assert main(["merge", str(lora), "--output_dir", str(merged)]) == 0
+    header = chat_header(merged, monkeypatch, capfd)
+    assert "; raw format," in header and "preftune_merge.json records" in header, header
+
+    conversations = tmp_path / "conversations.jsonl"
+    rows = [json.loads(line) for line in plain_rows.read_text().splitlines()]
+    conversations.write_text("".join(json.dumps({
+        "chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+        "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}],
+    }) + "\n" for r in rows))
+    full = tmp_path / "full"
+    code, err = train(full, model_dir, conversations, "full", "--max_steps", "1", "--save_steps", "10")
+    assert code == 0, err
+    assert json.loads((full / "run_config.json").read_text())["prompt_rendering"] == {"templated": 24, "plain_text": 0, "default_template": True}
+    header = chat_header(full, monkeypatch, capfd)
+    assert "; chat format," in header and "preftune's default ChatML template, saved as the tokenizer's" in header, header

@@ -39,7 +39,7 @@ def _chat(model_name: str, chat_args, generation, load) -> int:
 
         set_seed(generation.seed)
     loaded = load_pretrained(model_name, load.torch_dtype, load.trust_remote_code, load.chat_template_file)
-    fmt, note = resolve_format(chat_args.format, loaded.tokenizer, loaded.is_demo, model_name)
+    fmt, note = resolve_format(chat_args.format, loaded, model_name, load.chat_template_file)
     session = ChatSession(loaded, fmt, generation, system=chat_args.system_prompt)
     if fmt == "chat":
         session.check_template()
