@@ -20,11 +20,18 @@ Answers stream token by token (a ``transformers.TextStreamer`` subclass). Ctrl-C
 model answers stops that answer (what was written is kept in the history); Ctrl-C at the
 prompt discards the line; Ctrl-D or ``/exit`` quits. When the conversation outgrows the
 model's context, the oldest turns are dropped from the prompt (said once).
+
+``/save FILE`` writes the conversation as JSON, Markdown (``.md``) or plain text (``.txt``), through
+a temporary file and a rename (a failed write leaves no half file). It refuses a file that exists
+(``/save! FILE`` replaces it) and, always, a path inside a run or checkpoint folder of
+``preftune train`` or inside the model folder being chatted with: their files are records that
+``preftune verify`` and the other commands check.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +40,21 @@ from .config import GenerationArguments
 from .data.tokenize import PromptRendering
 from .errors import PreftuneError
 from .hf_helpers import has_chat_template
-from .rundir import MERGE_RECORD_FILE, RUN_CONFIG_FILE, is_checkpoint_folder, read_json, read_run_config
+from .rundir import MERGE_RECORD_FILE, RUN_CONFIG_FILE, is_checkpoint_folder, is_run_folder, read_json, read_run_config, write_text_atomic
 
-__all__ = ["ChatSession", "chat_loop", "resolve_format", "training_record"]
+__all__ = ["ChatSession", "chat_loop", "resolve_format", "training_record", "SAVE_FORMATS"]
 
 HELP = """commands:
   /clear          forget the conversation (keeps the system prompt)
   /system TEXT    set the system prompt (/system alone shows it)
-  /save FILE      write the conversation to FILE as JSON
+  /save FILE      write the conversation to FILE: .md Markdown, .txt plain text, else JSON;
+                  refuses a file that exists, and any path inside a run or model folder
+  /save! FILE     the same, replacing FILE if it exists
   /exit           quit (also Ctrl-D)
 Ctrl-C stops an answer while it is being written."""
+
+# /save FILE: the format by the file's suffix (anything else: JSON)
+SAVE_FORMATS = {".json": "JSON", ".md": "Markdown", ".txt": "plain text"}
 
 
 def training_record(loaded) -> tuple[PromptRendering | None, str]:
@@ -241,23 +253,84 @@ class ChatSession:
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         return answer, interrupted
 
-    def save(self, path: str, model_name: str) -> tuple[Path, int]:
-        """Write the conversation as JSON; returns (path, number of messages written)."""
+    def save(self, path: str, model_name: str, overwrite: bool = False) -> tuple[Path, int, str]:
+        """Write the conversation to ``path`` in the format its suffix names (:data:`SAVE_FORMATS`);
+        returns (path, number of messages written, format). ``overwrite``: ``/save!``."""
+        target = self._save_target(path, overwrite)
+        fmt = SAVE_FORMATS.get(target.suffix.lower(), "JSON")
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        if fmt == "Markdown":
+            text = self._markdown(model_name)
+        elif fmt == "plain text":
+            text = self._plain_text(model_name)
+        else:
+            text = json.dumps({
+                "model": model_name,
+                "format": self.fmt,
+                "system_prompt": self.system,
+                "generation": self._generation(),
+                "messages": messages,
+            }, indent=2, ensure_ascii=False) + "\n"
+        try:
+            write_text_atomic(target, text)
+        except OSError as e:
+            raise PreftuneError(f"/save {path}: {e.strerror or e}; nothing was written") from None
+        return target, len(messages), fmt
+
+    def _generation(self) -> dict:
+        return self.settings.generate_kwargs() | {"max_new_tokens": self.settings.max_new_tokens}
+
+    def _save_target(self, path: str, overwrite: bool) -> Path:
+        """``path`` checked: not a folder, not in a run or model folder, not an existing file unless ``overwrite``."""
+        command = "/save!" if overwrite else "/save"
+        if "\0" in path:
+            raise PreftuneError(f"{command} {path!r}: the name contains a NUL character; choose another name")
         target = Path(path).expanduser()
         if target.is_dir():
-            raise PreftuneError(f"/save {path}: is a folder; give a file name, e.g. {path.rstrip('/')}/chat.json")
-        data = {
-            "model": model_name,
-            "format": self.fmt,
-            "system_prompt": self.system,
-            "generation": self.settings.generate_kwargs() | {"max_new_tokens": self.settings.max_new_tokens},
-            "messages": ([{"role": "system", "content": self.system}] if self.system else []) + self.messages,
-        }
-        try:
-            target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise PreftuneError(f"/save {path}: {e.strerror or e}") from None
-        return target, len(data["messages"])
+            raise PreftuneError(f"{command} {path}: is a folder; give a file name, e.g. {path.rstrip('/')}/chat.json")
+        protected = self._protected_folder(target)
+        if protected is not None:
+            folder, what = protected
+            raise PreftuneError(f"{command} {path}: {str(folder)!r} is {what}, whose files preftune must not change "
+                                f"(not even with /save!); save it elsewhere, e.g. {command} {folder.parent / target.name}")
+        if not target.parent.is_dir():
+            raise PreftuneError(f"{command} {path}: no folder {str(target.parent)!r}; create it first, or choose another place")
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise PreftuneError(f"/save {path}: exists; use /save! {path} to replace it, or choose another name")
+        return target
+
+    def _protected_folder(self, target: Path) -> tuple[Path, str] | None:
+        """The outermost run, checkpoint or model folder that holds ``target`` (with links resolved, then
+        as written), and what it is; None when there is none."""
+        model = self.loaded.folder.resolve() if self.loaded.folder is not None else None
+        found = None
+        for start in (target.resolve().parent, Path(os.path.abspath(target)).parent):
+            for folder in (start, *start.parents):
+                if folder.resolve() == model:
+                    found = (folder, "the model folder being chatted with")
+                elif is_run_folder(folder):
+                    found = (folder, "a run folder of `preftune train`")
+                elif is_checkpoint_folder(folder):
+                    found = (folder, "a checkpoint of `preftune train`")
+            if found is not None:
+                return found
+        return None
+
+    def _markdown(self, model_name: str) -> str:
+        settings = f"{self.settings.describe()}, up to {self.settings.max_new_tokens} new tokens"
+        lines = [f"# Chat with {model_name}", "", f"Prompt format: {self.fmt}; {settings}.", ""]
+        if self.system:
+            lines += ["## System prompt", "", self.system, ""]
+        for message in self.messages:
+            lines += [f"## {message['role'].capitalize()}", "", message["content"] or "*(no answer)*", ""]
+        return "\n".join(lines)
+
+    def _plain_text(self, model_name: str) -> str:
+        blocks = [f"chat with {model_name} ({self.fmt} format)"]
+        if self.system:
+            blocks.append(f"system: {self.system}")
+        blocks += [f"{m['role']}: {m['content']}" for m in self.messages]
+        return "\n\n".join(blocks) + "\n"
 
 
 def _handle_command(line: str, session: ChatSession, model_name: str) -> bool:
@@ -278,13 +351,13 @@ def _handle_command(line: str, session: ChatSession, model_name: str) -> bool:
             session.note("(system prompt set)")
         else:
             session.note(f"(system prompt: {session.system!r})" if session.system else "(no system prompt; /system TEXT sets one)")
-    elif cmd == "/save":
+    elif cmd in ("/save", "/save!"):
         if not arg:
-            session.note("usage: /save FILE")
+            session.note("usage: /save FILE (.md: Markdown, .txt: plain text, else JSON); /save! FILE replaces an existing FILE")
         else:
             try:
-                path, count = session.save(arg, model_name)
-                session.note(f"(saved {count} messages to {path})")
+                path, count, fmt = session.save(arg, model_name, overwrite=cmd == "/save!")
+                session.note(f"(saved {count} messages to {path} as {fmt})")
             except PreftuneError as e:
                 session.note(f"error: {e}")
     else:

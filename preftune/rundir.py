@@ -46,7 +46,7 @@ __all__ = [
     "TRAINER_STATE_FILE", "SYNCED_REF_MODEL_FILE", "CHECKPOINT_PREFIX", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "RUN_RECORD_FILES", "UNCHECKED_FILES", "check_output_dir", "checkpoint_path", "list_checkpoints", "checkpoint_status",
     "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "run_status", "folder_status", "FolderStatus", "RunFolder",
-    "open_run", "read_json", "write_json", "is_run_folder", "is_checkpoint_folder", "read_sealed_json", "read_run_config", "model_kind",
+    "open_run", "read_json", "write_json", "write_text_atomic", "is_run_folder", "is_checkpoint_folder", "read_sealed_json", "read_run_config", "model_kind",
 ]
 
 # --- what a training run writes ------------------------------------------------------------------
@@ -97,6 +97,21 @@ def _seal_of(data: dict) -> str:
     return bytes_digest(json.dumps({k: v for k, v in data.items() if k != _SEAL_KEY}, sort_keys=True, ensure_ascii=False).encode())
 
 
+def _replace_through(tmp: Path, path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``tmp``, fsync, then rename it over ``path``; ``tmp`` is removed on any failure."""
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | Path, data: dict, seal: bool = False) -> Path:
     """Write ``data`` as indented JSON through a temporary file, fsync and ``os.replace``: a reader
     (or a crash, or a full disk) never sees half a file. ``seal`` adds a ``checksum`` of the content
@@ -104,16 +119,27 @@ def write_json(path: str | Path, data: dict, seal: bool = False) -> Path:
     path = Path(path)
     if seal:
         data = {**data, _SEAL_KEY: _seal_of(data)}
-    tmp = path.with_name(path.name + ".tmp")
+    _replace_through(path.with_name(path.name + ".tmp"), path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a user's file (``preftune chat``'s ``/save``) as :func:`write_json` writes a run's: a
+    temporary file beside it (a fresh hidden name, so no other file is touched), fsync, ``os.replace``.
+    A failed write leaves ``path`` as it was, and no temporary file. The file gets the permissions
+    a new file would get (or the ones of the file it replaces)."""
+    import tempfile
+
+    path = Path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    _replace_through(Path(tmp), path, text, mode)
     return path
 
 

@@ -225,6 +225,122 @@ def test_reft_folder_loads_on_its_base_and_generates_through_the_reft_helper(run
     assert answer == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+# --- /save: never over a run's files, never over a file without /save!, never half a file ---------
+def saved_note(s) -> str:
+    return [line for line in s.out.text.splitlines() if line][-1]
+
+
+def run_command(s, line: str) -> str:
+    from preftune.chat import chat_loop
+
+    s.out.writes.clear()
+    script = iter([line, "/exit"])
+    assert chat_loop(s, "demo", lambda prompt: next(script)) == 0
+    return saved_note(s)
+
+
+def test_save_refuses_an_existing_file_unless_save_bang(loaded, tmp_path):
+    s = session(loaded, system="be brief")
+    s.messages += [{"role": "user", "content": "Q: copy 1 A:"}, {"role": "assistant", "content": "1"}]
+    target = tmp_path / "chat.json"
+    assert run_command(s, f"/save {target}") == f"(saved 3 messages to {target} as JSON)"
+    first = target.read_bytes()
+    s.messages += [{"role": "user", "content": "again"}, {"role": "assistant", "content": "2"}]
+    note = run_command(s, f"/save {target}")
+    assert note == f"error: /save {target}: exists; use /save! {target} to replace it, or choose another name"
+    assert target.read_bytes() == first
+    assert run_command(s, f"/save! {target}") == f"(saved 5 messages to {target} as JSON)"
+    assert len(json.loads(target.read_text())["messages"]) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temporary file left
+    run_command(s, "/help")
+    assert "/save! FILE" in s.out.text
+
+
+def test_save_never_writes_into_a_run_checkpoint_or_the_model_folder(run, loaded, tmp_path):
+    """Not even /save!: a run's config.json overwritten made `preftune verify` call the run damaged."""
+    from preftune.rundir import RUN_CONFIG_FILE
+    from preftune.verify import all_intact, verify_folder
+
+    from _trained_runs import copy_run
+
+    copy = copy_run(run, tmp_path / "run")
+    s = session(dataclasses.replace(loaded, folder=copy))
+    s.messages += [{"role": "user", "content": "Q: copy 1 A:"}, {"role": "assistant", "content": "1"}]
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    (tmp_path / "link").symlink_to(copy)
+    for line in (f"/save {copy / 'config.json'}", f"/save! {copy / 'config.json'}", f"/save! {copy / RUN_CONFIG_FILE}",
+                 f"/save {copy / 'notes.md'}", f"/save! {tmp_path / 'link' / 'config.json'}"):
+        note = run_command(s, line)
+        assert note.startswith("error: /save") and f"{str(copy)!r} is the model folder being chatted with" in note, note
+        assert f"e.g. {line.split()[0]} {tmp_path}/" in note, note  # a place outside the run
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+    assert all_intact(verify_folder(copy))
+
+    # another run's folder, a checkpoint folder (by its name), a plain model folder chatted with
+    note = run_command(session(loaded), f"/save! {copy / 'chat.json'}")
+    assert f"{str(copy)!r} is a run folder of `preftune train`" in note and not (copy / "chat.json").exists()
+    checkpoint = tmp_path / "elsewhere" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    note = run_command(session(loaded), f"/save {checkpoint / 'x.txt'}")
+    assert f"{str(checkpoint)!r} is a checkpoint of `preftune train`" in note and not (checkpoint / "x.txt").exists()
+    plain = tmp_path / "plain_model"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    note = run_command(session(dataclasses.replace(loaded, folder=plain)), f"/save! {plain / 'config.json'}")
+    assert "the model folder being chatted with" in note and (plain / "config.json").read_text() == "{}"
+
+
+def test_a_failed_save_leaves_the_old_file_whole(tmp_path):
+    """A write that fails half-way (a real file-size limit, in a child process) leaves the file it was
+    to replace as it was, and no temporary file: it was written to a temporary file and renamed."""
+    import subprocess
+    from pathlib import Path
+
+    target = tmp_path / "chat.md"
+    target.write_text("my notes\n")
+    script = f"""
+import resource, signal
+from types import SimpleNamespace
+from preftune.chat import ChatSession, chat_loop
+from preftune.config import GenerationArguments
+s = ChatSession(SimpleNamespace(folder=None), "raw", GenerationArguments())
+s.messages = [{{"role": "user", "content": "x" * 5000}}, {{"role": "assistant", "content": "y"}}]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+lines = iter(["/save! {target}", "/save {target}", "/exit"])
+chat_loop(s, "m", lambda prompt: next(lines))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert target.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == ["chat.md"]
+    assert f"error: /save {target}: File too large; nothing was written" in done.stdout, done.stdout
+
+
+def test_save_format_follows_the_suffix(loaded, tmp_path):
+    s = session(loaded, system="be brief")
+    s.messages += [{"role": "user", "content": "Q: copy 1 2 A:"}, {"role": "assistant", "content": "1 2"},
+                   {"role": "user", "content": "Q: copy 3 A:"}, {"role": "assistant", "content": "3"}]
+    md = tmp_path / "chat.md"
+    assert run_command(s, f"/save {md}") == f"(saved 5 messages to {md} as Markdown)"
+    text = md.read_text()
+    assert not text.lstrip().startswith("{") and text.startswith("# Chat with demo\n")
+    sections = [(line, i) for i, line in enumerate(text.splitlines()) if line.startswith("## ")]
+    assert [line for line, _ in sections] == ["## System prompt", "## User", "## Assistant", "## User", "## Assistant"]
+    lines = text.splitlines()
+    assert [lines[i + 2] for _, i in sections] == ["be brief", "Q: copy 1 2 A:", "1 2", "Q: copy 3 A:", "3"]
+
+    txt = tmp_path / "chat.txt"
+    assert run_command(s, f"/save {txt}") == f"(saved 5 messages to {txt} as plain text)"
+    assert txt.read_text().split("\n\n")[1:] == ["system: be brief", "user: Q: copy 1 2 A:", "assistant: 1 2", "user: Q: copy 3 A:", "assistant: 3\n"]
+
+    for name in ("chat.JSON", "chat.log", "chat"):
+        path = tmp_path / name
+        assert run_command(s, f"/save {path}") == f"(saved 5 messages to {path} as JSON)"
+        assert json.loads(path.read_text())["messages"][0] == {"role": "system", "content": "be brief"}
+
+
 # --- --format auto follows what training did -------------------------------------------------------
 def with_record(loaded, templated: int, plain_text: int, default_template: bool = False, template: str | None = None):
     """``loaded`` as if its run had recorded this rendering (a hand-made record; the demo's own says plain text)."""
