@@ -467,7 +467,7 @@ CHAT_FORMATS = ("auto", "chat", "chatml", "raw")
 class ChatArguments:
     """``preftune chat`` options besides the model and generation settings."""
 
-    format: str = _f("auto", "Prompt format: auto (default), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed).", "chat")
+    format: str = _f("auto", "Prompt format: auto (what training used, from the run's record), chat (the tokenizer's template), chatml (preftune's default template), raw (text as typed).", "chat")
     system_prompt: str | None = _f(None, "System prompt for the conversation.", "chat")
 
     def __post_init__(self):
