@@ -256,7 +256,10 @@ class ChatSession:
     def save(self, path: str, model_name: str, overwrite: bool = False) -> tuple[Path, int, str]:
         """Write the conversation to ``path`` in the format its suffix names (:data:`SAVE_FORMATS`);
         returns (path, number of messages written, format). ``overwrite``: ``/save!``."""
-        target = self._save_target(path, overwrite)
+        try:
+            target = self._save_target(path, overwrite)
+        except OSError as e:  # a name the file system refuses (too long, ...)
+            raise PreftuneError(f"/save {path}: {e.strerror or e}; choose another name") from None
         fmt = SAVE_FORMATS.get(target.suffix.lower(), "JSON")
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         if fmt == "Markdown":

@@ -254,6 +254,8 @@ def test_save_refuses_an_existing_file_unless_save_bang(loaded, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temporary file left
     run_command(s, "/help")
     assert "/save! FILE" in s.out.text
+    long_name = tmp_path / ("a" * 300 + ".json")  # a name the file system refuses: one line, not a traceback
+    assert run_command(s, f"/save {long_name}") == f"error: /save {long_name}: File name too long; choose another name"
 
 
 def test_save_never_writes_into_a_run_checkpoint_or_the_model_folder(run, loaded, tmp_path):
