@@ -40,9 +40,9 @@ from .config import GenerationArguments
 from .data.tokenize import PromptRendering
 from .errors import PreftuneError
 from .hf_helpers import has_chat_template
-from .rundir import MERGE_RECORD_FILE, RUN_CONFIG_FILE, is_checkpoint_folder, is_run_folder, read_json, read_run_config, write_text_atomic
+from .rundir import is_checkpoint_folder, is_run_folder, write_text_atomic
 
-__all__ = ["ChatSession", "chat_loop", "resolve_format", "training_record", "SAVE_FORMATS"]
+__all__ = ["ChatSession", "chat_loop", "resolve_format", "SAVE_FORMATS"]
 
 HELP = """commands:
   /clear          forget the conversation (keeps the system prompt)
@@ -55,23 +55,6 @@ Ctrl-C stops an answer while it is being written."""
 
 # /save FILE: the format by the file's suffix (anything else: JSON)
 SAVE_FORMATS = {".json": "JSON", ".md": "Markdown", ".txt": "plain text"}
-
-
-def training_record(loaded) -> tuple[PromptRendering | None, str]:
-    """How the examples the model was trained on were rendered, and the file that says so:
-    ``run_config.json`` of the run (or of the run a ``checkpoint-N`` folder belongs to), or
-    ``preftune_merge.json`` of a merged adapter. ``(None, "")`` without such a record."""
-    record = PromptRendering.from_run_config(loaded.run_config)
-    if record is not None:
-        return record, RUN_CONFIG_FILE
-    folder = loaded.folder
-    if folder is None:
-        return None, ""
-    if is_checkpoint_folder(folder) and (record := PromptRendering.from_run_config(read_run_config(folder.parent))) is not None:
-        return record, f"{RUN_CONFIG_FILE} of its run"
-    if (record := PromptRendering.from_run_config(read_json(folder / MERGE_RECORD_FILE))) is not None:
-        return record, MERGE_RECORD_FILE
-    return None, ""
 
 
 def resolve_format(fmt: str, loaded, name: str, template_file: str | None = None) -> tuple[str, str | None]:
@@ -87,7 +70,7 @@ def resolve_format(fmt: str, loaded, name: str, template_file: str | None = None
         return fmt, None
     if template_file:
         return "chat", f"chat format: the template of --chat_template_file {template_file}"
-    record, source = training_record(loaded)
+    record, source = loaded.training_record()
     if record is not None and record.templated + record.plain_text > 0:
         return _format_from_record(record, source, has_chat_template(tokenizer), loaded.is_demo)
     if has_chat_template(tokenizer):

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .errors import PreftuneError, describe_exception
 from .model_hooks import NO_HOOKS, ModelHooks
-from .rundir import ADAPTER_CONFIG_FILE, REFT_CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILES, RunFolder, open_run, read_json
+from .rundir import (ADAPTER_CONFIG_FILE, MERGE_RECORD_FILE, REFT_CONFIG_FILE, RUN_CONFIG_FILE, TOKENIZER_FILES, RunFolder,
+                     is_checkpoint_folder, open_run, read_json, read_run_config)
 
 __all__ = ["LoadedModel", "load_pretrained", "load_base", "check_model_arg", "load_errors_in_one_line", "encode_prompt", "quiet_transformers"]
 
@@ -48,6 +49,26 @@ class LoadedModel:
     @property
     def is_demo(self) -> bool:
         return bool(self.run_config and self.run_config.get("demo"))
+
+    def training_record(self):
+        """How the examples the model was trained on were rendered
+        (:class:`preftune.data.tokenize.PromptRendering`: plain text or a chat template), and the
+        file that says so: ``run_config.json`` of the run (or of the run a ``checkpoint-N`` folder
+        belongs to), or ``preftune_merge.json`` of a merged adapter. ``(None, "")`` without such a
+        record (a run from before the record, a hub model). ``preftune chat --format auto`` and
+        ``preftune export --ollama`` prompt the model the way this says it was trained."""
+        from .data.tokenize import PromptRendering
+
+        record = PromptRendering.from_run_config(self.run_config)
+        if record is not None:
+            return record, RUN_CONFIG_FILE
+        if self.folder is None:
+            return None, ""
+        if is_checkpoint_folder(self.folder) and (record := PromptRendering.from_run_config(read_run_config(self.folder.parent))) is not None:
+            return record, f"{RUN_CONFIG_FILE} of its run"
+        if (record := PromptRendering.from_run_config(read_json(self.folder / MERGE_RECORD_FILE))) is not None:
+            return record, MERGE_RECORD_FILE
+        return None, ""
 
     def generate_ids(self, input_ids, **kwargs):
         """``model.generate`` (or the model's own generation hook, e.g. ReFT's) on ``(1, T)`` prompt ids."""

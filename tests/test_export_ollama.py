@@ -130,3 +130,20 @@ def test_ollama_modelfile_and_untranslatable_templates(tmp_path, capsys):
     err = one_line_error(capsys, ["export", str(other), "--gguf", str(tmp_path / "counting.gguf"), "--ollama"])
     assert "TEMPLATE by hand" in err
     assert not (tmp_path / "counting.gguf").exists()  # refused before the big file is written
+
+
+def test_ollama_modelfile_sends_text_as_typed_for_a_model_trained_on_plain_text(tmp_path, capsys):
+    """A merged adapter whose run trained on plain strings (``preftune merge`` copies the run's
+    ``prompt_rendering`` record into ``preftune_merge.json``) is prompted as typed, as ``preftune chat``
+    does, although its tokenizer has a chat template; ``--chat_template_file`` still asks for turns."""
+    tok = qwen2_style_tokenizer()
+    folder = save_model(tmp_path, tiny("qwen2", len(tok)), tok)
+    (folder / "preftune_merge.json").write_text(json.dumps({"prompt_rendering": {"templated": 0, "plain_text": 24, "default_template": False}}))
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "plain.gguf"), "--ollama"]) == 0
+    assert "trained on plain text" in capsys.readouterr().out
+    assert (tmp_path / "plain.Modelfile").read_text(encoding="utf-8").startswith('FROM ./plain.gguf\nTEMPLATE """{{ .Prompt }}"""')
+
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(QWEN2_CHAT, encoding="utf-8")
+    assert main(["export", str(folder), "--gguf", str(tmp_path / "turns.gguf"), "--ollama", "--chat_template_file", str(template_file)]) == 0
+    assert "<|im_start|>" in (tmp_path / "turns.Modelfile").read_text(encoding="utf-8")

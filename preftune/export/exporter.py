@@ -95,13 +95,19 @@ def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool =
     rows = loaded.model.get_input_embeddings().weight.shape[0]
     vocab = gguf_vocab(loaded.tokenizer, rows)
     template = getattr(loaded.tokenizer, "chat_template", None) or None
-    turn_format = None
+    turn_format, notes = None, []
     if ollama:
         from .ollama import turn_format_of
 
-        turn_format = turn_format_of(loaded.tokenizer, template)  # fails before the big file is written
+        if template and not chat_template_file and _trained_on_plain_text(loaded):
+            # chat prompts such a model as typed (preftune chat --format auto); so does the Modelfile
+            notes.append("the run records that the model was trained on plain text, not conversations, so the Modelfile sends prompts "
+                         "as typed (TEMPLATE {{ .Prompt }}); the GGUF keeps the tokenizer's chat template. Pass --chat_template_file "
+                         "to prompt it as a conversation")
+        else:
+            turn_format = turn_format_of(loaded.tokenizer, template)  # fails before the big file is written
     name = Path(model).expanduser().resolve().name if Path(model).expanduser().exists() else model
-    notes = list(vocab.notes) + _family_notes(loaded.model.config)
+    notes += list(vocab.notes) + _family_notes(loaded.model.config)
     notes += write_gguf(out, loaded.model, family, vocab, quant, name, template)
     result = ExportResult(out, family.name, quant, len(vocab.tokens), bool(template), notes=notes)
     if ollama:
@@ -109,6 +115,12 @@ def export_gguf(model: str, out: str | Path, quant: str = "q8_0", ollama: bool =
 
         result.modelfile = write_modelfile(modelfile_path(out), out, turn_format, loaded.tokenizer)
     return result
+
+
+def _trained_on_plain_text(loaded) -> bool:
+    """The run's record says most examples were plain text, not chat-templated (``LoadedModel.training_record``)."""
+    record, _ = loaded.training_record()
+    return record is not None and record.plain_text > record.templated
 
 
 def _family_notes(config) -> list[str]:
