@@ -250,3 +250,20 @@ def test_shorthand_options_suggest_the_real_name_and_a_bad_value_is_not_buried_i
     err = capsys.readouterr().err
     assert "invalid int value: 'banana'" in err and len(err.splitlines()) <= 3, err
     assert err.startswith("usage: preftune train [options]")
+
+
+# --- options that do nothing for the method are refused, when the user set them -------------------------
+def test_reference_options_with_a_reference_free_method_are_refused_when_given():
+    common = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl"]
+    for method, flags in [("simpo", ["--precompute_ref_log_probs", "true"]), ("orpo", ["--ref_model_name_or_path", "x"]),
+                          ("orpo", ["--ref_model_sync_steps", "512"]),  # explicitly given, even at its default value
+                          ("cpo", ["--sync_ref_model", "false"])]:
+        with pytest.raises(PreftuneError) as e:
+            parse_train_args(common + ["--method", method, *flags])
+        assert str(e.value) == (f"{flags[0]} is a reference-model option and --method {method} has no reference model: it applies to "
+                                "--method dpo, kto only; drop it (or choose one of those methods)")
+    with pytest.raises(PreftuneError, match=r"--simpo_gamma does not apply to --method dpo \(it is a setting of simpo\)"):
+        parse_train_args(common + ["--method", "dpo", "--simpo_gamma", "0.5"])  # the default value, given
+    _, _, args = parse_train_args(common + ["--method", "dpo", "--precompute_ref_log_probs", "true", "--ref_model_sync_steps", "64"])
+    assert args.precompute_ref_log_probs and args.ref_model_sync_steps == 64
+    assert parse_train_args(common + ["--method", "simpo"])[2].method == "simpo"  # defaults alone are never refused

@@ -149,6 +149,7 @@ def parse_train_command(command: TrainCommand):
     try:
         *dataclass_objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         model_args, data_args, train_args = dataclass_objs[:3]
+        train_args.check_options_apply(given & known_fields)  # options set explicitly, even to their defaults
     except PreftuneError:
         raise
     except (ValueError, TypeError) as e:
