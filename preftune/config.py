@@ -22,8 +22,12 @@ from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
     "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ConvertArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
-    "TRAIN_OPTIONS", "GROUP_TITLES", "REFERENCE_OPTIONS",
+    "TRAIN_OPTIONS", "GROUP_TITLES", "ALTERNATIVE_OPTIONS", "REFERENCE_OPTIONS",
 ]
+
+# Options of which a run takes one: a flag replaces the YAML file's alternatives to it
+# (commands.options.command_line_wins); two of them on the command line (or in one file) are refused.
+ALTERNATIVE_OPTIONS = (("dataset_name", "datasets"), ("eval_split", "eval_fraction", "eval_datasets"))
 
 # Options that only a method with a reference model (MethodSpec.needs_reference) reads.
 REFERENCE_OPTIONS = ("ref_model_name_or_path", "precompute_ref_log_probs", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
@@ -135,6 +139,22 @@ class ModelArguments(LoadArguments):
         return self.model_name_or_path is None
 
 
+def _check_mixture(args, what: str, validate) -> None:
+    """Read ``args.<what>`` (``datasets``/``eval_datasets``) into its list of entries and check
+    them with ``validate()`` now, before any model loads; an error about entries read from a file
+    (``--datasets mix.yaml``) names that file."""
+    from .data.splits import read_entries
+
+    value = getattr(args, what)
+    setattr(args, what, read_entries(value, what))
+    try:
+        validate()
+    except PreftuneError as e:
+        if not isinstance(value, str) or str(e).startswith(f"--{what} "):
+            raise
+        raise PreftuneError(f"--{what} {value!r}: {e}") from None
+
+
 @_grouped
 @dataclass
 class DataSourceArguments:
@@ -161,10 +181,7 @@ class DataSourceArguments:
         if isinstance(self.dataset_name, str):  # a YAML file or an old run_config.json gives one string
             self.dataset_name = [self.dataset_name]
         _require(not (self.dataset_name and self.datasets), "pass either --dataset_name or datasets: (a mixture), not both")
-        from .data.splits import read_entries
-
-        self.datasets = read_entries(self.datasets, "datasets")
-        self.sources()  # validate the mixture now, before any model loads
+        _check_mixture(self, "datasets", self.sources)
 
     def sources(self):
         """The sources to read, as :class:`preftune.data.mixture.DatasetSpec` s."""
@@ -216,10 +233,7 @@ class DataArguments(DataSourceArguments, TokenizeArguments):
             _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         _require(self.max_train_samples is None or self.max_train_samples >= 1, f"--max_train_samples must be at least 1, got {self.max_train_samples}")
-        from .data.splits import read_entries
-
-        self.eval_datasets = read_entries(self.eval_datasets, "eval_datasets")
-        self.eval_sources()  # validate now, before any model loads
+        _check_mixture(self, "eval_datasets", self.eval_sources)
 
     def eval_sources(self):
         """The sources of a separate eval split (eval_datasets:, or --eval_split of every source), or None."""

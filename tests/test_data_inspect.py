@@ -170,3 +170,22 @@ def test_usage_shows_the_options_inspect_takes(capsys):
     assert err.startswith("usage: preftune data inspect DATA") and len(err.splitlines()) <= 5
     assert main(["data"]) == 2
     assert capsys.readouterr().out.startswith("usage: preftune data inspect DATA [DATA ...]")
+
+
+def test_data_on_the_command_line_replaces_the_configs_and_config_mistakes_name_the_file(lengths_file, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("datasets: [{path: elsewhere.jsonl, weight: 1}]\nlearning_rate: 1.0e-4\n")
+    assert main(["data", "inspect", str(lengths_file), "--config", str(cfg), "--on_bad_row", "skip", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sources"][0]["dataset"] == str(lengths_file)
+    assert f"preftune: DATA on the command line replaces datasets: of --config {str(cfg)!r}" in captured.err
+    cfg.write_text(f"datasets: [{{path: {lengths_file}, wieght: 1}}]\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert (f"preftune: error: --config {str(cfg)!r}: datasets entry 1 of 1: unknown key(s) 'wieght' (did you mean 'weight'?)"
+            in capsys.readouterr().err)
+    cfg.write_text(f"dataset_name: {lengths_file}\nmax_length: long\nlearnig_rate: 1\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert f"--config {str(cfg)!r}: unknown option(s) 'learnig_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
+    cfg.write_text(f"dataset_name: {lengths_file}\nmax_length: long\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert f"--config {str(cfg)!r}: max_length: 'long' is not an integer" in capsys.readouterr().err

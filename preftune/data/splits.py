@@ -76,15 +76,20 @@ def read_entries(value, what: str) -> list | None:
     import yaml
 
     path = Path(value).expanduser()
+    shape = f"a list of entries like [{{path: data.jsonl, weight: 1}}], or a YAML/JSON file holding one (for one data file: --dataset_name {value})"
+    is_file = path.is_file()
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else value
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else value)
     except yaml.YAMLError as e:
-        raise PreftuneError(f"--{what} {value!r}: not a file, and not a valid YAML/JSON list ({getattr(e, 'problem', e)})") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if is_file and mark else ""
+        problem = f"invalid YAML/JSON{line}: {getattr(e, 'problem', e)}"
+        raise PreftuneError(f"--{what} {value!r}: {'the file holds no list of dataset entries' if is_file else 'not a file, nor a list'} "
+                            f"({problem}); --{what} takes {shape}") from None
     if isinstance(data, dict) and what in data:
         data = data[what]
     if not isinstance(data, list):
-        raise PreftuneError(f"--{what} {value!r}: expected a list of dataset entries (or a file holding one)")
+        raise PreftuneError(f"--{what} {value!r}: {'the file holds' if is_file else 'not a file, nor'} no list of dataset entries; --{what} takes {shape}")
     return data
 
 
