@@ -98,4 +98,7 @@ def cmd_data(argv: list[str]) -> int:
         print(json.dumps(report, ensure_ascii=False), flush=True)
     else:
         print(format_report(report, ", ".join(s.display for s in data_args.sources()), name), flush=True)
+    if report["bad_row_error"] and data_args.on_bad_row == "error" and "on_bad_row" in flags | set(config):
+        # asked for explicitly: fail as preftune train would, after the whole report (a check for scripts)
+        raise PreftuneError(report["bad_row_error"])
     return 0
