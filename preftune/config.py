@@ -22,8 +22,15 @@ from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
     "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ConvertArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
-    "TRAIN_OPTIONS", "GROUP_TITLES",
+    "TRAIN_OPTIONS", "GROUP_TITLES", "ALTERNATIVE_OPTIONS", "REFERENCE_OPTIONS",
 ]
+
+# Options of which a run takes one: a flag replaces the YAML file's alternatives to it
+# (commands.options.command_line_wins); two of them on the command line (or in one file) are refused.
+ALTERNATIVE_OPTIONS = (("dataset_name", "datasets"), ("eval_split", "eval_fraction", "eval_datasets"))
+
+# Options that only a method with a reference model (MethodSpec.needs_reference) reads.
+REFERENCE_OPTIONS = ("ref_model_name_or_path", "precompute_ref_log_probs", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 
 
 # Help group of every field, per options class, filled by @_grouped (argparse rejects unknown
@@ -132,6 +139,22 @@ class ModelArguments(LoadArguments):
         return self.model_name_or_path is None
 
 
+def _check_mixture(args, what: str, validate) -> None:
+    """Read ``args.<what>`` (``datasets``/``eval_datasets``) into its list of entries and check
+    them with ``validate()`` now, before any model loads; an error about entries read from a file
+    (``--datasets mix.yaml``) names that file."""
+    from .data.splits import read_entries
+
+    value = getattr(args, what)
+    setattr(args, what, read_entries(value, what))
+    try:
+        validate()
+    except PreftuneError as e:
+        if not isinstance(value, str) or str(e).startswith(f"--{what} "):
+            raise
+        raise PreftuneError(f"--{what} {value!r}: {e}") from None
+
+
 @_grouped
 @dataclass
 class DataSourceArguments:
@@ -158,10 +181,7 @@ class DataSourceArguments:
         if isinstance(self.dataset_name, str):  # a YAML file or an old run_config.json gives one string
             self.dataset_name = [self.dataset_name]
         _require(not (self.dataset_name and self.datasets), "pass either --dataset_name or datasets: (a mixture), not both")
-        from .data.splits import read_entries
-
-        self.datasets = read_entries(self.datasets, "datasets")
-        self.sources()  # validate the mixture now, before any model loads
+        _check_mixture(self, "datasets", self.sources)
 
     def sources(self):
         """The sources to read, as :class:`preftune.data.mixture.DatasetSpec` s."""
@@ -213,10 +233,7 @@ class DataArguments(DataSourceArguments, TokenizeArguments):
             _require(0.0 < self.eval_fraction < 1.0, f"--eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         _require(self.dataset_num_proc is None or self.dataset_num_proc >= 1, f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         _require(self.max_train_samples is None or self.max_train_samples >= 1, f"--max_train_samples must be at least 1, got {self.max_train_samples}")
-        from .data.splits import read_entries
-
-        self.eval_datasets = read_entries(self.eval_datasets, "eval_datasets")
-        self.eval_sources()  # validate now, before any model loads
+        _check_mixture(self, "eval_datasets", self.eval_sources)
 
     def eval_sources(self):
         """The sources of a separate eval split (eval_datasets:, or --eval_split of every source), or None."""
@@ -356,15 +373,7 @@ class PreftuneConfig(TrainingArguments):
         if self.loss_weights is not None:
             _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.loss_weights), f"--loss_weights must be numbers, got {self.loss_weights}")
             self.loss_weights = [float(w) for w in self.loss_weights]
-        # another method's optional knob is a mistake, not something to ignore silently
-        # (beta is exempt: every method but sft reads it, and the demo sets it for all of them)
-        defaults = Hyperparameters(loss_type=tuple(self.loss_type))
-        for name in (f.name for f in fields(Hyperparameters)):
-            if name in ("beta", "loss_type"):
-                continue
-            if getattr(self, name) != getattr(defaults, name) and name not in spec.hyperparameters:
-                users = ", ".join(m for m, s in _methods().items() if name in s.hyperparameters)
-                raise PreftuneError(f"--{name} does not apply to --method {spec.name} (it is a setting of {users}); drop it")
+        self.check_options_apply()
         _require(0.0 <= self.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _require(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
         _require(self.f_divergence_type in F_DIVERGENCES, f"--f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got {self.f_divergence_type!r}")
@@ -373,7 +382,6 @@ class PreftuneConfig(TrainingArguments):
         _require(0.0 <= self.ref_model_mixup_alpha <= 1.0, f"--ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
         _require(self.ref_model_sync_steps >= 1, f"--ref_model_sync_steps must be at least 1, got {self.ref_model_sync_steps}")
         if self.sync_ref_model:
-            _require(spec.needs_reference, f"--sync_ref_model updates a reference model; --method {spec.name} has none")
             _require(not self.precompute_ref_log_probs, "--sync_ref_model updates the reference during training, so its log-probs cannot be "
                      "precomputed: drop --precompute_ref_log_probs or --sync_ref_model")
         if spec.validate is not None:
@@ -383,6 +391,32 @@ class PreftuneConfig(TrainingArguments):
             _require(self.train_sampling_strategy in ("random", "sequential"), f"--method {spec.name} takes batches in data order (its KL completions "
                      f"come from each batch's neighbours); --train_sampling_strategy {self.train_sampling_strategy} would break that pairing")
             self.train_sampling_strategy = "sequential"
+
+    def check_options_apply(self, given: set[str] | None = None) -> None:
+        """Refuse an option that does nothing for ``--method``: another method's hyper-parameter
+        (by the methods' declared ``hyperparameters``) or a reference option
+        (:data:`REFERENCE_OPTIONS`) with a method that has no reference (``needs_reference``).
+
+        ``given``: the options the user set (flags and YAML keys: the command line knows them);
+        None: the options whose value differs from the default (a config built in Python).
+        ``beta`` is exempt (every method but sft reads it, and the demo sets it for all of them),
+        and ``loss_type`` is checked against the method's loss types in ``_check_method``."""
+        from .methods import Hyperparameters, get_method
+
+        spec = get_method(self.method)
+        if given is None:
+            defaults = {f.name: f.default for f in fields(PreftuneConfig)}
+            given = {name for name in (*(f.name for f in fields(Hyperparameters)), *REFERENCE_OPTIONS) if getattr(self, name) != defaults[name]}
+        for name in (f.name for f in fields(Hyperparameters)):
+            if name in given and name not in ("beta", "loss_type") and name not in spec.hyperparameters:
+                users = ", ".join(m for m, s in _methods().items() if name in s.hyperparameters)
+                raise PreftuneError(f"--{name} does not apply to --method {spec.name} (it is a setting of {users}); drop it")
+        if not spec.needs_reference:
+            for name in REFERENCE_OPTIONS:
+                if name in given:
+                    users = ", ".join(m for m, s in _methods().items() if s.needs_reference)
+                    raise PreftuneError(f"--{name} is a reference-model option and --method {spec.name} has no reference model: it applies to "
+                                        f"--method {users} only; drop it (or choose one of those methods)")
 
     def _resolve_precision(self):
         """``--bf16 true|false|auto`` and ``--fp16`` -> the bools TrainingArguments takes (what will

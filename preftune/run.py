@@ -206,7 +206,8 @@ def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: P
     """Read, select and tokenize the pairs (one-line errors naming the split or row); the method's
     declaration says whether they become pairs or labelled examples with KL completions. In a
     multi-process run, process 0 fills the tokenized cache while the others wait, then all read it.
-    ``--eval_generate`` takes its prompts from the held-out pairs, so it needs some."""
+    ``--eval_generate`` takes its prompts from the held-out pairs, so it needs some. Pairs longer
+    than ``--max_tokens_per_batch`` are named here, once (:func:`preftune.sampling.budget_check`)."""
     from .methods import Hyperparameters, get_method
 
     spec = get_method(args.method)
@@ -215,6 +216,13 @@ def prepare_data(inputs: RunInputs, tokenizer, data_args: DataArguments, args: P
         data = inputs.load_data(tokenizer, data_args, args.seed, spec.unpaired, kl_group)
     if args.eval_generate and len(data.eval_pairs) == 0:
         raise PreftuneError("--eval_generate answers held-out prompts, and this run holds none out; pass --eval_fraction or --eval_split")
+    if args.max_tokens_per_batch is not None and len(data.train_pairs):
+        from .data.store import as_tokenized_pairs
+        from .sampling import budget_check
+
+        notice = budget_check(as_tokenized_pairs(data.train_pairs).lengths(), args.max_tokens_per_batch, spec.data_unit)
+        if notice and args.should_log:  # once, not once per process
+            logger.warning(notice)
     return data
 
 

@@ -9,7 +9,8 @@ Composition, once per run (from ``seed``):
 1. shuffle all indices;
 2. cut the shuffled list into pools of ``pool_size`` indices, sort each pool by length
    (pairs of similar length share batches, so rows pack tightly), and fill batches greedily up
-   to the budget; a pair longer than the budget gets a batch of its own.
+   to the budget; a pair longer than the budget gets a batch of its own (the run says so at
+   start-up, :func:`budget_check`, and refuses a budget below every pair).
 
 Order, per epoch (from ``seed`` and ``epoch``): shuffle the batches, then give process ``rank``
 every ``num_replicas``-th batch (all processes get the same number of batches, the last few
@@ -28,7 +29,7 @@ import random
 
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["TokenBudgetBatchSampler", "EpochDataLoader", "token_budget_batches"]
+__all__ = ["TokenBudgetBatchSampler", "EpochDataLoader", "token_budget_batches", "budget_check"]
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int, order: list[int]) -> list[list[int]]:
@@ -45,6 +46,27 @@ def token_budget_batches(lengths: list[int], max_tokens: int, order: list[int]) 
     if current:
         batches.append(current)
     return batches
+
+
+def budget_check(lengths, max_tokens: int, unit: str = "pairs") -> str | None:
+    """What ``--max_tokens_per_batch max_tokens`` does to training items of packed ``lengths``: a
+    warning line when some are longer than the budget (each of them trains alone, in a batch above
+    it), else None; a :class:`~preftune.errors.PreftuneError` when all are (the budget would hold
+    nothing: every batch would be one item above it)."""
+    from .errors import PreftuneError
+
+    lengths = [int(n) for n in lengths]
+    over = sum(1 for n in lengths if n > max_tokens)
+    if not over:
+        return None
+    shortest, longest = min(lengths), max(lengths)
+    if over == len(lengths):
+        raise PreftuneError(f"--max_tokens_per_batch {max_tokens} is below every one of the {len(lengths)} training {unit} (packed prompt + "
+                            f"completions: shortest {shortest}, longest {longest} tokens), so no batch could keep to it; raise it to at "
+                            f"least {longest} (every one fits), or lower --max_length")
+    return (f"--max_tokens_per_batch {max_tokens}: {over} of {len(lengths)} training {unit} are longer (packed prompt + completions: shortest "
+            f"{shortest}, longest {longest} tokens); each of those trains alone, in a batch above the budget. Raise it to at least {longest} "
+            "to keep every batch within it, or lower --max_length")
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):

@@ -250,3 +250,103 @@ def test_shorthand_options_suggest_the_real_name_and_a_bad_value_is_not_buried_i
     err = capsys.readouterr().err
     assert "invalid int value: 'banana'" in err and len(err.splitlines()) <= 3, err
     assert err.startswith("usage: preftune train [options]")
+
+
+# --- YAML run files: every mistake names the file, the key and the fix ------------------------------
+@pytest.mark.parametrize("body,message", [
+    ("per_device_train_batch_size: two", "per_device_train_batch_size: 'two' is not an integer; write e.g. per_device_train_batch_size: 8"),
+    ("learning_rate: fast", "learning_rate: 'fast' is not a number; write e.g. learning_rate: 8.0e-06"),
+    ("use_peft: maybe", "use_peft: 'maybe' is not true or false; write e.g. use_peft: true"),
+    ("max_steps: [3]", "max_steps: expected an integer, got a list [3]"),
+    ("max_steps:", "max_steps: needs a value (leave the key out for the default)"),
+    ("lr_scheduler_type: cosin", "lr_scheduler_type: 'cosin' is not one of linear, cosine,"),
+    ("method: dpo\nloss_weights: abc", "loss_weights: 'abc' is not a number; write e.g. loss_weights: [0.5, ...]"),
+    ("dataset_name: {a: 1}", "dataset_name: expected a list, got a mapping"),
+    ("datasets: [{path: a.jsonl, wieght: 2}]", "datasets entry 1 of 1: unknown key(s) 'wieght' (did you mean 'weight'?); an entry takes path, name, split,"),
+    ("datasets: [{path: a.jsonl}, {path: b.jsonl, num_samples: lots}]", "datasets entry 2 of 2: num_samples must be a positive integer, got 'lots'"),
+    ("datasets: {path: a.jsonl}", "datasets must be a list of dataset entries, got dict"),
+    ("lora_r: 0", "--lora_r must be positive, got 0"),
+    ("learning_rat: 1.0e-4", "unknown option(s) 'learning_rat' (did you mean 'learning_rate'?)"),
+    ("dataset_name: [a.jsonl\nmax_steps: 3", "line 3: invalid YAML"),
+    ("method: orpo\nprecompute_ref_log_probs: false", "--precompute_ref_log_probs is a reference-model option and --method orpo has no reference model"),
+])
+def test_yaml_mistakes_name_the_file_the_key_and_the_fix(tmp_path, body, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\n" + body + "\n")
+    with pytest.raises(PreftuneError) as e:
+        parse_train_args(["--config", str(cfg)])
+    assert str(e.value).startswith(f"--config {str(cfg)!r}") and message in str(e.value), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_data_file_given_as_datasets_and_a_mixture_file_are_named(tmp_path, prefs_jsonl):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: m\ndatasets: {prefs_jsonl}\n")
+    with pytest.raises(PreftuneError, match=r"--datasets '.*prefs.jsonl': the file holds no list of dataset entries .*for one data file: --dataset_name"):
+        parse_train_args(["--config", str(cfg)])
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"- path: {prefs_jsonl}\n  wieght: 1\n")
+    with pytest.raises(PreftuneError) as e:
+        parse_train_args(["--model_name_or_path", "m", "--datasets", str(mix)])
+    assert str(e.value).startswith(f"--datasets {str(mix)!r}: datasets entry 1 of 1: unknown key(s) 'wieght'"), str(e.value)
+
+
+def test_an_error_about_a_flag_does_not_blame_the_file(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\ndataset_name: d.jsonl\nlora_r: 4\n")
+    with pytest.raises(PreftuneError) as e:
+        parse_train_args(["--config", str(cfg), "--lora_r", "0"])
+    assert str(e.value) == "--lora_r must be positive, got 0"
+
+
+# --- the command line wins over the YAML file, alternatives included ----------------------------------
+def test_a_flag_replaces_the_yaml_files_alternatives_to_it(tmp_path):
+    from preftune.commands.train import train_command
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\ndatasets: [{path: a.jsonl, weight: 2}, {path: b.jsonl}]\neval_split: test\n")
+    argv = ["--config", str(cfg), "--dataset_name", "c.jsonl", "--eval_fraction", "0.2"]
+    _, data_args, _ = parse_train_args(argv)
+    assert data_args.dataset_name == ["c.jsonl"] and data_args.datasets is None
+    assert data_args.eval_fraction == 0.2 and data_args.eval_split is None
+    command, notes = train_command(argv).effective()
+    assert notes == [f"--dataset_name on the command line replaces datasets: of --config {str(cfg)!r}",
+                     f"--eval_fraction on the command line replaces eval_split: of --config {str(cfg)!r}"]
+    assert "datasets" not in command.as_record()["config_options"]  # run_config.json records what ran
+    # the other way round: --datasets on the command line replaces dataset_name: of the file
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("- path: a.jsonl\n  weight: 1\n- path: b.jsonl\n  weight: 1\n")
+    cfg.write_text("model_name_or_path: m\ndataset_name: c.jsonl\n")
+    _, data_args, _ = parse_train_args(["--config", str(cfg), "--datasets", str(mix)])
+    assert data_args.dataset_name is None and [s.path for s in data_args.sources()] == ["a.jsonl", "b.jsonl"]
+    # both on the command line, or both in the file: ambiguous, refused
+    with pytest.raises(PreftuneError, match="pass either --dataset_name or datasets:"):
+        parse_train_args(["--model_name_or_path", "m", "--dataset_name", "c.jsonl", "--datasets", str(mix)])
+    cfg.write_text(f"model_name_or_path: m\ndataset_name: c.jsonl\ndatasets: {mix}\n")
+    with pytest.raises(PreftuneError, match=r"^--config '.*run.yaml': pass either --dataset_name or datasets:"):
+        parse_train_args(["--config", str(cfg)])
+
+
+def test_cli_prints_the_replacement_once(tmp_path, prefs_jsonl):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'no-such-model'}\ndatasets: [{{path: elsewhere.jsonl}}]\n")
+    r = run_cli("train", "--config", str(cfg), "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode == 2 and f"preftune: --dataset_name on the command line replaces datasets: of --config {str(cfg)!r}\n" in r.stderr
+    assert "elsewhere.jsonl" not in r.stderr and "no-such-model" in r.stderr  # the flag's data was read, the model is what fails
+
+
+# --- options that do nothing for the method are refused, when the user set them -------------------------
+def test_reference_options_with_a_reference_free_method_are_refused_when_given():
+    common = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl"]
+    for method, flags in [("simpo", ["--precompute_ref_log_probs", "true"]), ("orpo", ["--ref_model_name_or_path", "x"]),
+                          ("orpo", ["--ref_model_sync_steps", "512"]),  # explicitly given, even at its default value
+                          ("cpo", ["--sync_ref_model", "false"])]:
+        with pytest.raises(PreftuneError) as e:
+            parse_train_args(common + ["--method", method, *flags])
+        assert str(e.value) == (f"{flags[0]} is a reference-model option and --method {method} has no reference model: it applies to "
+                                "--method dpo, kto only; drop it (or choose one of those methods)")
+    with pytest.raises(PreftuneError, match=r"--simpo_gamma does not apply to --method dpo \(it is a setting of simpo\)"):
+        parse_train_args(common + ["--method", "dpo", "--simpo_gamma", "0.5"])  # the default value, given
+    _, _, args = parse_train_args(common + ["--method", "dpo", "--precompute_ref_log_probs", "true", "--ref_model_sync_steps", "64"])
+    assert args.precompute_ref_log_probs and args.ref_model_sync_steps == 64
+    assert parse_train_args(common + ["--method", "simpo"])[2].method == "simpo"  # defaults alone are never refused

@@ -170,3 +170,47 @@ def test_usage_shows_the_options_inspect_takes(capsys):
     assert err.startswith("usage: preftune data inspect DATA") and len(err.splitlines()) <= 5
     assert main(["data"]) == 2
     assert capsys.readouterr().out.startswith("usage: preftune data inspect DATA [DATA ...]")
+
+
+def test_on_bad_row_is_honoured_as_training_would(lengths_file, tmp_path, capsys):
+    """Inspect always reports every bad row and says what training does about them; --on_bad_row error
+    (a flag or the config's key) then ends it with the very error `preftune train` stops with."""
+    with pytest.raises(DataError) as training:
+        prepare_data(None, DataArguments(dataset_name=[str(lengths_file)], on_bad_row="error"), seed=42)
+    assert str(training.value) == "lengths.jsonl line 5: empty field: 'chosen' is empty (fix: fix the row, or pass --on_bad_row skip to skip bad rows)"
+    assert main(["data", "inspect", str(lengths_file)]) == 0  # not asked: the report only
+    out = capsys.readouterr().out
+    assert "    preftune train stops at the first of them (--on_bad_row error); fix them, or pass --on_bad_row skip to train without them\n" in out
+    assert main(["data", "inspect", str(lengths_file), "--on_bad_row", "skip"]) == 0
+    assert "    preftune train skips them (--on_bad_row skip)\n" in capsys.readouterr().out
+    assert main(["data", "inspect", str(lengths_file), "--on_bad_row", "error", "--json"]) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # the whole report first
+    assert report["on_bad_row"] == "error" and report["bad_row_error"] == str(training.value) and report["pairs"] == 10
+    assert captured.err.strip().splitlines()[-1] == f"preftune: error: {training.value}"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"dataset_name: {lengths_file}\non_bad_row: error\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert f"preftune: error: {training.value}" in capsys.readouterr().err
+    clean = write_rows(tmp_path / "clean.jsonl", [{"prompt": "Q: copy 1 A:", "chosen": " 1", "rejected": " 2"}])
+    assert main(["data", "inspect", str(clean), "--on_bad_row", "error"]) == 0  # nothing to stop at
+    assert inspect_data(None, DataArguments(dataset_name=[str(clean)]))["bad_row_error"] is None
+
+
+def test_data_on_the_command_line_replaces_the_configs_and_config_mistakes_name_the_file(lengths_file, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("datasets: [{path: elsewhere.jsonl, weight: 1}]\nlearning_rate: 1.0e-4\n")
+    assert main(["data", "inspect", str(lengths_file), "--config", str(cfg), "--on_bad_row", "skip", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sources"][0]["dataset"] == str(lengths_file)
+    assert f"preftune: DATA on the command line replaces datasets: of --config {str(cfg)!r}" in captured.err
+    cfg.write_text(f"datasets: [{{path: {lengths_file}, wieght: 1}}]\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert (f"preftune: error: --config {str(cfg)!r}: datasets entry 1 of 1: unknown key(s) 'wieght' (did you mean 'weight'?)"
+            in capsys.readouterr().err)
+    cfg.write_text(f"dataset_name: {lengths_file}\nmax_length: long\nlearnig_rate: 1\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert f"--config {str(cfg)!r}: unknown option(s) 'learnig_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
+    cfg.write_text(f"dataset_name: {lengths_file}\nmax_length: long\n")
+    assert main(["data", "inspect", "--config", str(cfg)]) == 2
+    assert f"--config {str(cfg)!r}: max_length: 'long' is not an integer" in capsys.readouterr().err

@@ -58,7 +58,11 @@ def test_every_declaration_is_complete():
     (dict(method="kto", max_tokens_per_batch=512), "--max_tokens_per_batch does not work with --method kto"),
     (dict(method="kto", loss_type=["kto", "apo_zero_unpaired"]), "takes one --loss_type"),
     (dict(method="kto", train_sampling_strategy="group_by_length"), "takes batches in data order"),
-    (dict(method="sft", sync_ref_model=True), "--method sft has none"),
+    (dict(method="sft", sync_ref_model=True), "--method sft has no reference model"),
+    (dict(method="simpo", precompute_ref_log_probs=True), "--precompute_ref_log_probs is a reference-model option and --method simpo has no "
+     "reference model: it applies to --method dpo, kto only"),
+    (dict(method="orpo", ref_model_name_or_path="base"), "--ref_model_name_or_path is a reference-model option"),
+    (dict(method="cpo", ref_model_mixup_alpha=0.5), "--ref_model_mixup_alpha is a reference-model option"),
     (dict(method="rlhf"), "--method must be one of orpo, dpo"),
 ])
 def test_configuration_mistakes_are_one_line_errors(settings, message):

@@ -90,3 +90,55 @@ def test_trainer_trains_on_the_samplers_batches_and_reshuffles_each_epoch(tmp_pa
     assert epochs[0] != epochs[1]  # a new order in the second epoch (what the trainer must pass on)
     assert sorted(i for b in epochs[0] for i in b) == list(range(40))
     assert trainer.state.global_step == len(trained)
+
+
+def test_budget_check_names_pairs_over_the_budget_and_refuses_a_budget_below_all():
+    import pytest
+
+    from preftune.errors import PreftuneError
+    from preftune.sampling import budget_check
+
+    assert budget_check([10, 20, 30], 30) is None  # every pair fits: nothing to say
+    note = budget_check([10, 20, 30, 40], 25)
+    assert note.startswith("--max_tokens_per_batch 25: 2 of 4 training pairs are longer (packed prompt + completions: shortest 10, longest 40 tokens); "
+                           "each of those trains alone, in a batch above the budget. Raise it to at least 40")
+    assert "2 of 3 training examples are longer" in budget_check([10, 50, 60], 30, unit="examples")  # the method's unit
+    with pytest.raises(PreftuneError, match=r"^--max_tokens_per_batch 5 is below every one of the 3 training pairs \(packed prompt \+ "
+                       r"completions: shortest 10, longest 30 tokens\), so no batch could keep to it; raise it to at least 30"):
+        budget_check([10, 20, 30], 5)
+
+
+def test_the_run_says_so_at_start_up(caplog):
+    """The data stage of a run (the demo's data: packed pairs of 15 to 23 tokens) names the pairs over
+    the budget once, and refuses a budget below them all before any model loads."""
+    import logging
+
+    import pytest
+
+    from preftune.config import DataArguments, PreftuneConfig
+    from preftune.demo import DemoInputs
+    from preftune.errors import PreftuneError
+    from preftune.run import prepare_data
+
+    inputs = DemoInputs()
+    tokenizer = inputs.load_tokenizer()
+    data_args = DataArguments(max_length=32, max_prompt_length=16)
+
+    def config(budget):
+        return PreftuneConfig(output_dir="/tmp/unused", use_cpu=True, max_tokens_per_batch=budget)
+
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        data = prepare_data(inputs, tokenizer, data_args, config(20))
+    lengths = data.train_pairs.lengths()
+    over = int((lengths > 20).sum())
+    assert 0 < over < len(lengths)
+    notes = [r.getMessage() for r in caplog.records if "--max_tokens_per_batch" in r.getMessage()]
+    assert notes == [f"--max_tokens_per_batch 20: {over} of {len(lengths)} training pairs are longer (packed prompt + completions: shortest "
+                     f"{lengths.min()}, longest {lengths.max()} tokens); each of those trains alone, in a batch above the budget. Raise it "
+                     f"to at least {lengths.max()} to keep every batch within it, or lower --max_length"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        prepare_data(inputs, tokenizer, data_args, config(int(lengths.max())))
+    assert not [r for r in caplog.records if "--max_tokens_per_batch" in r.getMessage()]
+    with pytest.raises(PreftuneError, match="is below every one of the"):
+        prepare_data(inputs, tokenizer, data_args, config(int(lengths.min()) - 1))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..errors import PreftuneError
-from .options import build_parser, parse_options
+from .options import blame_file, build_parser, command_line_wins, file_options, given_flags, parse_options
 
 __all__ = ["build_inspect_parser", "cmd_data"]
 
@@ -54,22 +55,34 @@ def cmd_data(argv: list[str]) -> int:
         return 0 if argv else 2
     if argv[0] != "inspect":
         raise PreftuneError(f"unknown `preftune data` subcommand {argv[0]!r}; use: preftune data inspect DATA")
-    from ..config import DataArguments
+    from ..config import DataArguments, field_groups
     from .train import load_yaml
 
     parser = build_inspect_parser()
+    argv = argv[1:]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv[1:])
-    config = load_yaml(known.config) if known.config else {}
+    known, _ = pre.parse_known_args(argv)
+    source = f"--config {known.config!r}" if known.config else None
+    config = file_options(parser, load_yaml(known.config), source, set(field_groups())) if known.config else {}
     usable = set(DataArguments.__dataclass_fields__) | set(MODEL_KEYS)  # a run file's training options are ignored
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in config.items() if k.replace("-", "_") in usable})
-    data_args, extra = parse_options(parser, argv[1:], "data inspect")
-    if extra.data:
-        if data_args.datasets:
-            raise PreftuneError("pass DATA or a config with datasets:, not both")
-        data_args.dataset_name = list(extra.data)
-        data_args.__post_init__()
+    flags = given_flags(argv)
+    positional = bool(parser.parse_known_args(argv)[0].data) and "dataset_name" not in flags
+    if positional:  # DATA is --dataset_name
+        flags.add("dataset_name")
+    config, notes = command_line_wins({k: v for k, v in config.items() if k in usable}, flags, source)
+    for note in notes:
+        print(f"preftune: {note.replace('--dataset_name on', 'DATA on') if positional else note}", file=sys.stderr, flush=True)
+    parser.set_defaults(**config)
+    try:
+        data_args, extra = parse_options(parser, argv, "data inspect")
+        if extra.data:
+            if data_args.datasets:
+                raise PreftuneError("pass DATA or --datasets, not both")
+            data_args.dataset_name = list(extra.data)
+            data_args.__post_init__()
+    except PreftuneError as e:
+        raise blame_file(e, config, flags, source) from None
     tokenizer = None
     name = extra.tokenizer_name_or_path or extra.model_name_or_path
     if name:
@@ -85,4 +98,7 @@ def cmd_data(argv: list[str]) -> int:
         print(json.dumps(report, ensure_ascii=False), flush=True)
     else:
         print(format_report(report, ", ".join(s.display for s in data_args.sources()), name), flush=True)
+    if report["bad_row_error"] and data_args.on_bad_row == "error" and "on_bad_row" in flags | set(config):
+        # asked for explicitly: fail as preftune train would, after the whole report (a check for scripts)
+        raise PreftuneError(report["bad_row_error"])
     return 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import difflib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PreftuneError
-from .options import build_parser, given_flags, unknown_option_error
+from .options import blame_file, build_parser, command_line_wins, file_options, given_flags, unknown_option_error
 
 __all__ = ["build_train_parser", "parse_train_args", "parse_train_command", "train_command", "TrainCommand", "cmd_train"]
 
@@ -58,6 +58,13 @@ class TrainCommand:
     argv: list[str]
     file_options: dict
     options_source: str | None = None  # where file_options came from, for messages: the YAML file or the run folder
+
+    def effective(self) -> tuple[TrainCommand, list[str]]:
+        """This command with the file's options that a flag replaces left out
+        (:func:`preftune.commands.options.command_line_wins`), and one line per replacement."""
+        options, notes = command_line_wins({str(k).replace("-", "_"): v for k, v in self.file_options.items()}, given_flags(self.argv),
+                                           self.options_source or "the options file")
+        return TrainCommand(self.argv, options, self.options_source), notes
 
     def as_record(self) -> dict:
         """The run's options, not how this process was started: without ``--resume_from_checkpoint``."""
@@ -124,35 +131,30 @@ def parse_train_args(argv: list[str]):
 
 
 def parse_train_command(command: TrainCommand):
-    """:func:`parse_train_args` of a :class:`TrainCommand`."""
+    """:func:`parse_train_args` of a :class:`TrainCommand` (its :meth:`~TrainCommand.effective` options)."""
     from ..config import field_groups
 
+    command, _ = command.effective()
     parser = build_train_parser()
-    argv, data = command.argv, command.file_options
+    argv, source = command.argv, command.options_source
     known_fields = set(field_groups())
-    given = given_flags(argv)
-    given |= {str(k).replace("-", "_") for k in data}
+    flags = given_flags(argv)
+    data = file_options(parser, command.file_options, source, known_fields) if command.file_options else {}
+    given = flags | set(data)
     if not given & (INPUT_FLAGS | {"help"}) and "-h" not in argv:
         # the built-in demo: its own settings, under the YAML file and the flags
         from ..demo import DEMO_TRAINING
 
         parser.set_defaults(output_dir="preftune-demo", **DEMO_TRAINING)
-    if data:
-        unknown = [k for k in data if k.replace("-", "_") not in known_fields]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k.replace("-", "_"), known_fields, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise PreftuneError(f"{command.options_source}: unknown option(s) {', '.join(hints)}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
+    parser.set_defaults(**data)
     try:
         *dataclass_objs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         model_args, data_args, train_args = dataclass_objs[:3]
-    except PreftuneError:
-        raise
+        train_args.check_options_apply(given & known_fields)  # options set explicitly, even to their defaults
+    except PreftuneError as e:
+        raise blame_file(e, data, flags, source) from None
     except (ValueError, TypeError) as e:
-        raise PreftuneError(str(e).strip().splitlines()[0]) from None
+        raise blame_file(PreftuneError(str(e).strip().splitlines()[0]), data, flags, source) from None
     if rest:
         raise unknown_option_error(rest[0], known_fields, "train")
     return model_args, data_args, train_args
@@ -179,8 +181,11 @@ def _print_summary(result, method: str):
 
 
 def cmd_train(argv: list[str]) -> int:
-    command = train_command(argv)
+    command, notes = train_command(argv).effective()
     model_args, data_args, train_args = parse_train_command(command)
+    if train_args.process_index == 0:
+        for note in notes:
+            print(f"preftune: {note}", file=sys.stderr, flush=True)
     from ..run import run_training
 
     result = run_training(model_args, data_args, train_args, command=command.as_record())

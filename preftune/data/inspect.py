@@ -3,7 +3,7 @@
 Reads the data exactly as ``preftune train`` does (same sources, cache, normalisation,
 tokenization, sampling; :mod:`preftune.data.splits`), never stopping at a bad row, and reports:
 rows read, row shapes, bad rows by reason and the first of them one by one (file, line, what is
-wrong), token-length percentiles of prompt / chosen / rejected as training counts them (prompt
+wrong) with what ``--on_bad_row`` makes training do about them, token-length percentiles of prompt / chosen / rejected as training counts them (prompt
 with BOS, completions with EOS, before truncation), how many pairs the current ``--max_length``
 / ``--max_prompt_length`` would truncate or drop, the ``max_length`` that keeps 99% of pairs
 whole, and one pair with its prompt/completion boundary marked. The command is
@@ -52,13 +52,15 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
 
     Keys: ``rows``, ``pairs``, ``bad_rows`` (reason -> count), ``first_bad_rows`` (the first
     ``BAD_ROWS_KEPT`` bad rows, source by source in file order: ``{"where", "reason", "detail"}``),
-    ``more_bad_rows`` (how many bad rows that list leaves out), ``format`` and ``formats`` (shape
+    ``more_bad_rows`` (how many bad rows that list leaves out), ``on_bad_row`` (the policy) and
+    ``bad_row_error`` (the one-line error training stops with under ``on_bad_row: error``, or
+    None when there is no bad row), ``format`` and ``formats`` (shape
     -> count), ``prompt_tokens`` / ``chosen_tokens`` / ``rejected_tokens`` (``{"p50", "p90",
     "p99", "max"}``), ``truncated`` (pairs the settings would cut), ``dropped`` (pairs they would
     drop), ``suggested_max_length``, ``suggested_max_prompt_length``, ``settings``, ``sources``,
     ``example``. Token keys are None without a tokenizer.
     """
-    from .splits import load_sources, pairs_of, select_examples, tokenize_settings_of, training_sources
+    from .splits import bad_row_error, load_sources, pairs_of, select_examples, tokenize_settings_of, training_sources
     from .tokenize import TokenizeReport, plan_truncation
 
     specs = training_sources(data_args)
@@ -84,6 +86,8 @@ def inspect_data(tokenizer, data_args, seed: int = 42) -> dict:
         "bad_rows": dict(sorted(bad.items())),
         "first_bad_rows": first_bad_rows,
         "more_bad_rows": sum(bad.values()) - len(first_bad_rows),
+        "on_bad_row": data_args.on_bad_row,
+        "bad_row_error": next((str(bad_row_error(s, len(sources) > 1)) for s in sources if s.tokenized.summary.bad), None),
         "format": shapes.most_common(1)[0][0] if len(shapes) == 1 else "mixed" if shapes else None,
         "formats": dict(shapes),
         "settings": {"max_length": settings.max_length, "max_prompt_length": settings.max_prompt_length,
@@ -139,6 +143,10 @@ def format_report(report: dict, data_label: str, tokenizer_label: str | None) ->
     lines += [f"    {row['where']}: {row['reason']}: {row['detail']}" for row in report["first_bad_rows"]]
     if report["more_bad_rows"]:
         lines.append(f"    and {report['more_bad_rows']} more")
+    if report["bad_rows"] and report["on_bad_row"] == "error":
+        lines.append("    preftune train stops at the first of them (--on_bad_row error); fix them, or pass --on_bad_row skip to train without them")
+    elif report["bad_rows"]:
+        lines.append("    preftune train skips them (--on_bad_row skip)")
     add("usable pairs", report["pairs"])
     if report["prompt_tokens"] is None:
         if tokenizer_label is None:

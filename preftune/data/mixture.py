@@ -109,7 +109,7 @@ def parse_dataset_entries(entries, defaults: DatasetSpec, what: str = "datasets"
         raise PreftuneError(f"{what} must be a non-empty list of entries like {{path: data.jsonl, weight: 1}}, got {entries!r}")
     specs = []
     for i, entry in enumerate(entries):
-        where = f"{what}[{i}]"
+        where = f"{what} entry {i + 1} of {len(entries)}"
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict):
@@ -117,7 +117,7 @@ def parse_dataset_entries(entries, defaults: DatasetSpec, what: str = "datasets"
         unknown = [k for k in entry if k not in SPEC_KEYS]
         if unknown:
             hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), SPEC_KEYS, n=1)) else "") for k in unknown]
-            raise PreftuneError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(SPEC_KEYS)}")
+            raise PreftuneError(f"{where}: unknown key(s) {', '.join(hints)}; an entry takes {', '.join(SPEC_KEYS)}")
         ids = [entry[k] for k in ("path", "name") if entry.get(k) is not None]
         if len(ids) != 1 or not isinstance(ids[0], str) or not ids[0].strip():
             raise PreftuneError(f"{where}: give exactly one of path (a file or folder) or name (a hub dataset), as a string")

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVAL_ID_OFFSET", "columns_of", "tokenize_settings_of", "read_entries", "training_sources", "eval_sources",
-    "Selection", "select_examples", "load_sources", "pairs_of", "prepare_data", "data_from_examples", "TrainingData", "describe_sources", "load_source_examples", "load_train_eval", "tokenize_split",
+    "Selection", "select_examples", "load_sources", "bad_row_error", "LoadedSource", "pairs_of", "prepare_data", "data_from_examples", "TrainingData", "describe_sources", "load_source_examples", "load_train_eval", "tokenize_split",
 ]
 
 # Example ids of a separate eval split start here, so train and eval ids never collide (the
@@ -76,15 +76,20 @@ def read_entries(value, what: str) -> list | None:
     import yaml
 
     path = Path(value).expanduser()
+    shape = f"a list of entries like [{{path: data.jsonl, weight: 1}}], or a YAML/JSON file holding one (for one data file: --dataset_name {value})"
+    is_file = path.is_file()
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else value
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8") if is_file else value)
     except yaml.YAMLError as e:
-        raise PreftuneError(f"--{what} {value!r}: not a file, and not a valid YAML/JSON list ({getattr(e, 'problem', e)})") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if is_file and mark else ""
+        problem = f"invalid YAML/JSON{line}: {getattr(e, 'problem', e)}"
+        raise PreftuneError(f"--{what} {value!r}: {'the file holds no list of dataset entries' if is_file else 'not a file, nor a list'} "
+                            f"({problem}); --{what} takes {shape}") from None
     if isinstance(data, dict) and what in data:
         data = data[what]
     if not isinstance(data, list):
-        raise PreftuneError(f"--{what} {value!r}: expected a list of dataset entries (or a file holding one)")
+        raise PreftuneError(f"--{what} {value!r}: {'the file holds' if is_file else 'not a file, nor'} no list of dataset entries; --{what} takes {shape}")
     return data
 
 
@@ -177,14 +182,15 @@ class LoadedSource:
     id_base: int
 
 
-def _raise_bad_row(source: LoadedSource, mixture: bool) -> None:
+def bad_row_error(source: LoadedSource, mixture: bool) -> DataError:
+    """What ``--on_bad_row error`` stops with on ``source``'s first bad row (``mixture``: name the dataset)."""
     where, reason, detail = source.tokenized.summary.first_bad_row()
     if mixture:
         where = f"dataset {source.spec.display!r}, {where}"
     fix = "fix the row, or pass --on_bad_row skip to skip bad rows"
     if reason in TEMPLATE_REASONS:
         fix = "use a chat template that renders this row (--chat_template_file, --chat_template), or pass --on_bad_row skip"
-    raise DataError(where, f"{reason}: {detail}", fix)
+    return DataError(where, f"{reason}: {detail}", fix)
 
 
 def load_sources(tokenizer, specs: list[DatasetSpec], data_args, id_start: int = 0, on_bad_row: str | None = None) -> list[LoadedSource]:
@@ -204,7 +210,7 @@ def load_sources(tokenizer, specs: list[DatasetSpec], data_args, id_start: int =
                 COLUMN_CHECKS[spec.dataset_format]([first], where)  # the format's own columns, named
             raise column_mismatch_error(where, first, spec.columns)
         if summary.bad and policy == "error":
-            _raise_bad_row(source, len(specs) > 1)
+            raise bad_row_error(source, len(specs) > 1)
         if summary.bad:
             skipped = ", ".join(f"{n} ({reason}, first at {summary.first_bad[reason]['where']})" for reason, n in sorted(summary.bad.items()))
             logger.warning("%s: skipped %s", spec.display, skipped)
