@@ -13,13 +13,23 @@ import os
 import socket
 from urllib.parse import urlparse
 
-__all__ = ["hub_reachable", "offline_mode", "looks_like_local_path"]
+__all__ = ["hub_reachable", "offline_mode", "looks_like_local_path", "local_path_or_name"]
 
 
 def looks_like_local_path(name: str) -> bool:
     """A model name that can only be a local folder (``./x``, ``/x``, ``~/x``, ``a/b/c``, a backslash):
     a Hub name is ``name`` or ``owner/name``. When no such folder exists, the fix is the path, not the Hub."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def local_path_or_name(name: str) -> str:
+    """``name`` as a run records it: a local path (one that exists here, as transformers and the data
+    loaders would read it, or a name that can only be a path) as an absolute path, ``~`` expanded and
+    symlinks kept; a Hub name unchanged. A relative path means nothing from another working directory."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded) or looks_like_local_path(name):
+        return os.path.abspath(expanded)
+    return name
 
 
 def offline_mode() -> bool:

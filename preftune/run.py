@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import DataArguments, ModelArguments, PreftuneConfig
+from .config import DataArguments, ModelArguments, PreftuneConfig, with_absolute_paths
 from .data.splits import TrainingData
 from .errors import PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
@@ -142,7 +142,10 @@ class UserInputs:
     def load_model(self, tokenizer, device, seed: int):
         from .training_model import load_model
 
-        return load_model(self.model_args.model_name_or_path, self.model_args, device)
+        from .hub import local_path_or_name
+
+        # absolute: what the model records as its origin (adapter_config.json's base model) works from anywhere
+        return load_model(local_path_or_name(self.model_args.model_name_or_path), self.model_args, device)
 
     def held_out_check(self, model, tokenizer, eval_pairs, hooks):
         return None
@@ -368,7 +371,9 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: Pref
     before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
 
     run_config = {
-        "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
+        # local paths absolute, so eval, chat, merge, report and a resume find them from anywhere
+        "model": with_absolute_paths(_jsonable(model_args)), "data": with_absolute_paths(_jsonable(data_args)),
+        "training": with_absolute_paths(_jsonable(args.to_dict())),
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
         "data_sources": data.sources,
