@@ -267,7 +267,7 @@ def prepare_reference(prepared: PreparedModel, model_args: ModelArguments, args:
 def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, args: PreftuneConfig, setup: RunSetup,
           run_config: dict):
     """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
-    from .outputs import MetricsFileCallback
+    from .outputs import MetricsFileCallback, TrainingTimeCallback
     from .reliability import InterruptCallback
     from .rundir import checkpoint_path, find_latest_checkpoint
     from .saving import BeginRunCallback, writes_fail_cleanly
@@ -277,7 +277,8 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
     interrupt = InterruptCallback()
     # PreferenceTrainer adds the checkpoint marker callback itself; BeginRunCallback touches the folder
     # (run_complete.json of an earlier run removed, run_config.json written) only once training begins
-    callbacks = [BeginRunCallback(out, run_config), MetricsFileCallback(str(out)), interrupt]
+    timer = TrainingTimeCallback()
+    callbacks = [BeginRunCallback(out, run_config), MetricsFileCallback(str(out)), timer, interrupt]
     if args.eval_generate:
         from .samples import SampleAnswersCallback
 
@@ -301,11 +302,15 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
             + " --resume_from_checkpoint latest",
             interrupt.received,
         )
+    if timer.total is not None and timer.earlier > 0:  # a resumed run: train_runtime is this segment's time
+        train_output.metrics["total_train_runtime"] = round(timer.total, 4)
     return trainer, train_output
 
 
 def final_metrics(trainer, train_output, has_eval: bool) -> dict:
-    """The Trainer's summary, the last logged value of the headline metrics, and a final evaluation."""
+    """The Trainer's summary (``total_train_runtime``: a resumed run's training time over all its
+    segments), the last logged value of the headline metrics (the last step is always logged:
+    :class:`preftune.outputs.MetricsFileCallback`), and a final evaluation."""
     final = dict(train_output.metrics)
     last = {}
     for rec in trainer.state.log_history:

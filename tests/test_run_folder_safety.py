@@ -201,3 +201,49 @@ def test_recorded_paths_are_absolute_and_hub_names_and_mixture_labels_stay(tmp_p
     # a source keeps its name, and so the seed of its sample, wherever the record is replayed
     before = [s.display for s in parse_dataset_entries([{"path": "a.jsonl"}, {"path": "b.jsonl", "label": "bee"}, {"name": "org/hub-data"}], DatasetSpec(""))]
     assert [s.display for s in parse_dataset_entries(options["datasets"], DatasetSpec(""))] == before
+
+
+def test_a_resumed_run_ends_with_its_last_steps_metrics_and_its_time_over_all_segments(tiny_model_dir, prefs_jsonl, tmp_path, capsys):
+    """The last step is logged even off the --logging_steps grid, so the final metrics are not from
+    before a resume; total_train_runtime adds the time before the checkpoint resumed from."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, prefs_jsonl, out, "--max_steps", "2", "--save_steps", "2", "--logging_steps", "10")) == 0
+    saved = json.loads((out / "checkpoint-2" / TRAINER_STATE_FILE).read_text())["stateful_callbacks"]["TrainingTimeCallback"]
+    earlier = saved["attributes"]["seconds"]
+    assert earlier > 0
+    (out / RUN_COMPLETE_FILE).unlink()  # as if interrupted after checkpoint-2
+    capsys.readouterr()
+    assert main(["train", "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--max_steps", "3"]) == 0
+    summary = capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 3]  # step 3 is no multiple of --logging_steps 10
+    final = read_json(out / RUN_COMPLETE_FILE)["final_metrics"]
+    assert final["loss"] == records[-2]["loss"] and records[-2]["step"] == 3  # the last record is the run's train_runtime
+    assert final["total_train_runtime"] > final["train_runtime"] and final["total_train_runtime"] > earlier
+    assert "total_train_runtime" in summary
+
+
+def test_training_time_adds_up_over_segments():
+    """TrainingTimeCallback on a hand-driven clock: 10 s to the checkpoint, a resume trains 5 s more."""
+    from types import SimpleNamespace
+
+    from preftune.outputs import TrainingTimeCallback
+
+    now = [100.0]
+    first = TrainingTimeCallback(clock=lambda: now[0])
+    state = SimpleNamespace(global_step=0, stateful_callbacks={"TrainingTimeCallback": first.state()})
+    first.on_train_begin(None, state, None)
+    now[0] += 10
+    checkpoint = {"TrainingTimeCallback": first.state()}  # what transformers writes into trainer_state.json
+    now[0] += 3  # killed 3 s after the checkpoint: those steps are trained again
+    first.on_train_end(None, state, None)
+    assert first.total == 13 and first.earlier == 0
+
+    second = TrainingTimeCallback(clock=lambda: now[0])
+    second.on_train_begin(None, SimpleNamespace(global_step=8, stateful_callbacks=checkpoint), None)
+    now[0] += 5
+    second.on_train_end(None, None, None)
+    assert second.earlier == 10 and second.total == 15
+    old = SimpleNamespace(global_step=8, stateful_callbacks={})  # a checkpoint from before the callback existed
+    TrainingTimeCallback(clock=lambda: now[0]).on_train_begin(None, old, None)
+    assert old.stateful_callbacks["TrainingTimeCallback"]["attributes"]["seconds"] == 0  # transformers' save needs the entry

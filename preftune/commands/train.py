@@ -193,7 +193,7 @@ def parse_train_command(command: TrainCommand):
 def _print_summary(result, method: str):
     rows = [(k, v) for k, v in result.final_metrics.items() if isinstance(v, (int, float))]
     keep = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "eval_loss",
-            "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "tokens_per_second")
+            "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "total_train_runtime", "tokens_per_second")
     if not any(name == "loss" for name, _ in rows):  # no logging step came (--max_steps < --logging_steps)
         keep = ("train_loss", *keep)
     print("\nsummary")
