@@ -22,7 +22,8 @@ from .losses import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, KTO_
 __all__ = [
     "LoadArguments", "ModelArguments", "DataSourceArguments", "TokenizeArguments", "DataArguments", "PreftuneConfig", "ORPOConfig",
     "GenerationArguments", "ChatArguments", "EvalArguments", "MergeArguments", "ConvertArguments", "ExportArguments", "ReportArguments", "VerifyArguments", "field_groups",
-    "TRAIN_OPTIONS", "GROUP_TITLES", "ALTERNATIVE_OPTIONS", "REFERENCE_OPTIONS",
+    "TRAIN_OPTIONS", "GROUP_TITLES", "ALTERNATIVE_OPTIONS", "REFERENCE_OPTIONS", "PATH_OPTIONS", "NAME_OR_PATH_OPTIONS", "MIXTURE_OPTIONS",
+    "with_absolute_paths",
 ]
 
 # Options of which a run takes one: a flag replaces the YAML file's alternatives to it
@@ -612,6 +613,41 @@ GROUP_TITLES = {
 }
 
 TRAIN_OPTIONS = (ModelArguments, DataArguments, PreftuneConfig)
+
+# Training options that name files or folders. A run records them as absolute paths
+# (:func:`with_absolute_paths`), so that `preftune train --resume_from_checkpoint`, eval, chat,
+# merge and report find them from any working directory.
+PATH_OPTIONS = ("output_dir", "chat_template_file", "dataset_cache_dir")  # always a local path
+NAME_OR_PATH_OPTIONS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dataset_name",
+                        "eval_split")  # a local path, or a Hub name (--eval_split: or a split name)
+MIXTURE_OPTIONS = ("datasets", "eval_datasets")  # lists of entries with a path: (or a file holding one)
+
+
+def with_absolute_paths(options: dict) -> dict:
+    """``options`` (option: value, as a YAML run file, ``run_config.json`` or the parsed options hold
+    them; ``--dash-case`` keys too) with every local path absolute: :data:`PATH_OPTIONS` always, the
+    values of :data:`NAME_OR_PATH_OPTIONS` that are local (:func:`preftune.hub.local_path_or_name`),
+    and the entries of a mixture (a file naming one is read into the list it holds). Hub names,
+    split names and every other value are unchanged."""
+    import os
+
+    from .data.mixture import entries_with_absolute_paths
+    from .data.splits import read_entries
+    from .hub import local_path_or_name
+
+    out = {}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name in PATH_OPTIONS and isinstance(value, str):
+            value = os.path.abspath(os.path.expanduser(value))
+        elif name in NAME_OR_PATH_OPTIONS and isinstance(value, str):
+            value = local_path_or_name(value)
+        elif name in NAME_OR_PATH_OPTIONS and isinstance(value, list):
+            value = [local_path_or_name(v) if isinstance(v, str) else v for v in value]
+        elif name in MIXTURE_OPTIONS and value is not None:
+            value = entries_with_absolute_paths(read_entries(value, name))
+        out[key] = value
+    return out
 
 
 def field_groups(classes: tuple[type, ...] = TRAIN_OPTIONS) -> dict[str, str]:

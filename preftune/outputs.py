@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .errors import PreftuneError
 from .rundir import CURVES_FILE, METRICS_FILE, MODEL_CARD_FILE
 
-__all__ = ["MetricsFileCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
+__all__ = ["MetricsFileCallback", "TrainingTimeCallback", "read_metrics", "plot_training_curves", "write_model_card", "CURVE_PANELS"]
 
 # (title, [metric keys]) per panel; eval_ versions are drawn on the same panel when present.
 CURVE_PANELS = [
@@ -35,6 +37,12 @@ class MetricsFileCallback(TrainerCallback):
         if state.is_world_process_zero and not state.global_step and self.path.exists():
             self.path.unlink()  # a fresh run (not a resume) starts a fresh file
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # the last step is always logged (every process: logging gathers the loss), so the run's final
+        # metrics are its last step's, not those of a logging step before it, which can even predate a resume
+        if state.max_steps and state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -51,6 +59,44 @@ class MetricsFileCallback(TrainerCallback):
         except OSError as e:  # full disk, file-size limit: stop in one line (a torn last line is skipped on reading)
             raise PreftuneError(f"cannot append to {str(self.path)!r} at step {state.global_step}: {e.strerror or e}; "
                                 "free space, then resume with --resume_from_checkpoint latest") from e
+
+
+class TrainingTimeCallback(TrainerCallback, ExportableState):
+    """Seconds of training over all the segments of a run (a run interrupted and resumed is several).
+
+    transformers' ``train_runtime`` is the time of one ``train()`` call: after a resume, only the
+    resumed part. This callback is an ``ExportableState``, so every checkpoint's
+    ``trainer_state.json`` carries the training seconds up to it; a run resumed from that checkpoint
+    adds its own time to them (:attr:`total`, after training). Time a killed segment spent after its
+    last checkpoint is not counted: those steps are trained again, and counted then.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.earlier = 0.0  # seconds of the segments before this one, up to the checkpoint it resumed from
+        self.started: float | None = None
+        self.total: float | None = None
+
+    def seconds(self) -> float:
+        """Training seconds of the run so far."""
+        return self.earlier + (self.clock() - self.started if self.started is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": self.seconds()}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        name = type(self).__name__
+        saved = state.stateful_callbacks.get(name) if state.global_step else None  # resumed: the checkpoint's
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        seconds = ((saved or {}).get("attributes") or {}).get("seconds") if isinstance(saved, dict) else None
+        self.earlier = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+        self.started, self.total = self.clock(), None
+        # a checkpoint written before this callback existed has no entry; transformers' save expects one
+        state.stateful_callbacks.setdefault(name, self.state())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.total = self.seconds()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

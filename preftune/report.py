@@ -43,14 +43,17 @@ _REFT_ONLY = {"reft_rank", "reft_positions"}
 # Which way is better, for the colour of the eval difference column (metrics absent: no colour).
 _BETTER = {"rewards/accuracies": 1, "rewards/margins": 1, "log_odds_chosen": 1, "log_odds_ratio": 1, "logps/chosen": 1,
            "logps_sum/chosen": 1, "nll_loss": -1, "loss": -1}
-# Headline numbers, first found wins per card.
+# Headline numbers: per card, (metric, its title) tried in order, the first present wins. Each title
+# says what the number is: held-out ("eval"), the training batches of the last logging step (a run
+# with no eval split shows these), the average over training, or wall-clock time.
+_LAST_LOG = "training, last log"
 _CARDS = [
-    ("eval reward accuracy", ["eval_rewards/accuracies", "rewards/accuracies"]),
-    ("eval reward margin", ["eval_rewards/margins", "rewards/margins"]),
-    ("final loss", ["loss", "train_loss"]),
-    ("chosen NLL", ["eval_nll_loss", "nll_loss"]),
-    ("log odds (chosen)", ["eval_log_odds_chosen", "log_odds_chosen"]),
-    ("training time", ["train_runtime"]),
+    [("eval_rewards/accuracies", "eval reward accuracy"), ("rewards/accuracies", f"reward accuracy ({_LAST_LOG})")],
+    [("eval_rewards/margins", "eval reward margin"), ("rewards/margins", f"reward margin ({_LAST_LOG})")],
+    [("loss", f"loss ({_LAST_LOG})"), ("train_loss", "loss (training average)")],
+    [("eval_nll_loss", "eval chosen NLL"), ("nll_loss", f"chosen NLL ({_LAST_LOG})")],
+    [("eval_log_odds_chosen", "eval log odds (chosen)"), ("log_odds_chosen", f"log odds (chosen) ({_LAST_LOG})")],
+    [("total_train_runtime", "training time, all segments (resumed run)"), ("train_runtime", "training time")],
 ]
 
 CSS = """
@@ -138,15 +141,18 @@ def _final_section(final: dict, title: str) -> str:
         if base in METRIC_DOCS and base not in ("learning_rate", "grad_norm", "tokens_per_second") and base not in names:
             names.append(base)
     used = {n for n in names} | {f"eval_{n}" for n in names}
+    has_eval = any(f"eval_{n}" in numeric for n in names)  # a run with no eval split: no eval column
     rows = []
     for n in names:
         doc = METRIC_DOCS.get(n, "")
         title_attr = f' title="{_e(doc)}"' if doc else ""
-        rows.append(f"<tr><td{title_attr}>{_e(n)}</td>{_cell(n, numeric.get(n))}{_cell('eval_' + n, numeric.get('eval_' + n))}</tr>")
+        evals = _cell("eval_" + n, numeric.get("eval_" + n)) if has_eval else ""
+        rows.append(f"<tr><td{title_attr}>{_e(n)}</td>{_cell(n, numeric.get(n))}{evals}</tr>")
     other = [f"<tr><td>{_e(k)}</td>{_cell(k, v)}</tr>" for k, v in numeric.items() if k not in used]
     parts = [f'<section id="final-metrics"><h2>{_e(title)}</h2><div class="cards">']
     if rows:
-        parts.append('<table id="final-metrics-table"><tr><th>metric</th><th>training (last log)</th><th>eval</th></tr>' + "".join(rows) + "</table>")
+        head = f"<th>metric</th><th>{_e(_LAST_LOG)}</th>" + ("<th>eval</th>" if has_eval else "")
+        parts.append(f'<table id="final-metrics-table"><tr>{head}</tr>' + "".join(rows) + "</table>")
     if other:
         parts.append('<table id="run-metrics-table"><tr><th>run</th><th>value</th></tr>' + "".join(other) + "</table>")
     return "".join(parts) + "</div></section>"
@@ -341,13 +347,15 @@ def render_report(run_dir: str | Path, max_generations: int = 20, rerender_curve
         if config.get("precision"):  # runs before issue 13 did not record it
             facts.append(_e(config["precision"]))
     if complete and isinstance(complete.get("seconds"), (int, float)):
-        facts.append(f"finished in {complete['seconds']:.0f} s")
+        total = final.get("total_train_runtime")
+        resumed = f" after a resume ({total:.0f} s of training over all its segments)" if isinstance(total, (int, float)) else ""
+        facts.append(f"finished in {complete['seconds']:.0f} s{resumed}")
     cards = []
-    for title, keys in _CARDS:
-        for k in keys:
+    for choices in _CARDS:
+        for k, title in choices:
             v = final.get(k)
             if isinstance(v, (int, float)):
-                shown = f"{v:.1f} s" if k == "train_runtime" else (f"{v:.1%}" if "accuracies" in k else _num(v))
+                shown = f"{v:.1f} s" if k.endswith("train_runtime") else (f"{v:.1%}" if "accuracies" in k else _num(v))
                 cards.append(f'<div class="card" data-metric="{_e(k)}"><div class="v">{_e(shown)}</div><div class="k">{_e(title)} <code>{_e(k)}</code></div></div>')
                 break
     banner = ('<section class="warn" id="unfinished"><b>This run did not finish</b> (no run_complete.json): the metrics below are the '

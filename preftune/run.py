@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import DataArguments, ModelArguments, PreftuneConfig
+from .config import DataArguments, ModelArguments, PreftuneConfig, with_absolute_paths
 from .data.splits import TrainingData
 from .data.tokenize import PromptRendering
 from .errors import PreftuneError
@@ -143,7 +143,10 @@ class UserInputs:
     def load_model(self, tokenizer, device, seed: int):
         from .training_model import load_model
 
-        return load_model(self.model_args.model_name_or_path, self.model_args, device)
+        from .hub import local_path_or_name
+
+        # absolute: what the model records as its origin (adapter_config.json's base model) works from anywhere
+        return load_model(local_path_or_name(self.model_args.model_name_or_path), self.model_args, device)
 
     def held_out_check(self, model, tokenizer, eval_pairs, hooks):
         return None
@@ -273,7 +276,7 @@ def prepare_reference(prepared: PreparedModel, model_args: ModelArguments, args:
 def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, args: PreftuneConfig, setup: RunSetup,
           run_config: dict):
     """Build the Trainer, write run_config.json, train (resuming if asked); returns the Trainer and its output."""
-    from .outputs import MetricsFileCallback
+    from .outputs import MetricsFileCallback, TrainingTimeCallback
     from .reliability import InterruptCallback
     from .rundir import checkpoint_path, find_latest_checkpoint
     from .saving import BeginRunCallback, writes_fail_cleanly
@@ -283,7 +286,8 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
     interrupt = InterruptCallback()
     # PreferenceTrainer adds the checkpoint marker callback itself; BeginRunCallback touches the folder
     # (run_complete.json of an earlier run removed, run_config.json written) only once training begins
-    callbacks = [BeginRunCallback(out, run_config), MetricsFileCallback(str(out)), interrupt]
+    timer = TrainingTimeCallback()
+    callbacks = [BeginRunCallback(out, run_config), MetricsFileCallback(str(out)), timer, interrupt]
     if args.eval_generate:
         from .samples import SampleAnswersCallback
 
@@ -307,11 +311,15 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
             + " --resume_from_checkpoint latest",
             interrupt.received,
         )
+    if timer.total is not None and timer.earlier > 0:  # a resumed run: train_runtime is this segment's time
+        train_output.metrics["total_train_runtime"] = round(timer.total, 4)
     return trainer, train_output
 
 
 def final_metrics(trainer, train_output, has_eval: bool) -> dict:
-    """The Trainer's summary, the last logged value of the headline metrics, and a final evaluation."""
+    """The Trainer's summary (``total_train_runtime``: a resumed run's training time over all its
+    segments), the last logged value of the headline metrics (the last step is always logged:
+    :class:`preftune.outputs.MetricsFileCallback`), and a final evaluation."""
     final = dict(train_output.metrics)
     last = {}
     for rec in trainer.state.log_history:
@@ -377,7 +385,9 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: Pref
     before = inputs.held_out_check(prepared.model, tokenizer, data.eval_pairs, prepared.hooks)
 
     run_config = {
-        "model": _jsonable(model_args), "data": _jsonable(data_args), "training": _jsonable(args.to_dict()),
+        # local paths absolute, so eval, chat, merge, report and a resume find them from anywhere
+        "model": with_absolute_paths(_jsonable(model_args)), "data": with_absolute_paths(_jsonable(data_args)),
+        "training": with_absolute_paths(_jsonable(args.to_dict())),
         "base_model": inputs.base_model_label, "dataset": inputs.dataset_label,
         "train_pairs": len(data.train_pairs), "eval_pairs": len(data.eval_pairs), "demo": inputs.is_demo,
         "data_sources": data.sources,

@@ -78,18 +78,21 @@ def choose_device(torch_dtype: str = "auto", attn_implementation: str = "auto", 
 
 
 def hub_error(kind: str, name: str, err: Exception) -> PreftuneError:
-    from .hub import looks_like_local_path, offline_mode
+    from .hub import looks_like_local_path, offline_reason
 
     if looks_like_local_path(name):
         return PreftuneError(f"the {kind} {name!r}: no such folder; check the path")
-    if offline_mode():
-        why = "the Hugging Face Hub is unreachable from this machine (or offline mode is on) and it is not in the local cache"
+    offline = offline_reason()
+    if offline:
+        why = f"{offline} and it is not in the local cache"
+        other = "unset that variable" if "offline mode" in offline else "set HF_ENDPOINT to a Hub mirror you can reach"
     else:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         why = f"loading it from the Hugging Face Hub failed ({first})"
+        other = "check the name"
     return PreftuneError(
         f"the {kind} {name!r} is not a local folder, and {why}. "
-        f"Download the {kind} on a machine with access (save_pretrained) and pass the local folder."
+        f"Download the {kind} on a machine with access (save_pretrained) and pass the local folder, or {other}."
     )
 
 
@@ -152,6 +155,10 @@ def causal_lm_from_pretrained(name: str, kind: str = "model", **kwargs):
     from transformers import AutoModelForCausalLM
 
     kwargs.setdefault("local_files_only", _local_only(name))
+    if kwargs["local_files_only"]:
+        # transformers looks for a PEFT adapter_config.json with its own options, which leave out
+        # local_files_only: without this, that lookup alone retried the Hub 5 times (about 30 s)
+        kwargs.setdefault("adapter_kwargs", {"local_files_only": True})
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:

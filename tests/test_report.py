@@ -215,3 +215,53 @@ def test_unfinished_run_stale_generations_and_errors(evaluated_run, tmp_path, ca
     err = [line for line in capsys.readouterr().err.splitlines() if "kernels-community" not in line]
     assert len(err) == 2 and all(line.startswith("preftune: error: ") for line in err)
     assert "not found" in err[0] and "not a run folder" in err[1]
+
+
+def _cards(page: str) -> dict[str, str]:
+    """The headline cards: metric key -> the title shown beside the number."""
+    import re
+
+    return dict(re.findall(r'<div class="card" data-metric="([^"]+)"><div class="v">[^<]*</div><div class="k">(.*?) <code>', page))
+
+
+def _written_run(folder: Path, final: dict, records: list[dict]) -> Path:
+    """A finished run folder as `preftune train` leaves it (records only: the report reads no model)."""
+    from preftune.saving import finish_run
+
+    folder.mkdir()
+    config = {"training": {"method": "orpo", "learning_rate": 1e-4}, "model": {}, "data": {}, "base_model": "tiny", "dataset": "prefs.jsonl",
+              "train_pairs": 16, "eval_pairs": 0, "demo": False}
+    (folder / "run_config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    finish_run(folder, {"final_metrics": final, "seconds": 42.0, "demo": False}, [])
+    return folder
+
+
+def test_a_run_without_eval_split_labels_its_training_metrics_as_training(tmp_path):
+    """No eval split: the headline numbers are the last logged training values and say so; nothing is called eval."""
+    last = {"step": 4, "epoch": 1.0, "loss": 0.61, "nll_loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 0.02, "log_odds_chosen": 0.3}
+    final = {**{k: v for k, v in last.items() if k not in ("step", "epoch")}, "train_runtime": 12.5, "train_loss": 0.65}
+    run = _written_run(tmp_path / "run", final, [last, {"step": 4, "epoch": 1.0, "train_runtime": 12.5, "train_loss": 0.65}])
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    cards = _cards(page)
+    assert cards == {"rewards/accuracies": "reward accuracy (training, last log)", "rewards/margins": "reward margin (training, last log)",
+                     "loss": "loss (training, last log)", "nll_loss": "chosen NLL (training, last log)",
+                     "log_odds_chosen": "log odds (chosen) (training, last log)", "train_runtime": "training time"}
+    table = page[page.index('<table id="final-metrics-table">'):]
+    table = table[: table.index("</table>")]
+    assert "<th>eval</th>" not in table and "<th>training, last log</th>" in table
+    assert "eval" not in " ".join(cards.values())
+
+
+def test_a_run_with_eval_and_a_resumed_run_name_their_numbers(tmp_path):
+    final = {"loss": 0.5, "rewards/accuracies": 0.7, "eval_rewards/accuracies": 0.6, "eval_loss": 0.55, "train_runtime": 5.0,
+             "total_train_runtime": 17.0}
+    run = _written_run(tmp_path / "run", final, [{"step": 2, "loss": 0.5, "rewards/accuracies": 0.7}])
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    cards = _cards(page)
+    assert cards["eval_rewards/accuracies"] == "eval reward accuracy" and "rewards/accuracies" not in cards
+    assert cards["total_train_runtime"] == "training time, all segments (resumed run)" and "train_runtime" not in cards
+    assert "finished in 42 s after a resume (17 s of training over all its segments)" in page
+    assert "<th>eval</th>" in page

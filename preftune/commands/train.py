@@ -67,9 +67,15 @@ class TrainCommand:
         return TrainCommand(self.argv, options, self.options_source), notes
 
     def as_record(self) -> dict:
-        """The run's options, not how this process was started: without ``--resume_from_checkpoint``."""
-        return {"argv": _without_flags(self.argv, RESUME_FLAGS),
-                "config_options": {k: v for k, v in self.file_options.items() if k.replace("-", "_") != "resume_from_checkpoint"}}
+        """The run's options, not how this process was started: without ``--resume_from_checkpoint``, and
+        with every local path absolute (:func:`preftune.config.with_absolute_paths`), so the command
+        replays from any working directory. A mixture given on the command line (``--datasets FILE``)
+        is recorded as the list of entries it held, under ``config_options``."""
+        from ..config import with_absolute_paths
+
+        argv, mixtures = _absolute_path_flags(_without_flags(self.argv, RESUME_FLAGS))
+        options = {k: v for k, v in self.file_options.items() if k.replace("-", "_") != "resume_from_checkpoint"}
+        return {"argv": argv, "config_options": with_absolute_paths({**options, **mixtures})}
 
 
 RESUME_FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")
@@ -86,6 +92,32 @@ def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
         elif not a.startswith(tuple(f + "=" for f in flags)):
             out.append(a)
     return out
+
+
+def _absolute_path_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """``argv`` with the values of its path flags absolute (:func:`preftune.config.with_absolute_paths`),
+    and without its mixture flags (``--datasets``, ``--eval_datasets``), returned apart as options."""
+    from ..config import MIXTURE_OPTIONS, NAME_OR_PATH_OPTIONS, PATH_OPTIONS, with_absolute_paths
+
+    out, mixtures, flag, taken = [], {}, None, 0
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            flag, taken = name.replace("-", "_"), 0
+            if flag in MIXTURE_OPTIONS:
+                if eq:
+                    mixtures[flag], flag = value, None
+                continue
+            if eq:
+                a = f"--{name}=" + with_absolute_paths({flag: value})[flag]
+                flag = None
+        elif flag in MIXTURE_OPTIONS:
+            mixtures[flag], flag = a, None
+            continue
+        elif flag in (*PATH_OPTIONS, *NAME_OR_PATH_OPTIONS) and (taken == 0 or flag == "dataset_name"):  # --dataset_name A B ...
+            a, taken = with_absolute_paths({flag: a})[flag], taken + 1
+        out.append(a)
+    return out, mixtures
 
 
 def train_command(argv: list[str]) -> TrainCommand:
@@ -163,7 +195,7 @@ def parse_train_command(command: TrainCommand):
 def _print_summary(result, method: str):
     rows = [(k, v) for k, v in result.final_metrics.items() if isinstance(v, (int, float))]
     keep = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "log_odds_chosen", "eval_loss",
-            "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "tokens_per_second")
+            "eval_rewards/accuracies", "eval_rewards/margins", "train_runtime", "total_train_runtime", "tokens_per_second")
     if not any(name == "loss" for name, _ in rows):  # no logging step came (--max_steps < --logging_steps)
         keep = ("train_loss", *keep)
     print("\nsummary")

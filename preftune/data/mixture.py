@@ -51,7 +51,7 @@ import numpy as np
 from ..errors import PreftuneError
 from .formats import ColumnMap
 
-__all__ = ["DatasetSpec", "parse_dataset_entries", "sample_counts", "select_positions", "mixture_order", "SPEC_KEYS"]
+__all__ = ["DatasetSpec", "parse_dataset_entries", "entries_with_absolute_paths", "sample_counts", "select_positions", "mixture_order", "SPEC_KEYS"]
 
 SPEC_KEYS = ("path", "name", "split", "format", "prompt_column", "chosen_column", "rejected_column", "system_column",
              "tools_column", "weight", "num_samples", "fraction", "label")
@@ -149,6 +149,24 @@ def parse_dataset_entries(entries, defaults: DatasetSpec, what: str = "datasets"
     if dupes:
         raise PreftuneError(f"{what}: {', '.join(map(repr, dupes))} appears twice; give the entries distinct label: values")
     return specs
+
+
+def entries_with_absolute_paths(entries: list) -> list:
+    """A ``datasets:`` list as a run records it: each local ``path:`` absolute
+    (:func:`preftune.hub.local_path_or_name`), Hub names as they are. An entry whose path changes
+    keeps its old path as its ``label:``, so the source's name in messages and records, and the seed
+    of its sample (:func:`select_positions`), stay the same wherever the run is replayed from."""
+    from ..hub import local_path_or_name
+
+    out = []
+    for entry in entries:
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str) and local_path_or_name(path) != path:
+            entry = {**entry, "path": local_path_or_name(path)}
+            entry.setdefault("label", path)
+        out.append(entry)
+    return out
 
 
 def sample_counts(available: list[int], specs: list[DatasetSpec]) -> list[int]:

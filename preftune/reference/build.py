@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.store import TokenizedPairs, as_tokenized_pairs
 from ..hf_helpers import find_peft_model, pad_token_id
+from ..hub import local_path_or_name
 from ..rundir import REF_CACHE_DIR
 from .cache import PrecomputedReference, compute_reference_table, files_digest, model_digest, read_cache, reference_fingerprint, write_cache
 from .models import ModelReference, ReferenceFn, frozen, model_device, move_to
@@ -70,17 +71,19 @@ def _precomputed(model, model_args, args, choice, pairs: TokenizedPairs, tokeniz
     chunk = args.logprob_chunk_size
     ref_path = args.ref_model_name_or_path
     peft_model = find_peft_model(model)
+    # a local model is named by its absolute path: a resume replays the run's recorded (absolute) paths
     if ref_path:
         folder = Path(ref_path).expanduser()
         loaded = None
         if folder.is_dir():
-            identity = {"name": ref_path, "files": files_digest(folder)}
+            identity = {"name": local_path_or_name(ref_path), "files": files_digest(folder)}
         else:  # a hub name: identify it by its weights
             loaded = _load_separate(ref_path, model_args, choice)
             identity = {"name": ref_path, "weights": model_digest(loaded)}
         what = f"separate model {ref_path!r}"
     else:
-        name = getattr(model_args, "model_name_or_path", None) or "built-in demo model"
+        name = getattr(model_args, "model_name_or_path", None)
+        name = local_path_or_name(name) if name else "built-in demo model"
         # a PEFT base with adapters off and the same plain model are the same function: same identity
         identity = {"name": name, "weights": model_digest(model, frozen_only=peft_model is not None)}
         what = "the base model with adapters disabled" if peft_model is not None else "the starting policy"

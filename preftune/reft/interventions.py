@@ -219,6 +219,13 @@ def add_interventions(model: nn.Module, config: ReftConfig, trainable: bool = Tr
     return reft
 
 
+def _recorded_name(name: str | None) -> str | None:
+    """The base model as reft_config.json records it: a local folder absolute (loadable from anywhere)."""
+    from ..hub import local_path_or_name
+
+    return None if name is None else local_path_or_name(name)
+
+
 def attach_reft(model: nn.Module, model_args) -> nn.Module:
     """Freeze ``model`` and add trainable LoReFT interventions as ``model_args`` asks.
 
@@ -231,7 +238,7 @@ def attach_reft(model: nn.Module, model_args) -> nn.Module:
         positions=model_args.reft_positions,
         share_weights=bool(model_args.reft_share_weights),
         hidden_size=hidden_size_of(model),
-        base_model_name_or_path=getattr(model_args, "model_name_or_path", None),
+        base_model_name_or_path=_recorded_name(getattr(model_args, "model_name_or_path", None)),
     )
     for p in model.parameters():
         p.requires_grad_(False)
