@@ -60,23 +60,27 @@ class TrainCommand:
     options_source: str | None = None  # where file_options came from, for messages: the YAML file or the run folder
 
     def as_record(self) -> dict:
-        """The run's options, not how this process was started: without ``--resume_from_checkpoint``."""
-        return {"argv": _without_flags(self.argv, RESUME_FLAGS),
-                "config_options": {k: v for k, v in self.file_options.items() if k.replace("-", "_") != "resume_from_checkpoint"}}
+        """The run's options, not how this process was started: without ``--resume_from_checkpoint``
+        and ``--allow_world_size_change`` (a decision for one resume, not for the next one)."""
+        return {"argv": _without_flags(self.argv, RESUME_FLAGS + ALLOW_WORLD_SIZE_FLAGS),
+                "config_options": {k: v for k, v in self.file_options.items()
+                                   if k.replace("-", "_") not in ("resume_from_checkpoint", "allow_world_size_change")}}
 
 
 RESUME_FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")
+ALLOW_WORLD_SIZE_FLAGS = ("--allow_world_size_change", "--allow-world-size-change")
 
 
 def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``argv`` without ``flags`` and their values (``--flag value`` or ``--flag=value``)."""
+    """``argv`` without ``flags`` and their values (``--flag value``, ``--flag=value``, or ``--flag``
+    alone before the next option, as a yes/no option may be given)."""
     out, skip = [], False
     for a in argv:
-        if skip:
+        if skip and not a.startswith("--"):
             skip = False
-        elif a in flags:
-            skip = True
-        elif not a.startswith(tuple(f + "=" for f in flags)):
+            continue
+        skip = a in flags
+        if not skip and not a.startswith(tuple(f + "=" for f in flags)):
             out.append(a)
     return out
 
@@ -181,9 +185,11 @@ def _print_summary(result, method: str):
 def cmd_train(argv: list[str]) -> int:
     command = train_command(argv)
     model_args, data_args, train_args = parse_train_command(command)
+    from ..launch import end_processes
     from ..run import run_training
 
     result = run_training(model_args, data_args, train_args, command=command.as_record())
     if train_args.process_index == 0:
         _print_summary(result, train_args.method)
+    end_processes()  # before exit: a process group left to the interpreter's teardown can abort it (preftune.launch)
     return 0
