@@ -4,7 +4,8 @@
 outputs::
 
     setup_run        options            -> RunSetup       output folder, device and precision, seed, checks,
-                                                          the checkpoint to resume from (one that verifies)
+                                                          the checkpoint to resume from (one that verifies, written
+                                                          by as many processes: preftune.launch)
     run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
                                                           the built-in demo (preftune.demo.DemoInputs) or
                                                           the user's model and data (UserInputs below)
