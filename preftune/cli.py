@@ -11,7 +11,7 @@ import difflib
 import os
 import sys
 
-from .errors import PreftuneError
+from .errors import EveryProcessError, PreftuneError
 
 __all__ = ["main", "COMMANDS"]
 
@@ -83,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
         signum = getattr(e, "signum", None)
-        if signum is not None:  # RunInterrupted: a checkpoint was written
-            print(f"preftune: {e}", file=sys.stderr)
-            return 128 + int(signum)
-        print(f"preftune: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        text = f"preftune: {e}" if signum is not None else f"preftune: error: {e}"  # RunInterrupted: a checkpoint was written
+        if isinstance(e, EveryProcessError):  # every process of a torchrun launch has it: printed once
+            from .launch import say_once
+
+            say_once(text)
+        else:
+            print(text, file=sys.stderr)
+        return 128 + int(signum) if signum is not None else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130

@@ -297,6 +297,10 @@ class PreftuneConfig(TrainingArguments):
                             "everywhere (bit-identical to transformers' own forward).", "engine")
     reuse_freed_memory: bool = _f(True, "Keep memory freed at the end of a step for the next one (Linux/glibc malloc tuning) instead of page-faulting GBs of fresh pages in every step; the peak is unchanged, RSS stays near it between steps.", "engine")
     overwrite_output_dir: bool = _f(False, "Allow writing into an output_dir that already holds a finished run.", "engine")
+    allow_world_size_change: bool = _f(False, "Resume a checkpoint with another number of processes than it was written with. Off: "
+                                       "such a resume is refused, since the global batch (per_device_train_batch_size x "
+                                       "gradient_accumulation_steps x world size) and the data position would change; on: the run "
+                                       "continues and logs the global batch before and after.", "engine")
     eval_generate: int = _f(0, "Greedy answers to this many fixed held-out prompts before training, at each evaluation and at the end, "
                             "written to samples.jsonl and shown by `preftune report` (0: off; needs held-out pairs).", "training")
     eval_generate_max_new_tokens: int = _f(64, "Longest --eval_generate answer, in tokens.", "training")

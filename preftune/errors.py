@@ -10,6 +10,12 @@ class PreftuneError(Exception):
     """
 
 
+class EveryProcessError(PreftuneError):
+    """A :class:`PreftuneError` that every process of a multi-process run raises alike, at the same
+    point (they read the same files, or agreed to stop): the CLI prints it once
+    (:func:`preftune.launch.say_once`), not once per process."""
+
+
 class DataError(PreftuneError):
     """A bad row or unreadable data file."""
 

@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import PreftuneError
+from .launch import agree_on_signal, current_launch
 from .rundir import checkpoint_path
 from .saving import discard_unusable_checkpoints_after, mark_checkpoint_complete, rotate_checkpoints
 
@@ -33,19 +34,27 @@ __all__ = ["InterruptCallback", "CheckpointMarkerCallback", "memory_preflight", 
 
 
 class InterruptCallback(TrainerCallback):
-    """Turn SIGINT/SIGTERM into "save a checkpoint at the end of this step, then stop"."""
+    """Turn SIGINT/SIGTERM into "save a checkpoint at the end of this step, then stop".
+
+    In a multi-process run every process learns at the end of each optimizer step whether any
+    process received a signal (:func:`preftune.launch.agree_on_signal`), so all stop after the same
+    step and save one checkpoint together, whichever of them the signal reached. Only process 0
+    logs that it is stopping."""
 
     def __init__(self):
         self.received: int | None = None
+        self.main_process = True
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame):
         self.received = signum
-        logger.warning("received %s: finishing this step, saving a checkpoint, then stopping (send again to abort now)", signal.Signals(signum).name)
+        if self.main_process:
+            logger.warning("received %s: finishing this step, saving a checkpoint, then stopping (send again to abort now)", signal.Signals(signum).name)
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.main_process = state.is_world_process_zero
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.getsignal(sig)
@@ -54,6 +63,11 @@ class InterruptCallback(TrainerCallback):
             self._previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
+        agreed = agree_on_signal(self.received, args.device)
+        if agreed is not None and self.received is None:  # another process received it
+            self.received = agreed
+            if self.main_process:
+                logger.warning("another process received %s: saving a checkpoint after this step, then stopping", signal.Signals(agreed).name)
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -92,7 +106,11 @@ class CheckpointMarkerCallback(TrainerCallback):
             dist.barrier()
         if state.is_world_process_zero:
             step = state.global_step
-            if mark_checkpoint_complete(checkpoint_path(args.output_dir, step), step):
+            launch = current_launch(args.world_size)
+            origin = {"world_size": launch.world_size, "nodes": launch.nodes, "launcher": launch.launcher,
+                      "per_device_train_batch_size": args.per_device_train_batch_size,
+                      "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_tokens_per_batch": args.max_tokens_per_batch}
+            if mark_checkpoint_complete(checkpoint_path(args.output_dir, step), step, origin):
                 rotate_checkpoints(args.output_dir, self.keep_last, step, protect=state.best_model_checkpoint)
 
 

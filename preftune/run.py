@@ -4,7 +4,8 @@
 outputs::
 
     setup_run        options            -> RunSetup       output folder, device and precision, seed, checks,
-                                                          the checkpoint to resume from (one that verifies)
+                                                          the checkpoint to resume from (one that verifies, written
+                                                          by as many processes: preftune.launch)
     run_inputs       options            -> RunInputs      where tokenizer, examples and starting model come from:
                                                           the built-in demo (preftune.demo.DemoInputs) or
                                                           the user's model and data (UserInputs below)
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Protocol
 from .config import DataArguments, ModelArguments, PreftuneConfig, with_absolute_paths
 from .data.splits import TrainingData
 from .data.tokenize import PromptRendering
-from .errors import PreftuneError
+from .errors import EveryProcessError, PreftuneError
 from .model_hooks import NO_HOOKS, ModelHooks
 from .rundir import REFT_CONFIG_FILE, REFT_WEIGHTS_FILE
 
@@ -45,8 +45,9 @@ logger = logging.getLogger("preftune")
 __all__ = ["run_training", "RunResult", "RunInterrupted", "RunInputs", "UserInputs"]
 
 
-class RunInterrupted(PreftuneError):
-    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+class RunInterrupted(EveryProcessError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (every process of the run stops
+    after the same step and raises it; the CLI prints it once)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -163,6 +164,7 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     """Logging, seed, option combinations, the output folder, device and precision; fails before any work."""
     from transformers import set_seed
 
+    from .launch import check_resume_launch, resume_options
     from .quant import check_bitsandbytes
     from .rundir import check_output_dir, resolve_resume
     from .training_model import choose_device
@@ -181,6 +183,8 @@ def setup_run(model_args: ModelArguments, data_args: DataArguments, args: Preftu
     else:
         out = Path(args.output_dir)
     resume = resolve_resume(args.resume_from_checkpoint, out)  # only a checkpoint that verifies; before anything is written
+    if resume:  # ... and that this launch continues: the world size it was written with, unless --allow_world_size_change
+        check_resume_launch(resume, args, resume_options(out, args.resume_from_checkpoint))
     device = choose_device(model_args.torch_dtype, model_args.attn_implementation, args.batch_layout)
     from .allocator import active_allocator
 
@@ -303,12 +307,14 @@ def train(prepared: PreparedModel, tokenizer, data: TrainingData, reference, arg
     if interrupt.received is not None:
         import signal
 
+        from .launch import current_launch, resume_options
+
         latest = find_latest_checkpoint(out)
         where = f"checkpoint saved to {latest}" if latest else "no checkpoint could be saved"
+        # the same launch again: a resume with another number of processes would not continue this run
+        command = current_launch(args.world_size).resume_command(resume_options(out if "command" in run_config else None))
         raise RunInterrupted(
-            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. "
-            "Resume with: preftune train " + (f"--output_dir {shlex.quote(str(out))}" if "command" in run_config else "...")
-            + " --resume_from_checkpoint latest",
+            f"interrupted by {signal.Signals(interrupt.received).name} at step {trainer.state.global_step}; {where}. Resume with: {command}",
             interrupt.received,
         )
     if timer.total is not None and timer.earlier > 0:  # a resumed run: train_runtime is this segment's time

@@ -45,7 +45,7 @@ __all__ = [
     "GENERATIONS_JSONL", "GENERATIONS_MD", "REPORT_FILE", "MERGE_RECORD_FILE", "SAMPLES_FILE", "REF_CACHE_DIR", "CHECKPOINT_COMPLETE_MARKER",
     "TRAINER_STATE_FILE", "SYNCED_REF_MODEL_FILE", "CHECKPOINT_PREFIX", "MODEL_CONFIG_FILE", "ADAPTER_CONFIG_FILE", "REFT_CONFIG_FILE", "REFT_WEIGHTS_FILE",
     "TOKENIZER_FILES", "RUN_RECORD_FILES", "UNCHECKED_FILES", "check_output_dir", "checkpoint_path", "list_checkpoints", "checkpoint_status",
-    "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "run_status", "folder_status", "FolderStatus", "RunFolder",
+    "latest_checkpoint", "find_latest_checkpoint", "resolve_resume", "CheckpointOrigin", "checkpoint_origin", "run_status", "folder_status", "FolderStatus", "RunFolder",
     "open_run", "read_json", "write_json", "write_text_atomic", "is_run_folder", "is_checkpoint_folder", "read_sealed_json", "read_run_config", "model_kind",
 ]
 
@@ -278,6 +278,43 @@ def checkpoint_status(path: Path, contents: bool = True) -> FolderStatus:
     if data is None or not is_manifest(data.get("manifest")):
         return FolderStatus(path, "damaged", f"its {CHECKPOINT_COMPLETE_MARKER} marker is damaged ({problem or 'no manifest'})")
     return _status_from_check(path, check_manifest(path, data["manifest"], contents))
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """How the run that wrote a checkpoint was launched and batched (see :func:`checkpoint_origin`)."""
+
+    world_size: int
+    nodes: int = 1
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    max_tokens_per_batch: int | None = None
+    launcher: str = "torchrun"  # preftune.launch.Launch.launcher
+
+
+_RNG_STATE_RE = re.compile(r"^rng_state_(\d+)\.pth$")
+
+
+def checkpoint_origin(path: Path) -> CheckpointOrigin | None:
+    """The world size (and nodes, batch settings) ``checkpoint-N`` was written with: its ``.complete``
+    marker records them (:func:`preftune.saving.mark_checkpoint_complete`). A marker from before
+    they were recorded: the world size the Trainer's RNG files show (one ``rng_state_<rank>.pth``
+    per process when there were several, else ``rng_state.pth``) and the per-device batch of its
+    ``trainer_state.json``. None when neither tells."""
+    data, _ = read_sealed_json(path / CHECKPOINT_COMPLETE_MARKER)
+    if data is not None and isinstance(data.get("world_size"), int):
+        fields = ("nodes", "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_batch")
+        launcher = {"launcher": data["launcher"]} if isinstance(data.get("launcher"), str) else {}
+        return CheckpointOrigin(data["world_size"], **{k: data[k] for k in fields if isinstance(data.get(k), int)}, **launcher)
+    try:
+        ranks = [int(m.group(1)) for p in path.iterdir() if (m := _RNG_STATE_RE.match(p.name))]
+    except OSError:
+        return None
+    world_size = max(ranks) + 1 if ranks else 1 if (path / "rng_state.pth").is_file() else None
+    if world_size is None:
+        return None
+    per_device = (read_json(path / TRAINER_STATE_FILE) or {}).get("train_batch_size")
+    return CheckpointOrigin(world_size, per_device_train_batch_size=per_device if isinstance(per_device, int) else None)
 
 
 def latest_checkpoint(output_dir: str | Path, contents: bool = True) -> tuple[Path | None, list[FolderStatus]]:

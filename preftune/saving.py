@@ -76,9 +76,12 @@ def _fsync(paths) -> None:
             os.close(fd)
 
 
-def mark_checkpoint_complete(checkpoint: Path, step: int) -> bool:
-    """fsync every file of ``checkpoint``, then write its ``.complete`` marker: the step and the manifest
-    (size and xxh3-128 of every file), sealed with its own checksum.
+def mark_checkpoint_complete(checkpoint: Path, step: int, origin: dict | None = None) -> bool:
+    """fsync every file of ``checkpoint``, then write its ``.complete`` marker: the step, ``origin``
+    (how the run was launched and batched: ``world_size``, ``nodes``, ``launcher``, ``per_device_train_batch_size``,
+    ``gradient_accumulation_steps``, ``max_tokens_per_batch``; read back by
+    :func:`preftune.rundir.checkpoint_origin`) and the manifest (size and xxh3-128 of every file),
+    sealed with its own checksum.
 
     Returns False (and writes nothing) when the checkpoint lacks the Trainer's state file, i.e. the
     Trainer did not finish writing it.
@@ -87,7 +90,8 @@ def mark_checkpoint_complete(checkpoint: Path, step: int) -> bool:
         return False
     files = _files_below(checkpoint)
     _fsync([checkpoint / f for f in files])
-    write_json(checkpoint / CHECKPOINT_COMPLETE_MARKER, {"step": step, "manifest": build_manifest(checkpoint, files)}, seal=True)
+    record = {"step": step, **(origin or {}), "manifest": build_manifest(checkpoint, files)}
+    write_json(checkpoint / CHECKPOINT_COMPLETE_MARKER, record, seal=True)
     _fsync([checkpoint])  # the rename of the marker into place
     return True
 

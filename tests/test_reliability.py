@@ -252,3 +252,93 @@ def test_token_budget_run_interrupted_in_a_later_epoch_resumes_exactly(tmp_path)
     assert diff <= 1e-6, diff
     start = dict(tiny_llama(seed=2).named_parameters())
     assert max((p - start[n]).abs().max().item() for n, p in want.items()) > 1e-2  # the weights moved
+
+
+# --- resuming a multi-process run ---------------------------------------------------------------------
+def _tiny_user_run(tmp_path) -> list[str]:
+    """A tiny Llama saved as a model folder and 64 pairs: the options of a run that records its command."""
+    from preftune.demo import build_demo_tokenizer
+
+    from conftest import tiny_llama
+
+    model, data = tmp_path / "model", tmp_path / "prefs.jsonl"
+    tok = build_demo_tokenizer()
+    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(model)
+    tok.save_pretrained(model)
+    data.write_text("".join(json.dumps({"prompt": f"Q: copy {i % 10} A:", "chosen": f" {i % 10}", "rejected": f" {(i + 1) % 10}"}) + "\n"
+                            for i in range(64)))
+    return ["--model_name_or_path", str(model), "--dataset_name", str(data), "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
+            "--memory_preflight", "false", "--logging_steps", "1", "--learning_rate", "1e-3", "--save_steps", "1000", *FP32_FLAGS]
+
+
+def _worker_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun (pid ``launcher``) started, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+        if ppid == launcher and rank is not None:
+            found[rank] = int(stat.parent.name)
+    return found
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_two_process_run_stops_together_says_so_once_and_resumes_only_with_two(tmp_path):
+    """SIGTERM to ONE of torchrun's two processes (rank 1): both stop after the same step and save one
+    complete checkpoint (recorded as written by 2 processes); the interrupt is printed once, with the
+    torchrun command that resumes it. A one-process resume is refused in one line naming both sizes and
+    that command, before anything is written; with --allow_world_size_change true it trains on with one
+    warning naming the global batch before and after."""
+    from preftune.rundir import checkpoint_origin
+
+    flags, out = _tiny_user_run(tmp_path), tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              "-m", "preftune", "train", "--output_dir", str(out), "--max_steps", "400", *flags]
+    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    workers = _worker_pids(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    ckpt = find_latest_checkpoint(out)
+    assert ckpt is not None, err[-3000:]
+    assert 5 <= int(ckpt.name.split("-")[1]) < 400
+    origin = checkpoint_origin(ckpt)
+    assert (origin.world_size, origin.nodes, origin.per_device_train_batch_size) == (2, 1, 4)
+    assert err.count("preftune: interrupted by SIGTERM") == 1, err[-3000:]
+    assert f"Resume with: torchrun --nproc_per_node 2 -m preftune train --output_dir {out} --resume_from_checkpoint latest" in err
+    assert err.count("received SIGTERM") == 1  # process 0's notice that another process got it
+
+    before = _folder_bytes(out)
+    r = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(out), "--resume_from_checkpoint", "latest"],
+                       capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("preftune: error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert f"{ckpt.name} was written by 2 processes and this run has 1 process" in lines[0]
+    assert "from 8 (4 x 1 x 2) to 4 (4 x 1 x 1)" in lines[0] and "data position" in lines[0]
+    assert f"`torchrun --nproc_per_node 2 -m preftune train --output_dir {out} --resume_from_checkpoint latest`" in lines[0]
+    assert "--allow_world_size_change true" in lines[0]
+    assert _folder_bytes(out) == before  # nothing written, nothing removed
+
+    stop = int(ckpt.name.split("-")[1]) + 2
+    r = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(out), "--resume_from_checkpoint", "latest",
+                        "--allow_world_size_change", "true", "--max_steps", str(stop)], capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("--allow_world_size_change: resuming") == 1
+    assert "changes from 8 (4 x 1 x 2) to 4 (4 x 1 x 1)" in r.stderr
+    assert world_size_seen(out) == 1 and (out / "run_complete.json").exists()
+    assert checkpoint_origin(out / f"checkpoint-{stop}").world_size == 1
+    # the permission was for this resume only: the next one does not replay it
+    assert "--allow_world_size_change" not in json.dumps(json.loads((out / "run_config.json").read_text())["command"])

@@ -67,29 +67,32 @@ class TrainCommand:
         return TrainCommand(self.argv, options, self.options_source), notes
 
     def as_record(self) -> dict:
-        """The run's options, not how this process was started: without ``--resume_from_checkpoint``, and
-        with every local path absolute (:func:`preftune.config.with_absolute_paths`), so the command
-        replays from any working directory. A mixture given on the command line (``--datasets FILE``)
-        is recorded as the list of entries it held, under ``config_options``."""
+        """The run's options, not how this process was started: without ``--resume_from_checkpoint``
+        and ``--allow_world_size_change`` (a decision for one resume, not for the next one), and with
+        every local path absolute (:func:`preftune.config.with_absolute_paths`), so the command replays
+        from any working directory. A mixture given on the command line (``--datasets FILE``) is
+        recorded as the list of entries it held, under ``config_options``."""
         from ..config import with_absolute_paths
 
-        argv, mixtures = _absolute_path_flags(_without_flags(self.argv, RESUME_FLAGS))
-        options = {k: v for k, v in self.file_options.items() if k.replace("-", "_") != "resume_from_checkpoint"}
+        argv, mixtures = _absolute_path_flags(_without_flags(self.argv, RESUME_FLAGS + ALLOW_WORLD_SIZE_FLAGS))
+        options = {k: v for k, v in self.file_options.items() if k.replace("-", "_") not in ("resume_from_checkpoint", "allow_world_size_change")}
         return {"argv": argv, "config_options": with_absolute_paths({**options, **mixtures})}
 
 
 RESUME_FLAGS = ("--resume_from_checkpoint", "--resume-from-checkpoint")
+ALLOW_WORLD_SIZE_FLAGS = ("--allow_world_size_change", "--allow-world-size-change")
 
 
 def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``argv`` without ``flags`` and their values (``--flag value`` or ``--flag=value``)."""
+    """``argv`` without ``flags`` and their values (``--flag value``, ``--flag=value``, or ``--flag``
+    alone before the next option, as a yes/no option may be given)."""
     out, skip = [], False
     for a in argv:
-        if skip:
+        if skip and not a.startswith("--"):
             skip = False
-        elif a in flags:
-            skip = True
-        elif not a.startswith(tuple(f + "=" for f in flags)):
+            continue
+        skip = a in flags
+        if not skip and not a.startswith(tuple(f + "=" for f in flags)):
             out.append(a)
     return out
 
@@ -218,9 +221,11 @@ def cmd_train(argv: list[str]) -> int:
     if train_args.process_index == 0:
         for note in notes:
             print(f"preftune: {note}", file=sys.stderr, flush=True)
+    from ..launch import end_processes
     from ..run import run_training
 
     result = run_training(model_args, data_args, train_args, command=command.as_record())
     if train_args.process_index == 0:
         _print_summary(result, train_args.method)
+    end_processes()  # before exit: a process group left to the interpreter's teardown can abort it (preftune.launch)
     return 0
