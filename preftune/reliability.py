@@ -63,14 +63,20 @@ class InterruptCallback(TrainerCallback):
             self._previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = agree_on_signal(self.received, args.device)
-        if agreed is not None and self.received is None:  # another process received it
-            self.received = agreed
+        # Decide on the agreed value alone, never on self.received read again afterwards: a signal
+        # landing between the all-reduce and that read would make this process save while the
+        # others train on, and both would wait for each other forever. Such a signal is agreed on
+        # at the next step's end.
+        seen_here = self.received
+        agreed = agree_on_signal(seen_here, args.device)
+        if agreed is None:
+            return control
+        if seen_here is None:  # another process received it
+            self.received = self.received or agreed
             if self.main_process:
                 logger.warning("another process received %s: saving a checkpoint after this step, then stopping", signal.Signals(agreed).name)
-        if self.received is not None:
-            control.should_save = True
-            control.should_training_stop = True
+        control.should_save = True
+        control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -193,21 +193,24 @@ def test_cli_trains_with_all_fifteen_dpo_loss_types_from_yaml(tiny_model_dir, pr
     assert " ".join(DPO_LOSS_TYPES) in (tmp_path / "run" / "README.md").read_text()
 
 
-def test_cli_bad_row_is_one_line_error(tiny_model_dir, tmp_path):
+def test_cli_bad_row_is_one_line_error(tiny_model_dir, tmp_path, capsys):
+    # in process (main() is what the console script calls): a subprocess would spend ~12 s importing
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "", "rejected": "r"}\n')
-    r = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert "bad.jsonl line 2: empty field: 'chosen' is empty" in r.stderr and "--on_bad_row skip" in r.stderr
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "bad.jsonl line 2: empty field: 'chosen' is empty" in err and "--on_bad_row skip" in err
 
 
-def test_cli_missing_model_and_hub_name_errors(prefs_jsonl, tmp_path):
-    r = run_cli("train", "--model_name_or_path", "some-org/not-a-local-model", "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "o"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "unreachable" in r.stderr and "local folder" in r.stderr
-    r = run_cli("train", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(prefs_jsonl))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+def test_cli_missing_model_and_hub_name_errors(prefs_jsonl, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the second run writes into its default output folder
+    assert main(["train", "--model_name_or_path", "some-org/not-a-local-model", "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unreachable" in err and "local folder" in err
+    assert main(["train", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(prefs_jsonl)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such folder" in err
 
 
 def test_unknown_command():
@@ -327,12 +330,14 @@ def test_a_flag_replaces_the_yaml_files_alternatives_to_it(tmp_path):
         parse_train_args(["--config", str(cfg)])
 
 
-def test_cli_prints_the_replacement_once(tmp_path, prefs_jsonl):
+def test_cli_prints_the_replacement_once(tmp_path, prefs_jsonl, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model_name_or_path: {tmp_path / 'no-such-model'}\ndatasets: [{{path: elsewhere.jsonl}}]\n")
-    r = run_cli("train", "--config", str(cfg), "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "out"), timeout=120)
-    assert r.returncode == 2 and f"preftune: --dataset_name on the command line replaces datasets: of --config {str(cfg)!r}\n" in r.stderr
-    assert "elsewhere.jsonl" not in r.stderr and "no-such-model" in r.stderr  # the flag's data was read, the model is what fails
+    assert main(["train", "--config", str(cfg), "--dataset_name", str(prefs_jsonl), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"preftune: --dataset_name on the command line replaces datasets: of --config {str(cfg)!r}\n" in err
+    assert err.count("replaces datasets:") == 1
+    assert "elsewhere.jsonl" not in err and "no-such-model" in err  # the flag's data was read, the model is what fails
 
 
 # --- options that do nothing for the method are refused, when the user set them -------------------------

@@ -342,3 +342,29 @@ def test_a_two_process_run_stops_together_says_so_once_and_resumes_only_with_two
     assert checkpoint_origin(out / f"checkpoint-{stop}").world_size == 1
     # the permission was for this resume only: the next one does not replay it
     assert "--allow_world_size_change" not in json.dumps(json.loads((out / "run_config.json").read_text())["command"])
+
+
+def test_a_signal_arriving_during_the_agreement_waits_for_the_next_step(monkeypatch):
+    """The stop is decided on the agreed value alone. A signal handled while the all-reduce runs (a
+    process blocked in it handles the signal the moment it returns) must not make this process save
+    while the others, which agreed on "no signal", train on: both would wait for each other forever
+    (seen under torchrun: rank 1 in the checkpoint's all-gather, rank 0 in the next step's)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    import preftune.reliability as reliability
+
+    callback = reliability.InterruptCallback()
+    args = SimpleNamespace(device="cpu")
+
+    def agreement_during_which_the_signal_lands(received, device):
+        callback.received = signal.SIGTERM  # the handler runs as the blocking call returns
+        return received  # every process contributed "none": the agreed value is None
+
+    monkeypatch.setattr(reliability, "agree_on_signal", agreement_during_which_the_signal_lands)
+    control = callback.on_step_end(args, None, TrainerControl())
+    assert not control.should_save and not control.should_training_stop
+    monkeypatch.setattr(reliability, "agree_on_signal", lambda received, device: received)  # the next step end
+    control = callback.on_step_end(args, None, TrainerControl())
+    assert control.should_save and control.should_training_stop
