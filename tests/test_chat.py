@@ -293,31 +293,42 @@ def test_save_never_writes_into_a_run_checkpoint_or_the_model_folder(run, loaded
 
 
 def test_a_failed_save_leaves_the_old_file_whole(tmp_path):
-    """A write that fails half-way (a real file-size limit, in a child process) leaves the file it was
-    to replace as it was, and no temporary file: it was written to a temporary file and renamed."""
-    import subprocess
-    from pathlib import Path
+    """A write that fails half-way (a real file-size limit, in a forked child: the limit must not touch
+    this process's files) leaves the file it was to replace as it was, and no temporary file: it was
+    written to a temporary file and renamed."""
+    import io
+    import resource
+    import signal
+    from types import SimpleNamespace
+
+    from preftune.chat import ChatSession, chat_loop
+    from preftune.config import GenerationArguments
 
     target = tmp_path / "chat.md"
     target.write_text("my notes\n")
-    script = f"""
-import resource, signal
-from types import SimpleNamespace
-from preftune.chat import ChatSession, chat_loop
-from preftune.config import GenerationArguments
-s = ChatSession(SimpleNamespace(folder=None), "raw", GenerationArguments())
-s.messages = [{{"role": "user", "content": "x" * 5000}}, {{"role": "assistant", "content": "y"}}]
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
-lines = iter(["/save! {target}", "/save {target}", "/exit"])
-chat_loop(s, "m", lambda prompt: next(lines))
-"""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, only the chat's own code, then _exit
+        code = 1
+        try:
+            os.close(read_end)
+            out = io.StringIO()
+            s = ChatSession(SimpleNamespace(folder=None), "raw", GenerationArguments(), out=out)
+            s.messages = [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "y"}]
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+            lines = iter([f"/save! {target}", f"/save {target}", "/exit"])
+            code = chat_loop(s, "m", lambda prompt: next(lines))
+            os.write(write_end, out.getvalue().encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        printed = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, printed
     assert target.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == ["chat.md"]
-    assert f"error: /save {target}: File too large; nothing was written" in done.stdout, done.stdout
+    assert f"error: /save {target}: File too large; nothing was written" in printed, printed
 
 
 def test_save_format_follows_the_suffix(loaded, tmp_path):
