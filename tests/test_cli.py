@@ -123,7 +123,7 @@ def test_demo_defaults_only_without_model_and_data():
     assert args.output_dir == "preftune-output" and data_args.max_length == 1024 and args.learning_rate == 8e-6
 
 
-def test_cli_trains_on_jsonl_and_writes_outputs(tiny_model_dir, prefs_jsonl, tmp_path):
+def test_cli_trains_on_jsonl_and_writes_outputs(tiny_model_dir, prefs_jsonl, tmp_path, capfd):
     out = tmp_path / "run"
     r = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out),
                 "--max_steps", "6", "--logging_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
@@ -141,29 +141,31 @@ def test_cli_trains_on_jsonl_and_writes_outputs(tiny_model_dir, prefs_jsonl, tmp
     AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
     # a finished run is not overwritten by accident
-    again = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out), "--max_steps", "1")
-    assert again.returncode == 2 and "already holds a finished run" in again.stderr and "Traceback" not in again.stderr
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(prefs_jsonl), "--output_dir", str(out), "--max_steps", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "already holds a finished run" in err and "Traceback" not in err
     assert (out / "model.safetensors").exists()
 
 
-def test_cli_trains_kto_from_yaml_on_unpaired_rows(tiny_model_dir, tmp_path):
+def test_cli_trains_kto_from_yaml_on_unpaired_rows(tiny_model_dir, tmp_path, capfd, caplog):
     rows = [{"prompt": f"Q: copy {i % 10} A:", "completion": f" {(i + i % 3) % 10}", "label": i % 3 == 0} for i in range(12)]
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "kto.yaml"
     cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\nmethod: kto\nloss_type: kto\nper_device_train_batch_size: 4\n"
                    f"max_steps: 2\nlogging_steps: 1\nlearning_rate: 1.0e-3\noutput_dir: {tmp_path / 'run'}\ndisable_tqdm: true\n")
-    r = run_cli("train", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code = main(["train", "--config", str(cfg)])  # in process: a subprocess would spend ~12 s importing
+    err = capfd.readouterr().err + caplog.text  # in process, pytest's log capture holds the warnings
+    assert code == 0, err[-3000:]
     # 4 desirable vs 8 undesirable with weights 1/1: TRL's advice on the weights
-    assert "--desirable_weight in [2.0, 2.66]" in r.stderr and "--undesirable_weight in [0.38, 0.5]" in r.stderr
+    assert "--desirable_weight in [2.0, 2.66]" in err and "--undesirable_weight in [0.38, 0.5]" in err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records if "kl" in rec] == [1, 2]
     card = (tmp_path / "run" / "README.md").read_text()
     assert "**KTO**" in card and "| desirable_weight | 1 |" in card and "| loss_type | kto |" in card
 
 
-def test_cli_trains_with_all_fifteen_dpo_loss_types_from_yaml(tiny_model_dir, prefs_jsonl, tmp_path):
+def test_cli_trains_with_all_fifteen_dpo_loss_types_from_yaml(tiny_model_dir, prefs_jsonl, tmp_path, capfd):
     """Every --loss_type through the YAML path in one run, weights 1: at step 1 the policy is the
     reference (every margin 0), so each term has a known value and the logged loss is their sum
     plus the sft term (the logged nll_loss)."""
@@ -185,8 +187,7 @@ def test_cli_trains_with_all_fifteen_dpo_loss_types_from_yaml(tiny_model_dir, pr
     cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: {prefs_jsonl}\nmethod: dpo\nbeta: {beta}\nlabel_smoothing: {eps}\n"
                    f"loss_type: [{', '.join(DPO_LOSS_TYPES)}]\nper_device_train_batch_size: 4\nmax_steps: 2\nlogging_steps: 1\n"
                    f"learning_rate: 1.0e-3\noutput_dir: {tmp_path / 'run'}\ndisable_tqdm: true\n")
-    r = run_cli("train", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", "--config", str(cfg)]) == 0, capfd.readouterr().err[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = next(rec for rec in records if rec.get("step") == 1 and "loss" in rec)
     assert first["loss"] == pytest.approx(sum(at_zero_margin.values()) + first["nll_loss"], rel=1e-3)
