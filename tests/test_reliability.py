@@ -42,8 +42,22 @@ def world_size_seen(run_dir) -> int:
     return json.loads((Path(run_dir) / "run_config.json").read_text())["world_size"]
 
 
+def _train_in_process(argv: list[str]) -> int:
+    """``preftune train`` through main() in this process, on one thread as the subprocesses (``env()``:
+    OMP_NUM_THREADS=1), so its float32 results are bit-comparable with theirs; a subprocess would
+    spend ~12 s importing."""
+    from preftune.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(["train", *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
+def test_two_process_ddp_matches_single_process(tmp_path, capfd, caplog):
     """2 CPU processes (gloo) x 4 pairs == 1 process x 8 pairs: same loss trajectory, outputs once.
 
     The 2-process run goes through the shipped recipe, examples/cpu_2proc.sh (torchrun), and the
@@ -52,15 +66,15 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["--max_steps", "6", "--logging_steps", "1", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0",
               *FP32_FLAGS]  # fp32: bf16 rounds 2 x 4 pairs and 8 pairs differently (rel 1e-5 is an fp32 tolerance)
-    r1 = subprocess.run([sys.executable, "-m", "preftune", "train", "--output_dir", str(single), "--per_device_train_batch_size", "8", *common],
-                        capture_output=True, text=True, env=env(), timeout=300)
-    assert r1.returncode == 0, r1.stderr[-2000:]
+    code = _train_in_process(["--output_dir", str(single), "--per_device_train_batch_size", "8", *common])
+    single_err = capfd.readouterr().err + caplog.text
+    assert code == 0, single_err[-2000:]
     recipe_env = dict(env(), PYTHON=sys.executable, PET_MASTER_PORT=str(free_port()))
     r2 = subprocess.run(["sh", str(REPO / "examples" / "cpu_2proc.sh"), "--output_dir", str(ddp), "--per_device_train_batch_size", "4", *common],
                         capture_output=True, text=True, env=recipe_env, timeout=400)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert world_size_seen(single) == 1 and world_size_seen(ddp) == 2
-    assert "; 2 processes; memory: " in r2.stderr and "; 1 process; memory: " in r1.stderr
+    assert "; 2 processes; memory: " in r2.stderr and "; 1 process; memory: " in single_err
     l1, _ = losses(single)
     l2, recs2 = losses(ddp)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5, 6]
@@ -76,20 +90,6 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def _train_in_process(argv: list[str]) -> int:
-    """``preftune train`` through main() in this process, on one thread as the subprocesses (``env()``:
-    OMP_NUM_THREADS=1), so its float32 results are bit-comparable with theirs; a subprocess would
-    spend ~12 s importing."""
-    from preftune.cli import main
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main(["train", *argv])
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     steps = ["--max_steps", "150", "--save_steps", "1000"]
