@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 
@@ -25,7 +26,7 @@ from transformers import TrainerCallback
 
 from .errors import PreftuneError
 from .launch import agree_on_signal, current_launch
-from .rundir import checkpoint_path
+from .rundir import CheckpointOrigin, checkpoint_path
 from .saving import discard_unusable_checkpoints_after, mark_checkpoint_complete, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -113,10 +114,9 @@ class CheckpointMarkerCallback(TrainerCallback):
         if state.is_world_process_zero:
             step = state.global_step
             launch = current_launch(args.world_size)
-            origin = {"world_size": launch.world_size, "nodes": launch.nodes, "launcher": launch.launcher,
-                      "per_device_train_batch_size": args.per_device_train_batch_size,
-                      "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_tokens_per_batch": args.max_tokens_per_batch}
-            if mark_checkpoint_complete(checkpoint_path(args.output_dir, step), step, origin):
+            origin = CheckpointOrigin(launch.world_size, launch.nodes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                      args.max_tokens_per_batch, launch.launcher)
+            if mark_checkpoint_complete(checkpoint_path(args.output_dir, step), step, dataclasses.asdict(origin)):
                 rotate_checkpoints(args.output_dir, self.keep_last, step, protect=state.best_model_checkpoint)
 
 

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import PreftuneError
@@ -303,9 +303,9 @@ def checkpoint_origin(path: Path) -> CheckpointOrigin | None:
     ``trainer_state.json``. None when neither tells."""
     data, _ = read_sealed_json(path / CHECKPOINT_COMPLETE_MARKER)
     if data is not None and isinstance(data.get("world_size"), int):
-        fields = ("nodes", "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_batch")
-        launcher = {"launcher": data["launcher"]} if isinstance(data.get("launcher"), str) else {}
-        return CheckpointOrigin(data["world_size"], **{k: data[k] for k in fields if isinstance(data.get(k), int)}, **launcher)
+        kinds = {"launcher": str}  # every other field is an int (or absent / None: its default)
+        recorded = {f.name: data[f.name] for f in fields(CheckpointOrigin) if isinstance(data.get(f.name), kinds.get(f.name, int))}
+        return CheckpointOrigin(**recorded)
     try:
         ranks = [int(m.group(1)) for p in path.iterdir() if (m := _RNG_STATE_RE.match(p.name))]
     except OSError:
